@@ -1,0 +1,78 @@
+"""Model files without pickle: safetensors weights with the model's config in the header metadata.
+
+A checkpoint from an untrusted source cannot run code: safetensors holds only tensors and strings.
+Training-state checkpoints (optimizer, schedule, RNG) live with the trainer; this is the model file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from fusionnet.model import LateFusionNet
+
+FORMAT = "fusionnet.late_fusion.v1"
+
+
+def atomic_write_path(path: Path) -> Path:
+    """A temporary sibling of `path` (same filesystem, so os.replace is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save(model: "LateFusionNet", path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """Write `model`'s weights and config to `path` (safetensors), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(model.config, sort_keys=True)}
+    for key, value in (extra or {}).items():
+        metadata[f"extra.{key}"] = str(value)
+    tmp = atomic_write_path(path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a fusionnet model file, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a fusionnet model file (safetensors header unreadable: {exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fusionnet model file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    return metadata
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "LateFusionNet":
+    """Rebuild the model from its stored config and load its weights (strict)."""
+    from fusionnet.model import LateFusionNet
+
+    metadata = read_metadata(path)
+    config = json.loads(metadata["config"])
+    model = LateFusionNet(pretrained=False, **config)
+    state = load_file(str(path), device=str(map_location))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not match a {config} network: {exc}") from exc
+    return model.to(map_location)

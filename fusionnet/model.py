@@ -1,0 +1,311 @@
+"""The Late Fusion CNN (Zhang et al., CVPR 2019, Fig. 2): encoder -> two decoders -> fusion -> Eq. 2.
+
+Structure and widths follow ../shared/docs/method-notes.md ("Network"):
+
+- encoder: a torchvision DenseNet; skip taps r1 (stem, 1/2), r2..r4 (dense blocks 1-3 before their
+  transition, 1/4..1/16) and the bottleneck (dense block 4 + final BN, no ReLU, 1/32);
+- two decoders of identical structure, no weight sharing: foreground (F) and background (B);
+  five nearest-x2 up blocks (concat skip, 1x1 conv to max(skip, 128), BN, ReLU), then an FPN of width 128
+  with a 1x1-conv + sigmoid head on the 1/8, 1/4, 1/2 and 1/1 levels (the four side outputs);
+- fusion network: 3x3 conv + BN on the RGB image, concat with the last 128-ch F and B features (384 ch),
+  five 3x3 conv + BN + ReLU (256, 128, 128, 64, 256), 1x1 conv, sigmoid -> blending weight beta;
+- alpha = beta * F + (1 - beta) * (1 - B)   (paper Eq. 2).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+import torchvision
+from torch import Tensor, nn
+
+BACKBONES = ("densenet121", "densenet161", "densenet169", "densenet201")
+FPN_WIDTH = 128
+FUSION_WIDTHS = (256, 128, 128, 64, 256)
+# Mean/std the torchvision ImageNet weights expect, on the [0, 1] scale.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The authors' Keras code: RGB in 0..255 minus this mean pixel, no std (method-notes.md).
+AUTHORS_MEAN_PIXEL = (127.16, 115.92, 106.03)
+INPUT_NORMS = ("imagenet", "authors")
+
+
+@dataclass
+class MattingOutput:
+    """Everything the network predicts; every map is `(N,1,H,W)` float in [0,1] at input size.
+
+    `fg_sides` / `bg_sides` are the four side outputs of each decoder (1/8, 1/4, 1/2, 1/1 levels,
+    coarse to fine, upsampled bilinearly); the last one is `fg_prob` / `bg_prob` itself.
+    The `*_side_logits` are the same maps before the sigmoid, so the cross-entropy of Eq. 6 can be
+    computed exactly where a probability saturates to 0 or 1 in float32.
+    """
+
+    alpha: Tensor
+    fg_prob: Tensor
+    bg_prob: Tensor
+    blend_weight: Tensor
+    fg_sides: tuple[Tensor, ...]
+    bg_sides: tuple[Tensor, ...]
+    fg_side_logits: tuple[Tensor, ...]
+    bg_side_logits: tuple[Tensor, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def blend(blend_weight: Tensor, fg_prob: Tensor, bg_prob: Tensor) -> Tensor:
+    """Paper Eq. 2: alpha_p = beta_p * F_p + (1 - beta_p) * (1 - B_p)."""
+    return blend_weight * fg_prob + (1 - blend_weight) * (1 - bg_prob)
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_ch),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _torch_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def build_densenet(name: str, pretrained: bool) -> nn.Module:
+    """A torchvision DenseNet; ImageNet weights only from the local torch cache (never downloaded)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    builder = getattr(torchvision.models, name)
+    if not pretrained:
+        return builder(weights=None)
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    cached = _torch_cache_file(weights)
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"ImageNet weights for {name} are not in the local torch cache: expected {cached}. "
+            f"Copy the file there (it is published at {weights.url}), set TORCH_HOME to a cache that "
+            f"has it, or use pretrained=False."
+        )
+    return builder(weights=weights)
+
+
+class DenseNetEncoder(nn.Module):
+    """DenseNet features with the skip taps of method-notes.md, declared as data in `feature_info`."""
+
+    def __init__(self, backbone: str = "densenet201", pretrained: bool = False):
+        super().__init__()
+        f = build_densenet(backbone, pretrained).features
+        self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0)  # r1: 1/2
+        self.pool0 = f.pool0
+        self.block1, self.trans1 = f.denseblock1, f.transition1
+        self.block2, self.trans2 = f.denseblock2, f.transition2
+        self.block3, self.trans3 = f.denseblock3, f.transition3
+        self.block4, self.norm5 = f.denseblock4, f.norm5
+        chs = [f.conv0.out_channels]
+        for trans in (f.transition1, f.transition2, f.transition3):
+            chs.append(trans.conv.in_channels)  # dense block output = transition input
+        chs.append(f.norm5.num_features)
+        self.feature_info = [
+            dict(num_chs=c, reduction=r, module=m)
+            for c, r, m in zip(chs, (2, 4, 8, 16, 32), ("stem", "block1", "block2", "block3", "norm5"))
+        ]
+
+    @property
+    def out_channels(self) -> list[int]:
+        return [info["num_chs"] for info in self.feature_info]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """`x` normalised `(N,3,H,W)` -> [r1, r2, r3, r4, bottleneck] at strides 2..32."""
+        r1 = self.stem(x)
+        r2 = self.block1(self.pool0(r1))
+        r3 = self.block2(self.trans1(r2))
+        r4 = self.block3(self.trans2(r3))
+        bottleneck = self.norm5(self.block4(self.trans3(r4)))  # final BN, no ReLU
+        return [r1, r2, r3, r4, bottleneck]
+
+
+class UpBlock(nn.Module):
+    """Nearest x2 upsample, concatenate the skip (if any), 1x1 conv (no bias), BN, ReLU."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int):
+        super().__init__()
+        self.proj = conv_bn_relu(in_ch + skip_ch, out_ch, kernel_size=1)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        x = nnf.interpolate(x, scale_factor=2.0, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.proj(x)
+
+
+class Decoder(nn.Module):
+    """One branch (foreground or background): five up blocks, then an FPN with four sigmoid heads.
+
+    Returns the four side-output logits (1/8, 1/4, 1/2, 1/1) and the full-resolution 128-ch feature
+    that feeds the fusion network.
+    """
+
+    NUM_SIDES = 4
+
+    def __init__(self, encoder_channels: list[int], width: int = FPN_WIDTH):
+        super().__init__()
+        skips = encoder_channels[:-1][::-1]  # r4, r3, r2, r1
+        in_ch = encoder_channels[-1]
+        blocks, outs = [], []
+        for skip_ch in skips:
+            out_ch = max(skip_ch, width)
+            blocks.append(UpBlock(in_ch, skip_ch, out_ch))
+            outs.append(out_ch)
+            in_ch = out_ch
+        blocks.append(UpBlock(in_ch, 0, width))  # fifth block: no skip, full resolution
+        outs.append(width)
+        self.up_blocks = nn.ModuleList(blocks)
+        # FPN top-down path over the five up-block outputs (1/16 .. 1/1).
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in outs)
+        # 3x3 smoothing + 1x1 head only on the levels that give side outputs (1/8 .. 1/1).
+        self.smooth = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(self.NUM_SIDES))
+        self.heads = nn.ModuleList(nn.Conv2d(width, 1, 1) for _ in range(self.NUM_SIDES))
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        x = feats[-1]
+        skips = feats[:-1][::-1] + [None]
+        top_down: Tensor | None = None
+        side_logits: list[Tensor] = []
+        feature = x
+        for level, (block, skip) in enumerate(zip(self.up_blocks, skips)):
+            x = block(x, skip)
+            lateral = self.lateral[level](x)
+            if top_down is None:
+                top_down = lateral
+            else:
+                top_down = lateral + nnf.interpolate(top_down, scale_factor=2.0, mode="nearest")
+            side = level - (len(self.up_blocks) - self.NUM_SIDES)
+            if side >= 0:
+                feature = self.smooth[side](top_down)
+                side_logits.append(self.heads[side](feature))
+        return side_logits, feature
+
+
+class FusionNet(nn.Module):
+    """Paper Sec. 3.3: predicts the blending weight beta from the F and B features and the image."""
+
+    def __init__(self, feature_ch: int = FPN_WIDTH, widths: tuple[int, ...] = FUSION_WIDTHS):
+        super().__init__()
+        self.rgb = conv_bn_relu(3, feature_ch, kernel_size=3, relu=False)  # conv + BN, no ReLU
+        layers: list[nn.Module] = []
+        in_ch = 3 * feature_ch
+        for w in widths:
+            layers.append(conv_bn_relu(in_ch, w, kernel_size=3))
+            in_ch = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(in_ch, 1, 1)
+
+    def forward(self, fg_feature: Tensor, bg_feature: Tensor, image: Tensor) -> Tensor:
+        x = torch.cat([fg_feature, bg_feature, self.rgb(image)], dim=1)
+        return torch.sigmoid(self.head(self.body(x)))
+
+
+def nearest_multiples(size: int, stride: int) -> tuple[int, int]:
+    lower = max(stride, (size // stride) * stride)
+    return lower, lower + stride if lower < size else lower
+
+
+class LateFusionNet(nn.Module):
+    """Encoder -> foreground/background decoders -> fusion -> alpha (paper Fig. 2, Eq. 2).
+
+    Input: `(N,3,H,W)` float RGB in [0,1], H and W multiples of 32; normalised inside as the
+    backbone expects (`input_norm="imagenet"`) or as the authors' code does (`"authors"`).
+    Output: `MattingOutput`.
+    """
+
+    stride = 32
+
+    def __init__(self, backbone: str = "densenet201", pretrained: bool = False, input_norm: str = "imagenet"):
+        super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
+        self.config = {"backbone": backbone, "input_norm": input_norm}
+        self.encoder = DenseNetEncoder(backbone, pretrained)
+        self.fg_decoder = Decoder(self.encoder.out_channels)
+        self.bg_decoder = Decoder(self.encoder.out_channels)
+        self.fusion = FusionNet()
+        if input_norm == "imagenet":
+            mean, scale = torch.tensor(IMAGENET_MEAN), 1.0 / torch.tensor(IMAGENET_STD)
+        else:
+            mean, scale = torch.tensor(AUTHORS_MEAN_PIXEL) / 255.0, torch.full((3,), 255.0)
+        self.register_buffer("input_mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parts the three training steps treat differently (paper Sec. 3.4)."""
+        return {
+            "encoder": list(self.encoder.parameters()),
+            "fg_decoder": list(self.fg_decoder.parameters()),
+            "bg_decoder": list(self.bg_decoder.parameters()),
+            "fusion": list(self.fusion.parameters()),
+        }
+
+    def check_input(self, image: Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"expected an RGB batch of shape (N,3,H,W), got {tuple(image.shape)}")
+        for name, size in (("height", image.shape[2]), ("width", image.shape[3])):
+            if size % self.stride:
+                lo, hi = nearest_multiples(size, self.stride)
+                raise ValueError(
+                    f"input {name} {size} is not a multiple of {self.stride}; nearest valid sizes are "
+                    f"{lo} and {hi} (pad, e.g. with fusionnet.infer.pad_to_multiple, or resize)"
+                )
+
+    def forward(self, image: Tensor) -> MattingOutput:
+        self.check_input(image)
+        size = image.shape[-2:]
+        x = (image - self.input_mean) * self.input_scale
+        feats = self.encoder(x)
+        fg_logits, fg_feature = self.fg_decoder(feats)
+        bg_logits, bg_feature = self.bg_decoder(feats)
+        fg_side_logits = tuple(_upsample_to(logit, size) for logit in fg_logits)
+        bg_side_logits = tuple(_upsample_to(logit, size) for logit in bg_logits)
+        fg_sides = tuple(torch.sigmoid(logit) for logit in fg_side_logits)
+        bg_sides = tuple(torch.sigmoid(logit) for logit in bg_side_logits)
+        blend_weight = self.fusion(fg_feature, bg_feature, x)
+        fg_prob, bg_prob = fg_sides[-1], bg_sides[-1]
+        return MattingOutput(
+            alpha=blend(blend_weight, fg_prob, bg_prob),
+            fg_prob=fg_prob,
+            bg_prob=bg_prob,
+            blend_weight=blend_weight,
+            fg_sides=fg_sides,
+            bg_sides=bg_sides,
+            fg_side_logits=fg_side_logits,
+            bg_side_logits=bg_side_logits,
+        )
+
+
+def _upsample_to(x: Tensor, size: torch.Size) -> Tensor:
+    if x.shape[-2:] == size:
+        return x
+    return nnf.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Re-exported so `fusionnet.model.save/load` is the one place people look for checkpoints.
+from fusionnet.checkpoint import load, save  # noqa: E402
+
+__all__ = [
+    "BACKBONES",
+    "LateFusionNet",
+    "MattingOutput",
+    "blend",
+    "count_parameters",
+    "load",
+    "save",
+]
