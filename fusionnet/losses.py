@@ -87,7 +87,8 @@ def side_losses(output: MattingOutput, alpha: Tensor) -> tuple[Tensor, Tensor]:
 
 def fusion_loss(alpha_pred: Tensor, alpha: Tensor) -> Tensor:
     """Paper Eq. 8, L_u = sum(w * |alpha_pred - alpha|) / sum(w); w = 1 in transition, 0.1 elsewhere."""
-    weight = torch.where(transition_mask(alpha), 1.0, FUSION_WEIGHT_KNOWN).to(alpha_pred.dtype)
+    known = torch.full_like(alpha_pred, FUSION_WEIGHT_KNOWN)
+    weight = torch.where(transition_mask(alpha), torch.ones_like(alpha_pred), known)
     return (weight * (alpha_pred - alpha).abs()).sum() / weight.sum()
 
 

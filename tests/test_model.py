@@ -1,0 +1,184 @@
+"""The Late Fusion network: structure, Eq. 2, gradients, parameter count, checkpoints, input checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusionnet import model as fm
+from fusionnet.model import BACKBONES, LateFusionNet, count_parameters
+
+
+@pytest.fixture(scope="module")
+def small_model() -> LateFusionNet:
+    torch.manual_seed(0)
+    return LateFusionNet("densenet121").eval()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_output_structure_for_every_backbone(backbone):
+    torch.manual_seed(0)
+    net = LateFusionNet(backbone).eval()
+    image = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        out = net(image)
+    maps = [out.alpha, out.fg_prob, out.bg_prob, out.blend_weight, *out.fg_sides, *out.bg_sides]
+    assert len(out.fg_sides) == len(out.bg_sides) == 4
+    for m in maps:
+        assert m.shape == (2, 1, 64, 96)
+        assert m.dtype == torch.float32
+        assert torch.isfinite(m).all()
+        assert m.min() >= 0 and m.max() <= 1
+    # the last side output of each decoder is the branch's prediction itself
+    assert out.fg_sides[-1] is out.fg_prob and out.bg_sides[-1] is out.bg_prob
+
+
+def test_encoder_taps_match_method_notes():
+    enc = LateFusionNet("densenet201").encoder
+    assert enc.out_channels == [64, 256, 512, 1792, 1920]
+    assert [i["reduction"] for i in enc.feature_info] == [2, 4, 8, 16, 32]
+    dec = LateFusionNet("densenet201").fg_decoder
+    widths = [b.proj[0].out_channels for b in dec.up_blocks]
+    assert widths == [1792, 512, 256, 128, 128]
+    # 1x1 up-block convs have no bias; the fusion widths are 384 -> 256,128,128,64,256 -> 1
+    assert all(b.proj[0].bias is None and b.proj[0].kernel_size == (1, 1) for b in dec.up_blocks)
+    fusion = LateFusionNet("densenet201").fusion
+    assert fusion.body[0][0].in_channels == 384
+    assert [blk[0].out_channels for blk in fusion.body] == [256, 128, 128, 64, 256]
+    assert all(blk[0].kernel_size == (3, 3) for blk in fusion.body)
+    assert fusion.head.out_channels == 1
+
+
+def test_eq2_blend_is_exact(small_model):
+    with torch.no_grad():
+        out = small_model(torch.rand(1, 3, 64, 64))
+    expected = out.blend_weight * out.fg_prob + (1 - out.blend_weight) * (1 - out.bg_prob)
+    assert torch.equal(out.alpha, expected)
+
+
+def test_side_outputs_come_from_four_resolutions(small_model):
+    # a coarse side output, upsampled bilinearly from 1/8, is smoother than the full-resolution one
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = small_model(torch.rand(1, 3, 128, 128))
+    logits = out.fg_side_logits
+
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean().item()
+
+    assert len({tuple(s.shape) for s in logits}) == 1
+    assert roughness(logits[0]) < roughness(logits[-1])
+    assert torch.allclose(out.fg_sides[0], torch.sigmoid(logits[0]))
+
+
+def test_densenet201_parameter_count():
+    n = count_parameters(LateFusionNet("densenet201"))
+    assert n == pytest.approx(37.7e6, rel=0.005), n
+
+
+def test_gradients_reach_every_parameter_group():
+    from fusionnet.losses import joint_loss
+
+    torch.manual_seed(0)
+    net = LateFusionNet("densenet121").train()
+    image = torch.rand(2, 3, 64, 64)
+    alpha = torch.rand(2, 1, 64, 64)
+    joint_loss(net(image), alpha).total.backward()
+    for group, params in net.parameter_groups().items():
+        missing = [p.shape for p in params if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not missing, f"{group}: {len(missing)} parameters without a finite gradient"
+        assert sum(p.grad.abs().sum().item() for p in params) > 0, group
+    all_params = {id(p) for ps in net.parameter_groups().values() for p in ps}
+    assert all_params == {id(p) for p in net.parameters()}
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 100, 64), (1, 3, 64, 70)])
+def test_bad_size_names_nearest_valid_size(small_model, shape):
+    with pytest.raises(ValueError, match=r"not a multiple of 32; nearest valid sizes are (96 and 128|64 and 96)"):
+        small_model(torch.rand(*shape))
+
+
+def test_bad_channels(small_model):
+    with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
+        small_model(torch.rand(1, 4, 64, 64))
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="densenet201"):
+        LateFusionNet("resnet50")
+
+
+def test_pretrained_without_local_weights_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="local torch cache"):
+        LateFusionNet("densenet121", pretrained=True)
+
+
+def test_pretrained_loads_from_local_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1
+    target = fm._torch_cache_file(weights)
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    reference = torchvision.models.densenet121()
+    torch.save(reference.state_dict(), target)  # the file torchvision would have downloaded
+    net = LateFusionNet("densenet121", pretrained=True)
+    assert torch.equal(net.encoder.stem[0].weight, reference.features.conv0.weight)
+    assert torch.equal(net.encoder.norm5.running_var, reference.features.norm5.running_var)
+
+
+def test_input_norms_differ():
+    torch.manual_seed(0)
+    a = LateFusionNet("densenet121", input_norm="imagenet").eval()
+    b = LateFusionNet("densenet121", input_norm="authors").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(a(x).alpha, b(x).alpha)
+    with pytest.raises(ValueError, match="input_norm"):
+        LateFusionNet("densenet121", input_norm="caffe")
+
+
+def test_save_load_round_trip(small_model, tmp_path):
+    path = fm.save(small_model, tmp_path / "m.safetensors")
+    loaded = fm.load(path).eval()
+    assert loaded.config == small_model.config
+    for (k1, v1), (k2, v2) in zip(small_model.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(small_model(x).alpha, loaded(x).alpha)
+    assert not list(tmp_path.glob(".*tmp")), "temporary file left behind"
+
+
+def test_load_rejects_foreign_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        fm.load(tmp_path / "nope.safetensors")
+    pickle_file = tmp_path / "pickled.pt"
+    torch.save({"a": torch.zeros(1)}, pickle_file)
+    with pytest.raises(ValueError, match="pickled.pt: not a fusionnet model file"):
+        fm.load(pickle_file)
+    other = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(1)}, str(other), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="other.safetensors: not a fusionnet model file"):
+        fm.load(other)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(
+        {"a": torch.zeros(1)},
+        str(wrong),
+        metadata={"format": "fusionnet.late_fusion.v1", "config": json.dumps({"backbone": "densenet121"})},
+    )
+    with pytest.raises(ValueError, match="wrong.safetensors: weights do not match"):
+        fm.load(wrong)
+
+
+def test_checkpoint_is_not_pickle(small_model, tmp_path):
+    path = fm.save(small_model, tmp_path / "m.safetensors")
+    head = Path(path).read_bytes()[:16]
+    assert not head.startswith(b"\x80") and not head.startswith(b"PK"), "pickle/zip checkpoint"
