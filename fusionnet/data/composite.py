@@ -1,0 +1,219 @@
+"""Compositing in the Deep Image Matting recipe: fit a background, then I = alpha*F + (1-alpha)*B.
+
+Training set: each train/val foreground over `bg_per_fg` distinct backgrounds (paper: 100).
+Test set (Composition-1k style): each test foreground over `bg_per_test_fg` distinct backgrounds
+(paper: 20), every composite with a "-25" trimap (unknown = transition band dilated by band_radius).
+The "-full" evaluation needs no file: it is mask=None in fusionnet.metrics.
+
+Background assignment rule (deterministic for the seed):
+1. Pools. With an explicit test pool (composite.backgrounds.test_folder / test_list) the test set
+   draws from it and train/val from the main pool. Otherwise the backgrounds are shuffled and the
+   test pool takes the first k = min(n_test_fg * bg_per_test_fg, N - bg_per_fg) of them, at least
+   bg_per_test_fg; train/val take the rest. So test backgrounds are distinct from train backgrounds
+   whenever N >= bg_per_fg + bg_per_test_fg; with fewer, both pools are all N backgrounds
+   (overlap, reported by `BackgroundPools.disjoint`).
+2. Within a pool (shuffled again), foreground number i in id order gets pool[(i*b + j) mod P] for
+   j < b: b distinct backgrounds per foreground (needs P >= b) and even use of the pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from fusionnet.data.backgrounds import Background
+from fusionnet.data.contact_sheet import contact_sheet
+from fusionnet.data.imagefiles import atomic_output_dir, read_alpha, read_rgb, resize_to_max_side, write_png
+from fusionnet.data.trimap import band_trimap
+
+MANIFEST_SCHEMA = pa.schema([("cid", pa.string()), ("split", pa.string()), ("fg_id", pa.string()),
+                             ("bg_name", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+                             ("image_path", pa.string()), ("alpha_path", pa.string()), ("trimap_path", pa.string())])
+
+
+def fitted_background_size(bg_hw: tuple[int, int], fg_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) the background is resized to before cropping, per the DIM rule.
+
+    ratio = max(fg_w / bg_w, fg_h / bg_h); if ratio > 1 the background is scaled by ratio with ceil,
+    else it is kept. (The -1e-9 stops float noise such as 300 * (320/300) = 320.00000000000006 from
+    adding a pixel; the crop makes that pixel irrelevant anyway.)
+    """
+    (bg_h, bg_w), (fg_h, fg_w) = bg_hw, fg_hw
+    ratio = max(fg_w / bg_w, fg_h / bg_h)
+    if ratio <= 1:
+        return bg_h, bg_w
+    return math.ceil(bg_h * ratio - 1e-9), math.ceil(bg_w * ratio - 1e-9)
+
+
+def fit_background(bg: np.ndarray, fg_hw: tuple[int, int]) -> np.ndarray:
+    """DIM background fit: resize (bicubic) by fitted_background_size, crop the top-left fg-sized window.
+
+    bg: (Hb,Wb,3) uint8; returns (fg_h, fg_w, 3) uint8.
+    """
+    height, width = fitted_background_size(bg.shape[:2], fg_hw)
+    if (height, width) != bg.shape[:2]:
+        bg = np.asarray(Image.fromarray(bg).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return np.ascontiguousarray(bg[: fg_hw[0], : fg_hw[1]])
+
+
+def composite_image(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """I = alpha * F + (1 - alpha) * B in float64, rounded (half to even) to uint8.
+
+    fg, bg: (H,W,3) uint8; alpha: (H,W) uint8 (alpha = value / 255). Returns (H,W,3) uint8.
+    """
+    if fg.shape != bg.shape or fg.shape[:2] != alpha.shape:
+        raise ValueError(f"composite_image: shapes differ: fg {fg.shape}, alpha {alpha.shape}, bg {bg.shape}")
+    a = alpha.astype(np.float64)[..., None] / 255.0
+    image = a * fg.astype(np.float64) + (1.0 - a) * bg.astype(np.float64)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class CompositeConfig:
+    seed: int = 0
+    bg_per_fg: int = 4
+    bg_per_test_fg: int = 2
+    band_radius: int = 25
+    max_side: int | None = 640
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class BackgroundPools:
+    train: list[Background]
+    test: list[Background]
+    disjoint: bool
+
+
+def _shuffled(items: Sequence[Background], seed: int, salt: int) -> list[Background]:
+    order = np.random.default_rng([int(seed), salt]).permutation(len(items))
+    return [items[k] for k in order]
+
+
+def split_background_pools(backgrounds: Sequence[Background], test_backgrounds: Sequence[Background] | None,
+                           n_test_fg: int, bg_per_fg: int, bg_per_test_fg: int, seed: int) -> BackgroundPools:
+    """Train and test background pools, rule 1 of the module docstring."""
+    if test_backgrounds is not None:
+        shared = {b.path or b.name for b in backgrounds} & {b.path or b.name for b in test_backgrounds}
+        return BackgroundPools(list(backgrounds), list(test_backgrounds), disjoint=not shared)
+    names = sorted(backgrounds, key=lambda b: b.name)
+    total = len(names)
+    if total < bg_per_fg + bg_per_test_fg or n_test_fg == 0:
+        return BackgroundPools(names, names, disjoint=n_test_fg == 0)
+    shuffled = _shuffled(names, seed, 15485863)
+    k = max(bg_per_test_fg, min(n_test_fg * bg_per_test_fg, total - bg_per_fg))
+    return BackgroundPools(train=shuffled[k:], test=shuffled[:k], disjoint=True)
+
+
+def assign_backgrounds(fg_ids: Sequence[str], pool: Sequence[Background], per_fg: int,
+                       seed: int) -> dict[str, list[Background]]:
+    """`per_fg` distinct backgrounds for each foreground, rule 2 of the module docstring."""
+    if per_fg < 1:
+        raise ValueError(f"backgrounds per foreground must be >= 1, got {per_fg}")
+    if fg_ids and len(pool) < per_fg:
+        raise ValueError(f"need {per_fg} distinct backgrounds per foreground but the pool has only {len(pool)}: "
+                         f"add backgrounds (composite.backgrounds) or lower composite.bg_per_fg / bg_per_test_fg")
+    order = _shuffled(sorted(pool, key=lambda b: b.name), seed, 32452843)
+    return {fg_id: [order[(i * per_fg + j) % len(order)] for j in range(per_fg)]
+            for i, fg_id in enumerate(sorted(fg_ids))}
+
+
+PREGENERATE_LIMIT = 256  # builtin backgrounds generated once up front (about 0.4 MB each) when this few
+
+
+@functools.lru_cache(maxsize=64)
+def _builtin(bg: Background) -> np.ndarray:
+    return bg.load()
+
+
+def _load_background(bg: Background, ready: dict[str, np.ndarray]) -> np.ndarray:
+    if bg.name in ready:
+        return ready[bg.name]
+    # builtin ones are generated (worth caching); photos are re-read (may be huge)
+    return _builtin(bg) if bg.path is None else bg.load()
+
+
+def _generate(bg: Background) -> np.ndarray:
+    return bg.load()
+
+
+def _composite_foreground(job: tuple[dict, list[Background], dict, Path, Path, CompositeConfig]) -> list[dict]:
+    """All composites of one foreground (trimap computed once); returns their manifest rows.
+
+    job = (foreground manifest row, its backgrounds, {bg name: pre-generated array}, fg_root, out_dir, config).
+    """
+    row, backgrounds, ready, fg_root, out_dir, config = job
+    fg = resize_to_max_side(read_rgb(fg_root / row["fg_path"]), config.max_side)
+    alpha = resize_to_max_side(read_alpha(fg_root / row["alpha_path"]), config.max_side, is_alpha=True)
+    trimap = band_trimap(alpha, config.band_radius)
+    folder = "test" if row["split"] == "test" else "train"
+    rows = []
+    for j, bg in enumerate(backgrounds):
+        cid = f"{row['id']}-{j:03d}"
+        paths = {kind: f"{folder}/{kind}/{cid}.png" for kind in ("image", "alpha", "trimap")}
+        image = composite_image(fg, alpha, fit_background(_load_background(bg, ready), alpha.shape))
+        write_png(out_dir / paths["image"], image)
+        if j == 0:
+            write_png(out_dir / paths["alpha"], alpha)
+            write_png(out_dir / paths["trimap"], trimap)
+        else:  # same alpha and trimap for every background: copy the file instead of re-encoding it
+            for kind in ("alpha", "trimap"):
+                shutil.copyfile(out_dir / rows[0][f"{kind}_path"], out_dir / paths[kind])
+        rows.append({"cid": cid, "split": row["split"], "fg_id": row["id"], "bg_name": bg.name,
+                     "width": int(alpha.shape[1]), "height": int(alpha.shape[0]), "image_path": paths["image"],
+                     "alpha_path": paths["alpha"], "trimap_path": paths["trimap"]})
+    return rows
+
+
+def _jobs(foregrounds: Sequence[dict], assigned: dict[str, list[Background]], ready: dict[str, np.ndarray],
+          fg_root: Path, out_dir: Path, config: CompositeConfig) -> list[tuple]:
+    return [(row, assigned[row["id"]], {b.name: ready[b.name] for b in assigned[row["id"]] if b.name in ready},
+             fg_root, out_dir, config) for row in foregrounds]
+
+
+def build_composites(foregrounds: Sequence[dict], fg_root: str | Path, backgrounds: Sequence[Background],
+                     test_backgrounds: Sequence[Background] | None, out_dir: str | Path,
+                     config: CompositeConfig) -> tuple[list[dict], BackgroundPools]:
+    """Write data/composites (train/, test/, manifest.parquet, contact_sheet.png), replaced atomically.
+
+    foregrounds: rows of the foregrounds manifest (id, split, fg_path, alpha_path relative to fg_root).
+    Returns the composite manifest rows (sorted by cid) and the background pools used.
+    """
+    fg_root = Path(fg_root)
+    test_ids = [r["id"] for r in foregrounds if r["split"] == "test"]
+    train_ids = [r["id"] for r in foregrounds if r["split"] != "test"]
+    pools = split_background_pools(backgrounds, test_backgrounds, len(test_ids), config.bg_per_fg,
+                                   config.bg_per_test_fg, config.seed)
+    assigned = assign_backgrounds(train_ids, pools.train, config.bg_per_fg, config.seed)
+    assigned.update(assign_backgrounds(test_ids, pools.test, config.bg_per_test_fg, config.seed + 1))
+    with atomic_output_dir(out_dir) as tmp:
+        for folder in ("train", "test"):
+            for kind in ("image", "alpha", "trimap"):
+                (tmp / folder / kind).mkdir(parents=True)
+        builtin = sorted({bg for bgs in assigned.values() for bg in bgs if bg.path is None}, key=lambda b: b.name)
+        if len(builtin) > PREGENERATE_LIMIT:
+            builtin = []  # too many to hold: each worker generates (and caches) what it needs
+        if config.workers > 1 and len(foregrounds) > 1:
+            # spawn, not fork: safe when the caller has threads (Prefect tasks) or has imported torch
+            with multiprocessing.get_context("spawn").Pool(min(config.workers, len(foregrounds))) as pool:
+                # generate each builtin background once, not once per worker that needs it
+                ready = dict(zip((b.name for b in builtin), pool.map(_generate, builtin, chunksize=4)))
+                per_fg = pool.map(_composite_foreground, _jobs(foregrounds, assigned, ready, fg_root, tmp, config),
+                                  chunksize=1)
+        else:
+            ready = {b.name: _generate(b) for b in builtin}
+            per_fg = [_composite_foreground(job) for job in _jobs(foregrounds, assigned, ready, fg_root, tmp, config)]
+        rows = sorted((r for rs in per_fg for r in rs), key=lambda r: r["cid"])
+        pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), tmp / "manifest.parquet")
+        write_png(tmp / "contact_sheet.png", contact_sheet(rows, tmp))
+    return rows, pools
