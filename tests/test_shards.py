@@ -1,0 +1,196 @@
+"""Parquet shards: byte-exact round trip, atomic writes, build_shards and the shard_crops stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fusionnet.data.crops import CropParams
+from fusionnet.data.dataset import ShardDataset
+from fusionnet.data.shards import (
+    SCHEMA,
+    build_shards,
+    list_shards,
+    read_shard,
+    row_arrays,
+    write_shards,
+)
+from tests.test_crops import make_composites_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_row(rng: np.random.Generator, i: int, h: int = 6, w: int = 5) -> dict:
+    return dict(
+        image=rng.integers(0, 256, h * w * 3, dtype=np.uint8).tobytes(),
+        alpha=rng.integers(0, 256, h * w, dtype=np.uint8).tobytes(),
+        height=h, width=w, cid=f"c{i}", fg_id=f"f{i}", bg_name=f"b{i}.jpg", crop_y=-i, crop_x=i,
+        crop_size=10 + i, angle=float(i) / 4, flipped=bool(i % 2), kind="crop", src_height=40, src_width=50,
+        src_scale=1.0,
+    )
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_round_trip_is_byte_exact(tmp_path, compression):
+    rng = np.random.default_rng(0)
+    rows = [random_row(rng, i, h=6 + i, w=5 + 2 * i) for i in range(7)]
+    paths = write_shards(iter(rows), tmp_path, shard_rows=3, compression=compression)
+    assert [p.name for p in paths] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert list_shards(tmp_path) == paths
+    read = [r for p in paths for r in read_shard(p).to_pylist()]
+    assert read == rows  # every column, images and alphas byte for byte
+    assert read_shard(paths[0]).schema.equals(SCHEMA)
+    dataset = ShardDataset(tmp_path)
+    for i, row in enumerate(rows):
+        image, alpha = dataset.read_arrays(i)
+        assert np.array_equal(image, row_arrays(row)[0]) and np.array_equal(alpha, row_arrays(row)[1])
+
+
+def test_bad_rows_are_rejected_with_the_problem_named(tmp_path):
+    rng = np.random.default_rng(1)
+    row = random_row(rng, 0)
+    with pytest.raises(ValueError, match=r"missing \['kind'\]"):
+        write_shards([{k: v for k, v in row.items() if k != "kind"}], tmp_path, 4)
+    with pytest.raises(ValueError, match="'c0'.*do not match height 6 x width 5"):
+        write_shards([dict(row, alpha=b"\x00" * 7)], tmp_path, 4)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
+
+
+def test_failure_mid_shard_leaves_only_complete_shards(tmp_path):
+    rng = np.random.default_rng(2)
+
+    def rows_then_failure():
+        for i in range(5):
+            yield random_row(rng, i)
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_shards(rows_then_failure(), tmp_path, shard_rows=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.parquet"]  # rows 3-4 dropped, no temp
+    assert len(ShardDataset(tmp_path)) == 3
+
+
+def test_killed_writer_leaves_no_visible_shard(tmp_path):
+    """A writer killed mid-shard leaves only its hidden temp file, which no reader picks up."""
+    script = textwrap.dedent(
+        f"""
+        import time, numpy as np
+        from fusionnet.data.shards import write_shards
+        from tests.test_shards import random_row
+        rng = np.random.default_rng(0)
+        def slow_rows():
+            for i in range(1000):
+                if i >= 3:
+                    time.sleep(0.05)
+                yield random_row(rng, i)
+        write_shards(slow_rows(), {str(tmp_path)!r}, shard_rows=2)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = (tmp_path / "shard-00000.parquet").exists()
+            temps = [p for p in tmp_path.iterdir() if ".tmp-" in p.name] if tmp_path.exists() else []
+            if done and temps and (tmp_path / "shard-00001.parquet").exists():
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("writer never produced a shard in progress")
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    temps = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(temps) == 1 and temps[0].name.startswith(".shard-") and f"tmp-{child.pid}" in temps[0].name
+    complete = sorted(p.name for p in tmp_path.glob("*.parquet"))
+    assert complete and temps[0].name not in complete
+    assert [p.name for p in list_shards(tmp_path)] == complete
+    assert len(ShardDataset(tmp_path)) == 2 * len(complete)
+    with pytest.raises(FileNotFoundError):
+        list_shards(temps[0])
+
+
+def tiny_params(**overrides) -> CropParams:
+    base = dict(sizes=(16, 24), out_size=16, per_image=3, warmup_size=20, rotation_deg=15.0, shard_rows=4)
+    return CropParams(**{**base, **overrides})
+
+
+def test_build_shards_layout_summary_and_determinism(tmp_path):
+    composites = make_composites_dir(tmp_path / "composites", {"train": 3, "val": 2, "test": 2})
+    summary = build_shards(composites, tmp_path / "a", tiny_params(), seed=3, workers=1)
+    assert summary == {
+        "train": {"rows": 9, "shards": 3}, "val": {"rows": 6, "shards": 2}, "warmup": {"rows": 3, "shards": 1},
+        "composites": {"train": 3, "val": 2},
+    }
+    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "composites"]  # no temp dir left
+    build_shards(composites, tmp_path / "b", tiny_params(), seed=3, workers=2)
+    build_shards(composites, tmp_path / "c", tiny_params(), seed=4, workers=1)
+    for kind in ("train", "val", "warmup"):
+        a, b, c = ([r for p in list_shards(tmp_path / d / kind) for r in read_shard(p).to_pylist()] for d in "abc")
+        assert a == b, f"{kind}: output depends on the number of workers"
+        assert {r["kind"] for r in a} == {"warmup" if kind == "warmup" else "crop"}
+        assert all(r["height"] == r["width"] == (20 if kind == "warmup" else 16) for r in a)
+        assert not any(r["cid"].startswith("test") for r in a)
+        if kind == "train":
+            assert a != c, "a different seed gives different crops"
+    # a rebuild replaces the previous output completely
+    build_shards(composites, tmp_path / "a", tiny_params(shard_rows=100), seed=3, workers=1)
+    assert [p.name for p in list_shards(tmp_path / "a" / "train")] == ["shard-00000.parquet"]
+
+
+def test_build_shards_downscales_to_max_side(tmp_path):
+    composites = make_composites_dir(tmp_path / "composites", {"train": 1}, size=(40, 80))
+    build_shards(composites, tmp_path / "s", tiny_params(max_side=40), seed=0, workers=1)
+    row = read_shard(list_shards(tmp_path / "s" / "train")[0]).to_pylist()[0]
+    assert (row["src_height"], row["src_width"]) == (20, 40) and row["src_scale"] == pytest.approx(0.5)
+
+
+def test_build_shards_bad_input_names_the_file_and_leaves_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.parquet"):
+        build_shards(tmp_path / "nope", tmp_path / "out", tiny_params(), seed=0)
+    composites = make_composites_dir(tmp_path / "composites", {"train": 2})
+    missing = sorted((composites / "image").glob("*.png"))[1]
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=missing.name):
+        build_shards(composites, tmp_path / "out", tiny_params(), seed=0, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["composites"]
+
+
+def test_shard_crops_stage_runs_end_to_end(tmp_path):
+    composites = make_composites_dir(tmp_path / "data" / "composites", {"train": 2, "val": 1, "test": 1})
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["crops"].update(sizes=[16, 24], out_size=16, per_image=2, warmup_size=24, shard_rows=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "shard_crops.py"), "--params", "params.yaml",
+         "--composites", "data/composites", "--out", "data/shards", "--workers", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "data" / "shards" / "summary.json").read_text())
+    assert summary["train"] == {"rows": 4, "shards": 2} and summary["val"] == {"rows": 2, "shards": 1}
+    assert summary["warmup"] == {"rows": 2, "shards": 1}
+    sample = ShardDataset(tmp_path / "data" / "shards" / "warmup")[0]
+    assert sample["image"].shape == (3, 24, 24)
+    # a bad params key fails with the key named
+    params["crops"]["sizez"] = [3]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "shard_crops.py"), "--params", "params.yaml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "sizez" in result.stderr
+    assert composites.exists()
