@@ -59,7 +59,11 @@ class MattingOutput:
 
 
 def blend(blend_weight: Tensor, fg_prob: Tensor, bg_prob: Tensor) -> Tensor:
-    """Paper Eq. 2: alpha_p = beta_p * F_p + (1 - beta_p) * (1 - B_p)."""
+    """Paper Eq. 2: alpha_p = beta_p * F_p + (1 - beta_p) * (1 - B_p).
+
+    Where the two decoders agree (paper Eq. 3: B_p + F_p = 1) alpha = F whatever beta is, so the
+    fusion network only matters in the transition region, where the losses push F + B != 1.
+    """
     return blend_weight * fg_prob + (1 - blend_weight) * (1 - bg_prob)
 
 
