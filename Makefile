@@ -12,6 +12,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
+export PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
