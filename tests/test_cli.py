@@ -1,0 +1,389 @@
+"""The real `fusionnet` CLI (a subprocess) on good and bad inputs.
+
+Every bad-input case runs in a batch with a good image: the good one must still be matted, a bad one
+must give `error: <path>: <problem>`, exit status 1 and no output files (not even temporaries).
+Inputs the CLI must handle (16-bit, grayscale, RGBA, CMYK, EXIF-rotated, 1x1, 20000x20000) run next to
+an 8-bit RGB file holding what the loader should have made of them: both mattes must be identical.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from fusionnet import __version__
+from fusionnet.model import LateFusionNet, save
+
+EXIF_ORIENTATION = 0x0112
+SUMMARY = re.compile(r"matted (\d+) of (\d+) images \((\d+) failed\)")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = LateFusionNet(backbone="densenet121", pretrained=False)
+    return save(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    # One thread: several test processes share 2 cores, and oversubscribed OpenMP is ~10x slower.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DO_NOT_TRACK": "true", **extra}
+
+
+def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fusionnet.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=600, env=env or cli_env(),
+    )
+
+
+def matte(checkpoint: Path, out: Path, *inputs: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return run_cli("matte", *inputs, "--model", checkpoint, "--out", out, "--save", "alpha", "trimap", *extra)
+
+
+def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def write_two_tone_png(path: Path, width: int, height: int, top: tuple[int, ...], bottom: tuple[int, ...]) -> None:
+    """An RGB PNG, top half `top`, bottom half `bottom`, streamed without ever holding the pixels.
+
+    Raw-deflate blocks ended by a full flush are independent, so one compressed block of identical
+    scanlines can be repeated; the zlib checksum is accumulated over the (never stored) pixels.
+    """
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    assert height % 2 == 0
+    rows = max(r for r in range(1, 101) if (height // 2) % r == 0)
+    blocks = []
+    for rgb in (top, bottom):
+        raw = (b"\x00" + bytes(rgb) * width) * rows  # filter type 0, then the scanline
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        blocks.append((raw, deflate.compress(raw) + deflate.flush(zlib.Z_FULL_FLUSH)))
+    adler = 1
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+        f.write(chunk(b"IDAT", b"\x78\xda"))
+        for y in range(0, height, rows):
+            raw, packed = blocks[y >= height // 2]
+            adler = zlib.adler32(raw, adler)
+            f.write(chunk(b"IDAT", packed))
+        final = zlib.compressobj(9, zlib.DEFLATED, -15).flush() + struct.pack(">I", adler)
+        f.write(chunk(b"IDAT", final) + chunk(b"IEND", b""))
+
+
+def read(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+@pytest.fixture
+def good(tmp_path) -> Path:
+    path = tmp_path / "in" / "good.png"
+    path.parent.mkdir()
+    Image.fromarray(random_rgb(48, 64, seed=1)).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+
+def _bytes(im: Image.Image, fmt: str) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    im.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_bad(kind: str, directory: Path) -> Path:
+    sample = Image.fromarray(random_rgb(40, 56, seed=2))
+    if kind == "missing":
+        return directory / "missing.png"
+    if kind == "directory":
+        (directory / "folder.png").mkdir()
+        return directory / "folder.png"
+    path = directory / {"truncated_jpeg": "bad.jpg"}.get(kind, "bad.png")
+    if kind == "not_an_image":
+        path.write_text("hello, I am a text file\n" * 10)
+    elif kind == "zero_byte":
+        path.write_bytes(b"")
+    elif kind == "truncated_png":
+        data = _bytes(sample, "PNG")
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif kind == "truncated_jpeg":
+        data = _bytes(sample, "JPEG")
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "bomb":
+        write_two_tone_png(path, 30000, 30000, (1, 2, 3), (4, 5, 6))  # 900 Mpx in about 3 MB
+    return path
+
+
+BAD_CASES = {
+    "missing": "no such file",
+    "directory": "is a directory",
+    "not_an_image": "not an image file",
+    "zero_byte": r"empty file \(0 bytes\)",
+    "truncated_png": "cannot decode image data, the file is truncated or corrupt",
+    "truncated_jpeg": "cannot decode image data, the file is truncated or corrupt",
+    "bomb": r"image is 30000x30000 = 900 megapixels, over the limit of 537 megapixels \(decompression-bomb guard\)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_bad_input_fails_alone(checkpoint, tmp_path, good, kind):
+    bad = make_bad(kind, good.parent)
+    out = tmp_path / "out"
+    result = matte(checkpoint, out, good, bad)
+    assert result.returncode == 1, result.stderr
+    assert re.search(rf"^error: {re.escape(str(bad))}: {BAD_CASES[kind]}", result.stderr, re.M), result.stderr
+    assert SUMMARY.search(result.stdout).groups() == ("1", "2", "1")
+    assert files_in(out) == ["good_alpha.png", "good_trimap.png"]  # nothing for the bad file, no temporaries
+    assert read(out / "good_alpha.png").shape == (48, 64)
+
+
+def test_pixel_limit_option(checkpoint, tmp_path, good):
+    big = good.parent / "big.png"
+    write_two_tone_png(big, 4000, 3000, (200, 30, 30), (30, 30, 200))
+    result = matte(checkpoint, tmp_path / "out", good, big, extra=("--max-pixels", "10000000"))
+    assert result.returncode == 1
+    assert f"error: {big}: image is 4000x3000 = 12 megapixels, over the limit of 10 megapixels" in result.stderr
+
+
+def test_write_failure_leaves_no_partial_outputs(checkpoint, tmp_path, good):
+    out = tmp_path / "out"
+    (out / "good_trimap.png").mkdir(parents=True)  # the second output cannot be renamed into place
+    other = good.parent / "other.png"
+    Image.fromarray(random_rgb(40, 40, seed=3)).save(other)
+    result = matte(checkpoint, out, good, other)
+    assert result.returncode == 1
+    assert re.search(rf"^error: {re.escape(str(good))}: cannot write outputs", result.stderr, re.M)
+    assert files_in(out) == ["good_trimap.png", "other_alpha.png", "other_trimap.png"]  # no good_alpha.png
+
+
+# --------------------------------------------------------------------------------------------- handled inputs
+
+
+def make_handled(kind: str, directory: Path) -> tuple[Path, Path, tuple[int, int]]:
+    """(file, 8-bit RGB file with the pixels the loader should produce, expected output (h, w))."""
+    rgb = random_rgb(40, 56, seed=4)
+    path, reference = directory / f"{kind}.png", directory / f"{kind}_reference.png"
+    size = (40, 56)
+    if kind == "sixteen_bit":
+        gray8 = rgb[:, :, 0]
+        Image.fromarray(gray8.astype(np.uint16) * 257).save(path)  # v * 257 / 65535 == v / 255
+        Image.fromarray(np.dstack([gray8] * 3)).save(reference)
+        assert Image.open(path).mode == "I;16"
+    elif kind == "grayscale":
+        Image.fromarray(rgb[:, :, 1]).save(path)
+        Image.fromarray(np.dstack([rgb[:, :, 1]] * 3)).save(reference)
+    elif kind == "rgba":
+        alpha = np.where(np.arange(56) % 3 == 0, 0, 255).astype(np.uint8)[None].repeat(40, 0)
+        Image.fromarray(np.dstack([rgb, alpha])).save(path)
+        Image.fromarray(rgb).save(reference)
+    elif kind == "cmyk":
+        path = directory / "cmyk.jpg"
+        Image.fromarray(rgb).convert("CMYK").save(path, quality=95)
+        with Image.open(path) as im:
+            assert im.mode == "CMYK"
+            im.convert("RGB").save(reference)
+    elif kind == "exif_rotated":
+        path = directory / "rotated.jpg"
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = 6
+        Image.fromarray(rgb).save(path, exif=exif, quality=95)
+        with Image.open(path) as im:
+            ImageOps.exif_transpose(im).save(reference)
+        size = (56, 40)
+    elif kind == "one_pixel":
+        Image.new("RGB", (1, 1), (250, 10, 90)).save(path)
+        Image.new("RGB", (1, 1), (250, 10, 90)).save(reference)
+        size = (1, 1)
+    elif kind == "huge":
+        write_two_tone_png(path, 20000, 20000, (200, 30, 30), (30, 30, 200))
+        half = np.zeros((64, 64, 3), np.uint8)
+        half[:32], half[32:] = (200, 30, 30), (30, 30, 200)
+        Image.fromarray(half).save(reference)  # what 20000x20000 shrinks to at --max-output-side 64
+        size = (64, 64)
+    return path, reference, size
+
+
+HANDLED = ["sixteen_bit", "grayscale", "rgba", "cmyk", "exif_rotated", "one_pixel", "huge"]
+
+
+@pytest.mark.parametrize("kind", HANDLED)
+def test_handled_input_mattes_like_its_rgb_equivalent(checkpoint, tmp_path, good, kind):
+    path, reference, size = make_handled(kind, good.parent)
+    out = tmp_path / "out"
+    result = matte(checkpoint, out, good, path, reference, extra=("--max-output-side", "64"))
+    assert result.returncode == 0, result.stderr
+    assert "error:" not in result.stderr
+    assert SUMMARY.search(result.stdout).groups() == ("3", "3", "0")
+    alpha, expected = read(out / f"{path.stem}_alpha.png"), read(out / f"{reference.stem}_alpha.png")
+    assert alpha.shape == size and read(out / f"{path.stem}_trimap.png").shape == size
+    if kind == "huge":
+        assert f"note: {path}: 20000x20000 is larger than --max-output-side; outputs are 64x64" in result.stderr
+        # The shrunk image differs from the drawn reference only on the rows where the halves meet.
+        assert np.abs(alpha[:30].astype(int) - expected[:30]).max() <= 1
+        assert np.abs(alpha[34:].astype(int) - expected[34:]).max() <= 1
+    else:
+        np.testing.assert_array_equal(alpha, expected)
+    assert read(out / "good_alpha.png").shape == (48, 64)
+
+
+def test_huge_image_decodes_within_a_memory_bound(checkpoint, tmp_path, good):
+    """20000x20000 RGB: the 8-bit decode is 1.2 GB; a float32 copy alone would be 4.8 GB.
+
+    The network runs at 64 px so that decoding, not the network's activations, sets the peak.
+    """
+    path, _, _ = make_handled("huge", good.parent)
+    extra = ("--max-output-side", "800", "--max-side", "64", "--no-refine")
+    result = matte(checkpoint, tmp_path / "out", path, extra=extra)
+    assert result.returncode == 0, result.stderr
+    assert read(tmp_path / "out" / "huge_alpha.png").shape == (800, 800)
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux; max over children
+    assert peak_gib < 2.5, f"largest child peak RSS {peak_gib:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def test_all_output_kinds_and_colour_composite(checkpoint, tmp_path, good):
+    out = tmp_path / "out"
+    result = run_cli(
+        "matte", good, "--model", checkpoint, "--out", out,
+        "--save", "alpha", "rgba", "composite", "trimap", "--background", "#00ff00",
+    )
+    assert result.returncode == 0, result.stderr
+    assert files_in(out) == ["good_alpha.png", "good_composite.png", "good_rgba.png", "good_trimap.png"]
+    alpha, rgba, composite = read(out / "good_alpha.png"), read(out / "good_rgba.png"), read(out / "good_composite.png")
+    assert rgba.shape == (48, 64, 4) and composite.shape == (48, 64, 3)
+    np.testing.assert_array_equal(rgba[:, :, 3], alpha)
+    a = alpha[..., None] / 255.0
+    expected = a * rgba[:, :, :3] + (1 - a) * np.array([0, 255, 0])
+    assert np.abs(composite - expected).max() <= 1.5  # I = alpha F + (1 - alpha) B, up to 8-bit rounding
+    assert set(np.unique(read(out / "good_trimap.png"))) <= {0, 128, 255}
+
+
+def test_composite_over_an_image(checkpoint, tmp_path, good):
+    background = tmp_path / "bg.png"
+    Image.new("RGB", (30, 20), (10, 20, 250)).save(background)  # smaller than the input: scaled to cover
+    out = tmp_path / "out"
+    result = run_cli(
+        "matte", good, "--model", checkpoint, "--out", out, "--save", "rgba", "composite", "--background", background
+    )
+    assert result.returncode == 0, result.stderr
+    rgba, composite = read(out / "good_rgba.png"), read(out / "good_composite.png")
+    a = rgba[:, :, 3:] / 255.0
+    expected = a * rgba[:, :, :3] + (1 - a) * np.array([10, 20, 250])
+    assert np.abs(composite - expected).max() <= 1.5
+
+
+def test_same_stems_are_disambiguated(checkpoint, tmp_path, good):
+    first, second = tmp_path / "a" / "cat.png", tmp_path / "b" / "Cat.jpg"
+    for path, seed in ((first, 5), (second, 6)):
+        path.parent.mkdir()
+        Image.fromarray(random_rgb(32, 40, seed)).save(path)
+    out = tmp_path / "out"
+    result = matte(checkpoint, out, first, second, first)
+    assert result.returncode == 0, result.stderr
+    assert f"note: {second}: output name 'Cat' is taken by {first}; writing Cat-2_*.png" in result.stderr
+    assert f"note: {first}: same file as {first}; matted once" in result.stderr
+    assert files_in(out) == ["Cat-2_alpha.png", "Cat-2_trimap.png", "cat_alpha.png", "cat_trimap.png"]
+    assert not np.array_equal(read(out / "cat_alpha.png"), read(out / "Cat-2_alpha.png"))
+    assert SUMMARY.search(result.stdout).groups() == ("2", "2", "0")
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(checkpoint, tmp_path, good):
+    other = good.parent / "other.png"
+    Image.fromarray(random_rgb(32, 32, seed=7)).save(other)
+    quiet = matte(checkpoint, tmp_path / "a", good, other)  # stderr is a pipe: no bar by default
+    assert quiet.returncode == 0 and "image/s" not in quiet.stderr and "2/2" not in quiet.stderr
+    shown = matte(checkpoint, tmp_path / "b", good, other, extra=("--progress",))
+    assert shown.returncode == 0 and "2/2" in shown.stderr
+
+
+def test_bf16_and_no_refine_run(checkpoint, tmp_path, good):
+    result = matte(checkpoint, tmp_path / "out", good, extra=("--precision", "bf16", "--no-refine", "--max-side", "32"))
+    assert result.returncode == 0, result.stderr
+    assert read(tmp_path / "out" / "good_alpha.png").shape == (48, 64)
+
+
+# --------------------------------------------------------------------------------------------- usage
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"fusionnet {__version__}"
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "fusionnet"
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (project not pip-installed here)")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120, env=cli_env())
+    assert result.stdout.strip() == f"fusionnet {__version__}"
+
+
+def test_no_command_is_a_usage_error():
+    result = run_cli()
+    assert result.returncode == 2 and "matte" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [("missing.safetensors", "no such model file"), ("good.png", "not a fusionnet model file")],
+)
+def test_bad_model_is_a_usage_error(tmp_path, good, model, problem):
+    result = run_cli("matte", good, "--model", good.parent / model, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert f"error: --model {good.parent / model}: {problem}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_on_cpu_missing_gpu_and_bad_background_are_usage_errors(checkpoint, tmp_path, good):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid with a GPU")
+    common = ("matte", good, "--model", checkpoint, "--out", tmp_path / "o")
+    result = run_cli(*common, "--device", "cpu", "--precision", "fp16")
+    assert result.returncode == 2 and "fp16 needs a CUDA device; use bf16 on CPU" in result.stderr
+    result = run_cli(*common, "--device", "cuda")
+    assert result.returncode == 2 and "error: device 'cuda' requested but no CUDA GPU is available" in result.stderr
+    result = run_cli(*common, "--save", "composite", "--background", "no-such-colour")
+    assert result.returncode == 2 and "neither an image file nor a colour" in result.stderr
+
+
+def test_model_uri_through_resolver_plugin(checkpoint, tmp_path, good):
+    site = tmp_path / "site"
+    dist = site / "fusionnet_test_registry-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fusionnet-test-registry\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[fusionnet.model_resolvers]\nmodels = fusionnet_test_registry:resolve\n")
+    (site / "fusionnet_test_registry.py").write_text(
+        f"def resolve(spec):\n    assert spec == 'models:/matting@champion', spec\n    return {str(checkpoint)!r}\n"
+    )
+    env = cli_env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    result = run_cli("matte", good, "--model", "models:/matting@champion", "--out", out, env=env)
+    assert result.returncode == 0, result.stderr
+    assert files_in(out) == ["good_alpha.png"]
+    without_plugin = run_cli("matte", good, "--model", "models:/matting@champion", "--out", out)
+    assert without_plugin.returncode == 2
+    assert "no resolver for 'models:' model URIs is installed" in without_plugin.stderr
