@@ -1,0 +1,102 @@
+"""The forward pass and loss of each training step (paper Sec. 3.2-3.4, Eq. 6-10).
+
+- segmentation: L_F + L_B on all four side outputs of both decoders (`segmentation_step_loss`);
+  only the encoder and decoders run: the fusion network is most of the compute at full resolution
+  and gets no gradient in this step.
+- fusion: L_u (paper Eq. 8) on the blended alpha (`fusion_loss`).
+- joint: L_J = L_u + w1 (L_F + L_B) + w2 L_s (paper Eq. 9, `joint_loss`).
+Losses are computed in float32 even when the network ran under bf16/fp16 autocast.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+from fusionnet.losses import fusion_loss, joint_loss, segmentation_step_loss
+from fusionnet.model import LateFusionNet, MattingOutput
+from fusionnet.train.config import StepConfig
+
+
+class SideOutputs(NamedTuple):
+    """The four side outputs of each decoder, `(N,1,H,W)` at input size, coarse to fine (1/8 .. 1/1).
+
+    Has the attributes `fusionnet.losses.side_losses` reads, so it stands in for a MattingOutput there.
+    """
+
+    fg_sides: tuple[Tensor, ...]
+    bg_sides: tuple[Tensor, ...]
+    fg_side_logits: tuple[Tensor, ...]
+    bg_side_logits: tuple[Tensor, ...]
+
+
+class SegmentationNet(nn.Module):
+    """Encoder + both decoders of a LateFusionNet (shared weights), without the fusion network.
+
+    Mirrors `LateFusionNet.forward` up to the side outputs; tests check it against the full forward.
+    A module (not a function) so DistributedDataParallel can wrap it.
+    """
+
+    def __init__(self, net: LateFusionNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor) -> SideOutputs:
+        net = self.net
+        net.check_input(image)
+        size = tuple(image.shape[-2:])
+        x = (image - net.input_mean) * net.input_scale
+        feats = net.encoder(x)
+        fg_logits, _ = net.fg_decoder(feats)
+        bg_logits, _ = net.bg_decoder(feats)
+        fg_side_logits = tuple(_upsample(logit, size) for logit in fg_logits)
+        bg_side_logits = tuple(_upsample(logit, size) for logit in bg_logits)
+        return SideOutputs(
+            tuple(torch.sigmoid(t) for t in fg_side_logits),
+            tuple(torch.sigmoid(t) for t in bg_side_logits),
+            fg_side_logits,
+            bg_side_logits,
+        )
+
+
+def _upsample(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return nnf.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def step_module(model: LateFusionNet, step: str) -> nn.Module:
+    """The module a step calls (and DDP wraps): the segmentation part alone in step 1, else the model."""
+    return SegmentationNet(model) if step == "segmentation" else model
+
+
+def _float(x):
+    if isinstance(x, Tensor):
+        return x.float()
+    return tuple(t.float() for t in x)
+
+
+def to_float32(output: MattingOutput | SideOutputs) -> MattingOutput | SideOutputs:
+    """The same outputs in float32 (autocast leaves them bf16/fp16)."""
+    if isinstance(output, SideOutputs):
+        return SideOutputs(*(_float(v) for v in output))
+    return MattingOutput(**{k: _float(v) for k, v in output.to_dict().items()})
+
+
+def step_loss(step: str, output: MattingOutput | SideOutputs, alpha: Tensor, cfg: StepConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """(total loss to back-propagate, named loss terms) for `step`; `alpha` `(N,1,H,W)` in [0,1]."""
+    output = to_float32(output)
+    if step == "segmentation":
+        seg = segmentation_step_loss(output, alpha)  # type: ignore[arg-type]  # SideOutputs duck-types it
+        return seg.total, {"loss": seg.total, "loss_fg": seg.fg, "loss_bg": seg.bg}
+    if step == "fusion":
+        loss_u = fusion_loss(output.alpha, alpha)  # type: ignore[union-attr]
+        return loss_u, {"loss": loss_u}
+    if step == "joint":
+        j = joint_loss(output, alpha, w1=cfg.side_weight, w2=cfg.sparsity_weight, gamma=cfg.sparsity_gamma)  # type: ignore[arg-type]
+        terms = {"loss": j.total, "loss_fusion": j.fusion, "loss_fg": j.fg, "loss_bg": j.bg, "loss_sparsity": j.sparsity}
+        return j.total, terms
+    raise ValueError(f"unknown step {step!r}")

@@ -1,0 +1,58 @@
+"""Which parts of the network each training step updates (paper Sec. 3.4, method-notes.md).
+
+- segmentation: encoder + foreground and background decoders (the fusion network is not run);
+- fusion: only the fusion network; the segmentation network is frozen, its BatchNorms in eval mode
+  so their running statistics stay those of step 1;
+- joint: everything, with every BatchNorm frozen: eval mode (running statistics unchanged) and
+  affine weight/bias not trained.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fusionnet.model import LateFusionNet
+
+TRAINED_GROUPS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("encoder", "fg_decoder", "bg_decoder"),
+    "fusion": ("fusion",),
+    "joint": ("encoder", "fg_decoder", "bg_decoder", "fusion"),
+}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BATCHNORMS)]
+
+
+def set_trainable(model: LateFusionNet, step: str) -> list[nn.Parameter]:
+    """Set requires_grad for `step` and return the trainable parameters, in model order."""
+    if step not in TRAINED_GROUPS:
+        raise ValueError(f"unknown step {step!r}; choose one of {', '.join(TRAINED_GROUPS)}")
+    groups = model.parameter_groups()
+    for name, params in groups.items():
+        for p in params:
+            p.requires_grad_(name in TRAINED_GROUPS[step])
+    if step == "joint":
+        for bn in batchnorm_modules(model):
+            for p in bn.parameters(recurse=False):
+                p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_train_mode(model: LateFusionNet, step: str) -> None:
+    """model.train() except what `step` freezes, which goes to eval mode (BN statistics fixed).
+
+    Call before every epoch's training loop: validation switches the whole model to eval mode.
+    """
+    model.train()
+    if step == "segmentation":
+        model.fusion.eval()  # not run in this step
+    elif step == "fusion":
+        for part in (model.encoder, model.fg_decoder, model.bg_decoder):
+            part.eval()
+    elif step == "joint":
+        for bn in batchnorm_modules(model):
+            bn.eval()
+    else:
+        raise ValueError(f"unknown step {step!r}; choose one of {', '.join(TRAINED_GROUPS)}")

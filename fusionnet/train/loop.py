@@ -1,0 +1,351 @@
+"""`run_step`: one of the paper's three training steps (Sec. 3.4), resumable and DDP-ready.
+
+Per iteration: read a batch (order fixed by (seed, epoch)), triangular cyclical LR, forward under
+autocast, the step's loss, backward, gradient-norm clip, SGD step; loss terms and LR to the logger.
+Per epoch: validation SAD/MSE, samples/s, data-wait share, a PNG grid and the loss curves.
+state.pt is written atomically every `checkpoint_every` iterations and at every epoch end; a step
+killed at any moment continues from its last state.pt when run again and, on CPU with a fixed seed,
+ends with the same weights as an uninterrupted run.
+Outputs in out_dir: model.safetensors, state.pt, history.json, plots/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from fusionnet import model as fmodel
+from fusionnet.model import LateFusionNet
+from fusionnet.train import data as tdata
+from fusionnet.train.config import StepConfig
+from fusionnet.train.distributed import DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
+from fusionnet.train.files import write_atomic
+from fusionnet.train.forward import step_loss, step_module
+from fusionnet.train.freezing import set_train_mode, set_trainable
+from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
+from fusionnet.train.state import STATE_FILE, capture_rng, load_state, restore_rng, save_state
+from fusionnet.train.tracking import StepResult, TrainLogger
+from fusionnet.train.validate import validate
+from fusionnet.train.visuals import save_loss_curves, save_val_grid
+
+MODEL_FILE = "model.safetensors"
+HISTORY_FILE = "history.json"
+
+
+def run_step(
+    step: str,
+    cfg: StepConfig,
+    shards_dir: Path,
+    out_dir: Path,
+    init_checkpoint: Path | None = None,
+    logger: TrainLogger | None = None,
+    resume: bool = True,
+) -> StepResult:
+    """Train `step` ("segmentation" | "fusion" | "joint") and write out_dir (see module doc).
+
+    init_checkpoint: the previous step's model.safetensors (None: a fresh network, ImageNet encoder
+    weights when cfg.pretrained). logger: called on rank 0 only. resume: continue from
+    out_dir/state.pt when it exists and was written with the same settings.
+    """
+    if step != cfg.step:
+        raise ValueError(f"run_step({step!r}) got a StepConfig for step {cfg.step!r}")
+    owns_group = not torch.distributed.is_initialized()
+    ctx = init_distributed(cfg.device)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _Trainer(step, cfg, Path(shards_dir), Path(out_dir), init_checkpoint, logger, resume, ctx).run()
+    finally:
+        # process-wide torch settings go back to what the caller had
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        if owns_group:
+            shutdown(ctx)
+
+
+class _Trainer:
+    def __init__(self, step, cfg, shards_dir, out_dir, init_checkpoint, logger, resume, ctx: DistContext):
+        self.step, self.cfg, self.ctx = step, cfg, ctx
+        self.shards_dir, self.out_dir = shards_dir, out_dir
+        self.init_checkpoint = Path(init_checkpoint) if init_checkpoint else None
+        self.logger = logger if ctx.is_main else None
+        self.resume = resume
+        self.state_path = out_dir / STATE_FILE
+        self.device = ctx.device
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("params train_common.precision fp16 needs device cuda; use bf16 (or fp32) on cpu")
+
+    # ------------------------------------------------------------------ setup
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _configure_torch(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        if self.device.type == "cpu" and self.cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(self.cfg.seed)
+
+    def _build_model(self) -> LateFusionNet:
+        cfg = self.cfg
+        if self.init_checkpoint is None:
+            return LateFusionNet(cfg.backbone, pretrained=cfg.pretrained, input_norm=cfg.input_norm)
+        model = fmodel.load(self.init_checkpoint)
+        want = {"backbone": cfg.backbone, "input_norm": cfg.input_norm}
+        if {k: model.config.get(k) for k in want} != want:
+            raise ValueError(f"{self.init_checkpoint}: model config {model.config} does not match params model {want}")
+        return model
+
+    def _load_resume_state(self) -> dict[str, Any] | None:
+        if not self.state_path.is_file():
+            return None
+        if not self.resume:
+            return None
+        state = load_state(self.state_path)
+        if state.get("config") != self.cfg.resume_key():
+            if self.ctx.is_main:
+                print(f"{self.state_path}: written with other settings; starting the {self.step} step afresh", flush=True)
+            return None
+        return state
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> StepResult:
+        cfg, ctx = self.cfg, self.ctx
+        self._configure_torch()
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        barrier(ctx)
+        state = self._load_resume_state()
+        if state is not None and state["finished"] and (self.out_dir / MODEL_FILE).is_file():
+            return self._result(state)
+
+        model = self._build_model().to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        trainable = set_trainable(model, self.step)
+        optimizer = torch.optim.SGD(trainable, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        if state is None:
+            state = self._fresh_state()
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"])
+        self.model, self.optimizer, self.scaler, self.trainable, self.state = model, optimizer, scaler, trainable, state
+
+        self.train_set = tdata.open_split(self.shards_dir, "train")
+        self.warmup_set = tdata.open_split(self.shards_dir, "warmup") if cfg.warmup_epochs > 0 else None
+        self.val_set = tdata.open_split(self.shards_dir, "val")
+        self._check_sizes()
+        nominal = len(tdata.epoch_indices(len(self.train_set), cfg.seed, 0, ctx.rank, ctx.world_size))
+        self.iters_per_epoch = tdata.batches_in_epoch(nominal, cfg.batch_size, cfg.max_iters_per_epoch)
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"{self.shards_dir / 'train'}: {len(self.train_set)} crops are fewer than one batch "
+                             f"of {cfg.batch_size} per process x {ctx.world_size} processes")
+        self.half_cycle = half_cycle_iterations(cfg.half_cycle_epochs, self.iters_per_epoch)
+
+        module = step_module(model, self.step)
+        if ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids)
+        self.module = module
+
+        if self.logger is not None:
+            self.logger.log_params({**cfg.to_dict(), "world_size": ctx.world_size, "init_checkpoint": str(self.init_checkpoint),
+                                    "iters_per_epoch": self.iters_per_epoch, "half_cycle_iters": self.half_cycle})
+        if state["initial_val"] is None:
+            state["initial_val"] = self._validate(epoch=0)
+            self._checkpoint()
+        while state["epoch"] < cfg.epochs:
+            self._train_epoch(state["epoch"])
+            self._end_epoch(state["epoch"])
+        return self._finish()
+
+    def _fresh_state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.resume_key(), "step": self.step, "finished": False,
+            "epoch": 0, "batch_in_epoch": 0, "iteration": 0,
+            "initial_val": None, "history": [], "loss_log": [],
+            "totals": {"samples": 0, "wait_s": 0.0, "train_s": 0.0},
+            "epoch_acc": _zero_epoch_acc(),
+        }
+
+    def _check_sizes(self) -> None:
+        h, w = tdata.sample_size(self.train_set)
+        stride = LateFusionNet.stride
+        if h % stride or w % stride:
+            raise ValueError(f"{self.shards_dir / 'train'}: crops are {h}x{w}; the network needs multiples of {stride} "
+                             f"(set crops.out_size to e.g. {max(stride, h // stride * stride)})")
+
+    # ------------------------------------------------------------------ epochs
+    def _train_epoch(self, epoch: int) -> None:
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        set_train_mode(self.model, self.step)
+        dataset = tdata.epoch_dataset(self.train_set, self.warmup_set, epoch < cfg.warmup_epochs)
+        indices = tdata.epoch_indices(len(dataset), cfg.seed, epoch, ctx.rank, ctx.world_size)
+        n_batches = tdata.batches_in_epoch(len(indices), cfg.batch_size, cfg.max_iters_per_epoch)
+        first = state["batch_in_epoch"]
+        loader = tdata.epoch_loader(dataset, indices, cfg.batch_size, first, n_batches, cfg.num_workers,
+                                    cfg.seed, epoch, pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        for b in range(first, n_batches):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            terms, lr = self._train_iteration(batch, epoch, b)
+            t2 = time.perf_counter()
+            samples = cfg.batch_size * ctx.world_size
+            for acc in (state["totals"], state["epoch_acc"]):
+                acc["samples"] += samples
+                acc["wait_s"] += t1 - t0
+                acc["train_s"] += t2 - t0
+            state["epoch_acc"]["loss_sum"] += terms["loss"]
+            state["epoch_acc"]["loss_count"] += 1
+            state["batch_in_epoch"] = b + 1
+            state["iteration"] += 1
+            it = state["iteration"]
+            state["loss_log"].append({"iteration": it, "epoch": epoch + 1, "lr": lr, **terms})
+            if self.logger is not None and it % cfg.log_every == 0:
+                self.logger.log_metrics({**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr}, step=it)
+            if it % cfg.checkpoint_every == 0:
+                self._checkpoint()
+        del batches, loader
+
+    def _train_iteration(self, batch: dict, epoch: int, b: int) -> tuple[dict[str, float], float]:
+        cfg = self.cfg
+        image, alpha = batch["image"], batch["alpha"]
+        if cfg.flip:
+            image, alpha = tdata.flip_batch(image, alpha, cfg.seed, epoch, b, self.ctx.rank)
+        image = image.to(self.device, non_blocking=True)
+        alpha = alpha.to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        lr = triangular_lr(self.state["iteration"], cfg.base_lr, cfg.max_lr, self.half_cycle)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            output = self.module(image)
+        loss, terms = step_loss(self.step, output, alpha, cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        names = list(terms)
+        values = all_reduce_mean(torch.stack([terms[k].detach().float() for k in names] + [grad_norm.float()]), self.ctx)
+        values = values.cpu().tolist()
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"{self.step} step: loss is {values[0]} at iteration {self.state['iteration'] + 1}; "
+                                     f"lower train lr (max_lr {cfg.max_lr}) or use fp32")
+        return {**dict(zip(names, values[:-1])), "grad_norm": values[-1]}, lr
+
+    def _end_epoch(self, epoch: int) -> None:
+        state, ctx = self.state, self.ctx
+        acc = state["epoch_acc"]
+        val = self._validate(epoch + 1)
+        if ctx.is_main:
+            row = {
+                "epoch": epoch + 1, **val,
+                "train_loss": acc["loss_sum"] / max(1, acc["loss_count"]),
+                "samples_per_s": acc["samples"] / acc["train_s"] if acc["train_s"] else math.nan,
+                "data_wait_fraction": acc["wait_s"] / acc["train_s"] if acc["train_s"] else math.nan,
+                "iterations": state["iteration"],
+                "lr": state["loss_log"][-1]["lr"] if state["loss_log"] else self.cfg.base_lr,
+                "epoch_s": acc["train_s"],
+            }
+            state["history"].append(row)
+            if self.logger is not None:
+                metrics = {f"epoch/{k}": float(v) for k, v in row.items() if k not in ("epoch", "iterations")}
+                self.logger.log_metrics({**metrics, "epoch": float(epoch + 1)}, step=state["iteration"])
+            self._write_history(finished=False)
+            curves = save_loss_curves(state["loss_log"], state["history"], state["initial_val"],
+                                      self.out_dir / "plots" / "loss_curves.png", title=f"{self.step} step")
+            if curves is not None and self.logger is not None:
+                self.logger.log_image(curves, "plots/loss_curves.png")
+        state["epoch"] = epoch + 1
+        state["batch_in_epoch"] = 0
+        state["epoch_acc"] = _zero_epoch_acc()
+        self._checkpoint()
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        """Rank 0 scores the val split (others wait); returns {"val_sad", "val_mse", "val_images", "val_s"}."""
+        scores: dict[str, float] = {}
+        if self.ctx.is_main:
+            t0 = time.perf_counter()
+            loader = tdata.val_loader(self.val_set, self.cfg.batch_size, self.cfg.val_max_images)
+            result = validate(self.model, loader, self.device, self.autocast, self.cfg.val_band_radius,
+                              self.cfg.visual_count, self.cfg.channels_last)
+            scores = {**result.scores(), "val_s": time.perf_counter() - t0}
+            name = f"plots/val_epoch_{epoch:03d}.png"
+            grid = save_val_grid(result.visuals, self.out_dir / name,
+                                 title=f"{self.step} step, epoch {epoch}: val SAD {result.val_sad:.3f}")
+            if self.logger is not None:
+                self.logger.log_metrics({"val/sad": result.val_sad, "val/mse": result.val_mse}, step=self.state["iteration"])
+                if grid is not None:
+                    self.logger.log_image(grid, name)
+        scores = broadcast_object(scores, self.ctx)  # type: ignore[assignment]
+        return scores
+
+    # ------------------------------------------------------------------ files
+    def _checkpoint(self) -> None:
+        if self.ctx.is_main:
+            state = self.state
+            state["model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scaler"] = self.scaler.state_dict()
+            state["rng"] = capture_rng()
+            save_state(self.state_path, state)
+            for key in ("model", "optimizer"):
+                del state[key]  # keep only the live copies in memory
+        barrier(self.ctx)
+
+    def _write_history(self, finished: bool) -> Path:
+        state, totals = self.state, self.state["totals"]
+        doc = {
+            "step": self.step, "finished": finished,
+            "initial_val": state["initial_val"], "epochs": state["history"],
+            "iterations": state["iteration"],
+            "samples_per_s": totals["samples"] / totals["train_s"] if totals["train_s"] else math.nan,
+            "data_wait_fraction": totals["wait_s"] / totals["train_s"] if totals["train_s"] else math.nan,
+            "train_s": totals["train_s"], "world_size": self.ctx.world_size,
+            "config": self.cfg.to_dict(),
+        }
+        text = json.dumps(doc, indent=2, allow_nan=True) + "\n"
+        return write_atomic(self.out_dir / HISTORY_FILE, lambda tmp: tmp.write_text(text))
+
+    def _finish(self) -> StepResult:
+        if self.ctx.is_main:
+            fmodel.save(self.model, self.out_dir / MODEL_FILE, extra={"step": self.step, "iterations": self.state["iteration"]})
+            self._write_history(finished=True)
+            self.state["finished"] = True
+            self._checkpoint()
+        else:
+            barrier(self.ctx)
+        self.state = broadcast_object(self.state, self.ctx)  # type: ignore[assignment]
+        return self._result(self.state)
+
+    def _result(self, state: dict[str, Any]) -> StepResult:
+        totals = state["totals"]
+        return StepResult(
+            step=self.step, out_dir=self.out_dir,
+            model_path=self.out_dir / MODEL_FILE, history_path=self.out_dir / HISTORY_FILE,
+            history=list(state["history"]), initial_val=dict(state["initial_val"] or {}),
+            samples_per_s=totals["samples"] / totals["train_s"] if totals["train_s"] else math.nan,
+            data_wait_fraction=totals["wait_s"] / totals["train_s"] if totals["train_s"] else math.nan,
+            iterations=state["iteration"], train_s=totals["train_s"],
+        )
+
+
+def _zero_epoch_acc() -> dict[str, float]:
+    return {"samples": 0, "wait_s": 0.0, "train_s": 0.0, "loss_sum": 0.0, "loss_count": 0}

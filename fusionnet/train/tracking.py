@@ -1,0 +1,68 @@
+"""What a training step reports: the logger protocol it calls (rank 0 only) and its result.
+
+The library never imports MLflow: the pipeline passes an object with these three methods.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+
+class TrainLogger(Protocol):
+    def log_params(self, params: dict) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_image(self, png_path: Path, artifact_name: str) -> None: ...
+
+
+class PrintLogger:
+    """A TrainLogger that prints one line per call (the CLI's default)."""
+
+    def __init__(self, stream: TextIO | None = None, prefix: str = ""):
+        self.stream = stream or sys.stdout
+        self.prefix = prefix
+
+    def log_params(self, params: dict) -> None:
+        print(f"{self.prefix}params {params}", file=self.stream, flush=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        print(f"{self.prefix}[{step}] {text}", file=self.stream, flush=True)
+
+    def log_image(self, png_path: Path, artifact_name: str) -> None:
+        print(f"{self.prefix}image {artifact_name} -> {png_path}", file=self.stream, flush=True)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and not math.isnan(value) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class StepResult:
+    """Outcome of `run_step` (the same on every rank).
+
+    history: per-epoch dicts {"epoch" (1-based), "val_sad", "val_mse", "val_images", "train_loss",
+    "samples_per_s", "data_wait_fraction", "iterations", "lr", "epoch_s", "val_s"}.
+    initial_val: {"val_sad", "val_mse", "val_images", "val_s"} of the model before this step's first update.
+    samples_per_s: training samples (all ranks) per second of training-loop time;
+    data_wait_fraction: share of that time spent waiting for the next batch.
+    """
+
+    step: str
+    out_dir: Path
+    model_path: Path
+    history_path: Path
+    history: list[dict[str, Any]]
+    initial_val: dict[str, float]
+    samples_per_s: float
+    data_wait_fraction: float
+    iterations: int
+    train_s: float
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,123 @@
+"""A step interrupted at any point resumes from state.pt and ends with the SAME weights (CPU, fixed seed).
+
+Fast: an in-process crash (an exception out of the logger mid-epoch). Slow: a real SIGKILL of the CLI
+subprocess after its first checkpoints, then a re-run, compared with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fusionnet.train import STATE_FILE, StepConfig, run_step
+from fusionnet.train.state import load_state
+from fusionnet.train.toy import write_toy_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resume_params() -> dict:
+    step = {"epochs": 2, "max_iters_per_epoch": 3, "base_lr": 5e-3, "max_lr": 2e-2, "half_cycle_epochs": 1}
+    return {
+        "seed": 7,
+        "model": {"backbone": "densenet121", "pretrained": False, "input_norm": "imagenet"},
+        "train_common": {
+            "device": "cpu", "precision": "fp32", "channels_last": False, "threads": 1, "batch_size": 2,
+            "num_workers": 0, "checkpoint_every": 1, "val_max_images": 1, "visual_count": 1,
+        },
+        "train_seg": {**step, "warmup_epochs": 1},  # the resumed epoch mixes crops and warm-up images
+        "train_fusion": step,
+        "train_joint": step,
+    }
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_toy_shards(tmp_path_factory.mktemp("toy") / "shards", n_train=8, n_val=2, n_warmup=4, size=64, seed=3)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa if wa[k].numel())
+    assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+class CrashAfter:
+    """A logger that raises once iteration `n` is logged: the run dies mid-epoch."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step):
+        if "train/loss" in metrics and step >= self.n:
+            raise KeyboardInterrupt(f"simulated crash at iteration {step}")
+
+    def log_image(self, png_path, artifact_name):
+        pass
+
+
+@pytest.mark.parametrize("step", ["segmentation", pytest.param("joint", marks=pytest.mark.slow)])
+def test_resume_after_crash_gives_identical_weights(shards, tmp_path, step):
+    cfg = StepConfig.from_params(resume_params(), step)
+    reference = run_step(step, cfg, shards, tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        run_step(step, cfg, shards, tmp_path / "crashed", logger=CrashAfter(2))
+    # the crash came while logging iteration 2, before its checkpoint: the run resumes after iteration 1
+    assert load_state(tmp_path / "crashed" / STATE_FILE)["iteration"] == 1
+    resumed = run_step(step, cfg, shards, tmp_path / "crashed")
+    assert resumed.iterations == reference.iterations == 6
+    assert_same_weights(reference.model_path, resumed.model_path)
+    assert [h["val_sad"] for h in resumed.history] == pytest.approx([h["val_sad"] for h in reference.history], abs=1e-9)
+    assert len(load_state(tmp_path / "crashed" / STATE_FILE)["loss_log"]) == 6
+
+
+def _cli(params: Path, shards: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "fusionnet.train", "--step", "segmentation", "--params", str(params),
+            "--shards", str(shards), "--out", str(out), "--quiet"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_identical_weights(shards, tmp_path):
+    params = tmp_path / "params.yaml"
+    p = resume_params()
+    p["train_seg"]["max_iters_per_epoch"] = 4
+    params.write_text(yaml.safe_dump(p))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(params, shards, tmp_path / "reference"), check=True, env=env, cwd=ROOT, timeout=300)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(params, shards, out), env=env, cwd=ROOT)
+    killed_at = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / STATE_FILE).is_file():
+                state = load_state(out / STATE_FILE)
+                if state["iteration"] >= 3:  # mid-epoch 1 of 2 (4 iterations each)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = state["iteration"]
+                    break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "model.safetensors").exists()
+    assert not load_state(out / STATE_FILE)["finished"]
+    subprocess.run(_cli(params, shards, out), check=True, env=env, cwd=ROOT, timeout=300)
+    assert_same_weights(tmp_path / "reference" / "model.safetensors", out / "model.safetensors")
+    assert load_state(out / STATE_FILE)["iteration"] == 8
