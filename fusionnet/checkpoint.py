@@ -29,6 +29,12 @@ def atomic_write_path(path: Path) -> Path:
     return Path(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(model: "LateFusionNet", path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
     """Write `model`'s weights and config to `path` (safetensors), atomically."""
     path = Path(path)
@@ -40,6 +46,7 @@ def save(model: "LateFusionNet", path: str | os.PathLike, extra: dict[str, str] 
     tmp = atomic_write_path(path)
     try:
         save_file(state, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

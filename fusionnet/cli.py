@@ -1,6 +1,7 @@
 """The `fusionnet` command line.
 
     fusionnet matte INPUT... --model CHECKPOINT --out DIR [--save alpha rgba composite trimap]
+    fusionnet pull [models:/late-fusion-matting@champion] --out DIR
     fusionnet --version
 
 `matte` writes, per input `<stem>.<ext>`: `<stem>_alpha.png` (L), `<stem>_rgba.png` (cut-out with
@@ -141,7 +142,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar (default: on for more than one file when stderr is a terminal)",
     )
     matte.set_defaults(handler=run_matte)
+
+    pull = commands.add_parser(
+        "pull",
+        help="download a registered model to a folder",
+        description="Download a registered model (a plugin of entry-point group "
+        f"{MODEL_PULLER_GROUP!r} handles the URI's scheme; pipeline/ registers one for MLflow).",
+    )
+    pull.add_argument("uri", nargs="?", default=DEFAULT_PULL_URI, help=f"model URI (default {DEFAULT_PULL_URI})")
+    pull.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create (replaced if it exists)")
+    pull.set_defaults(handler=run_pull)
     return parser
+
+
+MODEL_PULLER_GROUP = "fusionnet.model_pullers"
+DEFAULT_PULL_URI = "models:/late-fusion-matting@champion"
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    """`fusionnet pull`: hand the URI to the puller plugin registered for its scheme."""
+    from importlib.metadata import entry_points
+
+    scheme = args.uri.split(":", 1)[0] if ":" in args.uri else ""
+    found = [ep for ep in entry_points(group=MODEL_PULLER_GROUP) if ep.name == scheme]
+    if not found:
+        raise UsageError(
+            f"{args.uri}: no puller for {scheme + ':' if scheme else 'this kind of'} model URI is installed "
+            f"(entry-point group {MODEL_PULLER_GROUP!r}); install fusionnet with its pipeline extra"
+        )
+    try:
+        folder = found[0].load()(args.uri, args.out)
+    except (LookupError, OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"{args.uri} -> {folder}")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

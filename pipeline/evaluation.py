@@ -1,0 +1,364 @@
+"""The `evaluate` step of the pipeline: checkpoints -> Tables 1/2 rows, claims, pictures -> files + MLflow.
+
+Used by the DVC stage (stages/evaluate.py) and, as a Prefect task, by the training flow's hook
+(`pipeline.evaluation:evaluate_hook`). Writes, atomically:
+
+- metrics/evaluate.json   {row: {"band"|"full": {sad, mse, grad, conn}}}    (test composites)
+- metrics/claims.json     {"composites"|"photos": {source: implicit-trimap IoU/recall, bracketing}}
+- metrics/photos.json     {row: {"trimap1"|"trimap2"|"full": {...}}} or {"skipped": reason}
+- metrics/details.json    guided-filter choice, image counts, seconds, provenance (checkpoint + sha256)
+- reports/table.md, reports/per_image.csv, reports/per_image_photos.csv, reports/pictures/*.png
+
+and logs the same as a child run "evaluate" of the pipeline's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusionnet import report
+from fusionnet.evaluate import (
+    ROW_BY_NAME,
+    ROWS,
+    RowSettings,
+    evaluate_set,
+    load_composites,
+    load_photos,
+    needed_sources,
+    tune_guided_filter,
+)
+
+SOURCES = ("segmentation", "fusion", "joint")
+
+
+@dataclass
+class EvalConfig:
+    """The `evaluate:` section of params.yaml (see the comments there)."""
+
+    rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS])
+    max_side: int = 320
+    precision: str = "bf16"
+    device: str = "cpu"
+    threads: int | None = 1
+    workers: int = 1
+    implicit_trimap_threshold: float = 0.95
+    closed_form_max_side: int | None = 160
+    gf_radii: list[int] = field(default_factory=lambda: [2, 4, 8])
+    gf_eps: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    gf_metric: str = "sad"
+    gf_max_val_images: int = 6
+    pictures: int = 2
+    photos_root: str | None = "../shared/data/alphamatting-dev"
+    photos_trimaps: list[str] = field(default_factory=lambda: ["trimap1", "trimap2"])
+    photos_baseline_trimap: str = "trimap1"
+    photos_rows: list[str] = field(default_factory=lambda: ["raw", "refined", "constant_half"])
+    photos_max_images: int | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "EvalConfig":
+        section = dict(params.get("evaluate") or {})
+        gf = dict(section.pop("guided_filter", None) or {})
+        photos = dict(section.pop("photos", None) or {})
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            if key not in cls.__dataclass_fields__:
+                raise ValueError(f"params evaluate.{key}: unknown key")
+            values[key] = value
+        for prefix, sub in (("gf_", gf), ("photos_", photos)):
+            for key, value in sub.items():
+                name = prefix + key
+                if name not in cls.__dataclass_fields__:
+                    raise ValueError(f"params evaluate.{'guided_filter' if prefix == 'gf_' else 'photos'}.{key}: unknown key")
+                values[name] = value
+        config = cls(**values)
+        for name in (*config.rows, *config.photos_rows):
+            if name not in ROW_BY_NAME:
+                raise ValueError(f"params evaluate: unknown row {name!r}; choose from {', '.join(ROW_BY_NAME)}")
+        return config
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def branches_identical(a: Path, b: Path) -> bool:
+    """True when two model files hold the same encoder and decoders (every tensor outside `fusion.`).
+
+    The fusion step trains only the fusion network (paper Sec. 3.4); when it left the branches
+    untouched (BatchNorm statistics included) the segmentation model's F and B can be read off
+    the fusion model's forward pass, which saves one network pass per image.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        keys_a = {k for k in fa.keys() if not k.startswith("fusion.")}
+        keys_b = {k for k in fb.keys() if not k.startswith("fusion.")}
+        if keys_a != keys_b or (fa.metadata() or {}).get("config") != (fb.metadata() or {}).get("config"):
+            return False
+        import torch
+
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in sorted(keys_a))
+
+
+def make_predictor(path: Path, config: EvalConfig):
+    """A fusionnet.evaluate Predictor running the model file at `path` (no refinement)."""
+    from fusionnet.infer import Matter, load_model
+
+    matter = Matter(
+        load_model(path, device=config.device),
+        device=config.device,
+        precision=config.precision,
+        max_side=config.max_side,
+        refine=False,
+    )
+
+    def predict(rgb: np.ndarray) -> dict[str, np.ndarray]:
+        result = matter(rgb)
+        return {"alpha": result.raw_alpha, "fg_prob": result.fg_prob, "bg_prob": result.bg_prob}
+
+    return predict
+
+
+def provenance(rows: list[str], checkpoints: Mapping[str, Path], hashes: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """row -> {"source", "checkpoint", "sha256"} (the trimap baselines have no checkpoint)."""
+    out = {}
+    for row in rows:
+        source = ROW_BY_NAME[row].source
+        if source in checkpoints:
+            out[row] = {"source": source, "checkpoint": str(checkpoints[source]), "sha256": hashes[source]}
+        else:
+            out[row] = {"source": source, "checkpoint": "none (uses the evaluation trimap)", "sha256": ""}
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_evaluation(
+    params: Mapping[str, Any],
+    checkpoints: Mapping[str, Path],
+    composites: Path,
+    metrics_dir: Path = Path("metrics"),
+    reports_dir: Path = Path("reports"),
+    base_dir: Path = Path("."),
+) -> dict[str, Any]:
+    """Evaluate, write every output file, and return the record (what the files hold, plus paths).
+
+    checkpoints: source -> model file for the sources the configured rows need (missing ones
+    drop their rows, with a note). base_dir: what a relative photos root is relative to.
+    """
+    start = time.perf_counter()
+    config = EvalConfig.from_params(params)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))  # a shared CPU: fewer threads than cores avoids thrashing
+    notes: list[str] = []
+    checkpoints = {s: Path(p) for s, p in checkpoints.items() if p is not None}
+    for source, path in checkpoints.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no {source} checkpoint (train that step first)")
+    rows = [r for r in config.rows if ROW_BY_NAME[r].source in (*checkpoints, "trimap")]
+    dropped = [r for r in config.rows if r not in rows]
+    if dropped:
+        notes.append(f"rows {dropped} left out: no checkpoint for {sorted({ROW_BY_NAME[r].source for r in dropped})}")
+    hashes = {s: sha256_file(p) for s, p in checkpoints.items()}
+
+    aliases: dict[str, str] = {}
+    sources = [s for s in SOURCES if s in checkpoints]
+    if "segmentation" in checkpoints and "fusion" in checkpoints:
+        if branches_identical(checkpoints["segmentation"], checkpoints["fusion"]):
+            aliases["segmentation"] = "fusion"
+            sources.remove("segmentation")
+            notes.append("segmentation F/B read off the fusion model's pass (identical branch weights)")
+    predictors = {s: make_predictor(checkpoints[s], config) for s in sources}
+    timings: dict[str, float] = {}
+
+    settings = RowSettings(closed_form_max_side=config.closed_form_max_side)
+    gf: dict[str, Any] = {}
+    if "refined" in (*rows, *config.photos_rows) and "joint" in predictors:
+        t0 = time.perf_counter()
+        val = load_composites(composites, "val", limit=config.gf_max_val_images)
+        if val:
+            gf = tune_guided_filter(val, predictors["joint"], config.gf_radii, config.gf_eps, config.gf_metric)
+            gf["val_images"] = len(val)
+        else:
+            gf = {"radius": config.gf_radii[0], "eps": config.gf_eps[0], "val_images": 0}
+            notes.append("no validation composites: guided filter uses the first grid point")
+        settings = RowSettings(gf["radius"], gf["eps"], config.closed_form_max_side)
+        timings["tune_guided_filter"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    test = load_composites(composites, "test")
+    if not test:
+        raise ValueError(f"{composites}: no test composites in the manifest")
+    composites_result = evaluate_set(
+        test, predictors, rows, settings, aliases=aliases,
+        trimap_threshold=config.implicit_trimap_threshold, workers=config.workers, keep=True,
+    )
+    timings["composites"] = time.perf_counter() - t0
+    notes.extend(composites_result.notes)
+
+    photos_result, photos_skipped = None, None
+    photo_rows = [r for r in config.photos_rows if ROW_BY_NAME[r].source in (*checkpoints, "trimap")]
+    root = None if not config.photos_root else (base_dir / config.photos_root)
+    if root is None:
+        photos_skipped = "evaluate.photos.root is empty"
+    elif not (root / "image").is_dir():
+        photos_skipped = f"{root} is absent (no real photographs on this machine)"
+    elif not photo_rows:
+        photos_skipped = "no photo rows configured"
+    if photos_skipped:
+        print(f"evaluate: real photographs skipped: {photos_skipped}", file=sys.stderr)
+    else:
+        t0 = time.perf_counter()
+        photos = load_photos(root, config.photos_trimaps, config.photos_baseline_trimap, config.photos_max_images)
+        # only the passes the photo rows need (plus the joint model's, for the claims)
+        wanted = {aliases.get(s, s) for s in [*needed_sources(photo_rows), "joint"]}
+        photo_predictors = {s: p for s, p in predictors.items() if s in wanted}
+        photos_result = evaluate_set(
+            photos, photo_predictors, photo_rows, settings, aliases=aliases,
+            trimap_threshold=config.implicit_trimap_threshold, workers=config.workers,
+        )
+        timings["photos"] = time.perf_counter() - t0
+        notes.extend(photos_result.notes)
+    timings["total"] = time.perf_counter() - start
+
+    record = {
+        "evaluate": composites_result.summary,
+        "claims": {"composites": composites_result.claims, **({"photos": photos_result.claims} if photos_result else {})},
+        "photos": photos_result.summary if photos_result else {"skipped": photos_skipped},
+        "details": {
+            "guided_filter": gf,
+            "images": {"test": len(test), "photos": len(photos_result.per_image) if photos_result else 0},
+            "network": {"max_side": config.max_side, "precision": config.precision},
+            "seconds": {k: round(v, 2) for k, v in timings.items()},
+            "provenance": provenance(
+                [r.name for r in ROWS if r.name in rows or (photos_result and r.name in photo_rows)], checkpoints, hashes
+            ),
+        },
+        "notes": notes,
+    }
+    test_images = {sample.name: sample for sample in test}
+    record["files"] = report.write_evaluation(
+        record, composites_result, photos_result, test_images, config.pictures, metrics_dir, reports_dir
+    )
+    return record
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def mlflow_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """Flat metric names for MLflow: "raw.band.sad", "claims.composites.joint.bracketing_ratio", ..."""
+    from pipeline.registry import flatten_metrics
+
+    metrics = flatten_metrics(record["evaluate"])
+    metrics.update(flatten_metrics(record["claims"], "claims."))
+    if "skipped" not in record["photos"]:
+        metrics.update(flatten_metrics(record["photos"], "photos."))
+    gf = {k: v for k, v in (record["details"].get("guided_filter") or {}).items() if k != "grid"}
+    metrics.update(flatten_metrics(gf, "guided_filter."))
+    metrics.update(flatten_metrics(record["details"]["seconds"], "seconds."))
+    return metrics
+
+
+def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_run_id: str) -> str:
+    """Log the evaluation as child run "evaluate" of `parent_run_id`; returns its run id.
+
+    The stage finds the parent with pipeline.registry.pipeline_parent (FUSIONNET_PARENT_RUN_ID, else
+    the run of this pipeline run, i.e. one `dvc repro`, else a new one).
+    """
+    import time as _time
+
+    from mlflow.entities import Metric
+
+    from pipeline.tracking import MlflowTrainLogger, get_client, start_step_run
+
+    client = get_client()
+    run_id = start_step_run(client, parent_run_id, "evaluate", params, None)
+    try:
+        now = int(_time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in mlflow_metrics(record).items()]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+        tags = {f"fusionnet.checkpoint.{p['source']}": f"{p['checkpoint']} sha256:{p['sha256']}"
+                for p in record["details"]["provenance"].values() if p["sha256"]}
+        if "skipped" in record["photos"]:
+            tags["fusionnet.photos_skipped"] = str(record["photos"]["skipped"])
+        MlflowTrainLogger(run_id, client).set_tags(tags)
+        for path in record.get("files", []):
+            folder = "pictures" if Path(path).parent.name == "pictures" else "evaluation"
+            client.log_artifact(run_id, path, artifact_path=folder)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def load_params(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    params = yaml.safe_load(Path(path).read_text())
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: params must be a mapping")
+    return params
+
+
+def checkpoints_beside(model_path: Path) -> dict[str, Path]:
+    """models/<step>/model.safetensors for the three steps, from the joint model's path."""
+    models = Path(model_path).resolve().parent.parent
+    found = {s: models / s / Path(model_path).name for s in SOURCES}
+    return {s: p for s, p in found.items() if p.is_file()}
+
+
+def evaluate_hook(
+    model_path: Path, parent_run_id: str, params_path: str = "params.yaml", project_dir: Path | None = None
+) -> dict[str, Any]:
+    """Prefect hook of pipeline.flows.train (`evaluate="pipeline.evaluation:evaluate_hook"`).
+
+    Runs the evaluation, then the registration, as two Prefect tasks of the training flow, both
+    logged as child runs of `parent_run_id`. The segmentation and fusion checkpoints are the
+    siblings of `model_path` (models/<step>/model.safetensors); outputs go where the DVC stages
+    put them, under `project_dir` (default: this checkout).
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    from pipeline.env import PROJECT_DIR
+    from pipeline.registry import register_pipeline_model
+
+    root = Path(project_dir or PROJECT_DIR)
+    params = load_params(root / params_path)
+
+    @task(name="evaluate", cache_policy=NO_CACHE)
+    def evaluate_task() -> dict[str, Any]:
+        record = run_evaluation(params, checkpoints_beside(model_path), root / "data" / "composites",
+                                root / "metrics", root / "reports", root)
+        log_evaluation(record, params, parent_run_id)
+        return record
+
+    @task(name="register", cache_policy=NO_CACHE)
+    def register_task() -> dict[str, Any]:
+        return register_pipeline_model(params, Path(model_path), root / "metrics", root / "reports",
+                                       root / "models" / "registered.json", parent_run_id)
+
+    record = evaluate_task()
+    return {"evaluation": record["details"], "registration": register_task()}

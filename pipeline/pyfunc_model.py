@@ -1,0 +1,167 @@
+"""The registered model's MLflow pyfunc: encoded images in, alpha mattes out.
+
+Logged as "model from code" (this file is the model's code; no pickle), with two artifacts:
+`weights` (a fusionnet.model.save file) and `settings` (JSON: max_side, precision, refine, radius,
+eps). `code_paths` carries a copy of the fusionnet package, so a downloaded model runs without this
+checkout (pipeline.registry.log_matting_model).
+
+Input: a DataFrame with column "image", each value the bytes of a PNG/JPEG/... file (over REST:
+base64 in `dataframe_split` / `dataframe_records` / `inputs`; MLflow decodes binary columns).
+A base64 str is accepted too. Output: a DataFrame with "alpha" (PNG bytes, 8-bit grey, the
+image's size; base64 over REST), "height", "width". Params (optional, per request): max_side
+(network input's longer side, 32..4096), refine (guided filter on/off).
+
+A bad image raises MlflowException(INVALID_PARAMETER_VALUE) naming the row and the problem, which
+`mlflow models serve` answers with HTTP 400; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_COLUMN = "image"
+MAX_PIXELS = 50_000_000  # refuse larger images from their header (decompression-bomb guard)
+MAX_SIDE_RANGE = (32, 4096)
+_MATTER_CACHE_SIZE = 4
+
+
+def model_signature(max_side: int, refine: bool) -> ModelSignature:
+    """Input: binary column "image"; output: alpha (binary PNG), height, width; params max_side, refine."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
+        outputs=Schema(
+            [ColSpec(DataType.binary, "alpha"), ColSpec(DataType.long, "height"), ColSpec(DataType.long, "width")]
+        ),
+        params=ParamSchema(
+            [ParamSpec("max_side", DataType.long, int(max_side)), ParamSpec("refine", DataType.boolean, bool(refine))]
+        ),
+    )
+
+
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def decode_image(value: Any, row: int) -> np.ndarray:
+    """One input cell (file bytes, or their base64 text) -> (H,W,3) uint8 RGB, EXIF orientation applied."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise _bad_input(f"row {row}: column {IMAGE_COLUMN!r} is text but not base64 ({exc})") from exc
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if not isinstance(value, bytes):
+        raise _bad_input(
+            f"row {row}: column {IMAGE_COLUMN!r} must hold the bytes of an image file, got {type(value).__name__}"
+        )
+    if not value:
+        raise _bad_input(f"row {row}: empty image (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(value)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise _bad_input(f"row {row}: image of {im.width}x{im.height} pixels is over the {MAX_PIXELS} limit")
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except MlflowException:
+        raise
+    except UnidentifiedImageError as exc:
+        raise _bad_input(f"row {row}: not an image file PIL can read (PNG, JPEG, ...)") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise _bad_input(f"row {row}: cannot decode the image, truncated or corrupt ({exc})") from exc
+
+
+def encode_png(alpha: np.ndarray) -> bytes:
+    """(H,W) float in [0,1] -> 8-bit grey PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(alpha, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes | str) -> np.ndarray:
+    """The inverse for clients: PNG bytes (or their base64 text) -> (H,W) float32 alpha in [0,1]."""
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    with Image.open(io.BytesIO(raw)) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def images_frame(images: list[bytes | np.ndarray]) -> pd.DataFrame:
+    """A model input from encoded image files or (H,W,3) uint8 arrays (arrays are PNG-encoded)."""
+    cells = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            buffer = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+            image = buffer.getvalue()
+        cells.append(bytes(image))
+    return pd.DataFrame({IMAGE_COLUMN: cells})
+
+
+class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around fusionnet.infer.Matter (see the module doc for input and output)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from fusionnet.infer import load_model
+
+        self.settings: dict[str, Any] = json.loads(Path(context.artifacts["settings"]).read_text())
+        self.network = load_model(context.artifacts["weights"], device=self.settings.get("device", "cpu"))
+        self._matters: OrderedDict[tuple[int, bool], Any] = OrderedDict()
+
+    def _matter(self, max_side: int, refine: bool):
+        """A Matter per (max_side, refine), a few kept (a bf16 Matter holds its own weight copy)."""
+        from fusionnet.infer import Matter
+
+        key = (max_side, refine)
+        if key not in self._matters:
+            self._matters[key] = Matter(
+                self.network,
+                device=self.settings.get("device", "cpu"),
+                precision=self.settings.get("precision", "fp32"),
+                max_side=max_side,
+                refine=refine,
+                radius=int(self.settings.get("radius", 8)),
+                eps=float(self.settings.get("eps", 1e-4)),
+            )
+            while len(self._matters) > _MATTER_CACHE_SIZE:
+                self._matters.popitem(last=False)
+        self._matters.move_to_end(key)
+        return self._matters[key]
+
+    # pd.DataFrame is a hint MLflow infers no signature from: the explicit model_signature stays in force
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        params = params or {}
+        max_side = int(params.get("max_side", self.settings.get("max_side", 800)))
+        refine = bool(params.get("refine", self.settings.get("refine", True)))
+        if not MAX_SIDE_RANGE[0] <= max_side <= MAX_SIDE_RANGE[1]:
+            raise _bad_input(f"param max_side={max_side} is outside {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]}")
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+            raise _bad_input(f"expected a DataFrame with column {IMAGE_COLUMN!r} of encoded image files")
+        images = [decode_image(value, i) for i, value in enumerate(model_input[IMAGE_COLUMN].tolist())]
+        matter = self._matter(max_side, refine)
+        rows = []
+        for image in images:
+            result = matter(image)
+            rows.append({"alpha": encode_png(result.alpha), "height": image.shape[0], "width": image.shape[1]})
+        return pd.DataFrame(rows, columns=["alpha", "height", "width"])
+
+
+# Models from code: MLflow runs this file and takes the model set here.
+mlflow.models.set_model(LateFusionMattingModel())

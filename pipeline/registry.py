@@ -1,0 +1,392 @@
+"""MLflow Model Registry for the matting model: log the pyfunc, register it, champion/challenger, pull.
+
+- `log_matting_model` logs a fusionnet model file as an MLflow pyfunc (pipeline/pyfunc_model.py,
+  "model from code") with a signature, a copy of the fusionnet package (code_paths) and explicit
+  pip requirements (pinned to what is installed: nothing is resolved over the network; no conda).
+- `register_version` registers it under `late-fusion-matting`, with the evaluation metrics as
+  version tags ("metric.<row>.<region>.<metric>") and the table as the version description.
+- `promote` moves alias `champion` to the new version only when it beats the current champion on
+  the configured metric (e.g. `raw.band.sad`, lower is better); otherwise the new version gets
+  alias `challenger`. A first version is champion; a tie is not a win.
+- `pull` downloads a registered model (e.g. `models:/late-fusion-matting@champion`) to a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pipeline  # noqa: F401  (offline switches before mlflow is imported)
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline.tracking import tracking_uri
+
+MODEL_NAME = "late-fusion-matting"
+CHAMPION, CHALLENGER = "champion", "challenger"
+METRIC_TAG_PREFIX = "metric."
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# The pyfunc's runtime needs, pinned to the installed versions (an offline environment cannot resolve).
+REQUIREMENT_DISTRIBUTIONS = (
+    "mlflow", "torch", "torchvision", "numpy", "scipy", "pillow", "safetensors", "numba", "pandas", "pyyaml",
+)
+
+
+def get_client() -> MlflowClient:
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def pip_requirements() -> list[str]:
+    """`name==installed version` for every runtime dependency of the pyfunc."""
+    pins = []
+    for dist in REQUIREMENT_DISTRIBUTIONS:
+        try:
+            pins.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            pins.append(dist)
+    return pins
+
+
+def flatten_metrics(nested: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"raw": {"band": {"sad": 1.0}}} -> {"raw.band.sad": 1.0}; non-numbers are left out."""
+    flat: dict[str, float] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def _fusionnet_code_copy(tmp: Path) -> Path:
+    """A copy of the fusionnet package without caches (numba/pyc files are machine-specific)."""
+    import fusionnet
+
+    source = Path(fusionnet.__file__).resolve().parent
+    target = tmp / "fusionnet"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
+    return target
+
+
+def log_matting_model(run_id: str, weights: Path, settings: Mapping[str, Any], name: str = "model"):
+    """Log `weights` (a fusionnet model file) as a pyfunc in run `run_id`; returns MLflow's ModelInfo.
+
+    settings: the pyfunc's inference settings (max_side, precision, refine, radius, eps, device).
+    """
+    import numpy as np
+
+    from pipeline.pyfunc_model import images_frame, model_signature
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no model file to register")
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings_path = Path(tmp) / "settings.json"
+        settings_path.write_text(json.dumps(dict(settings), indent=2, sort_keys=True))
+        code = _fusionnet_code_copy(Path(tmp))
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(PYFUNC_CODE),
+                artifacts={"weights": str(weights), "settings": str(settings_path)},
+                code_paths=[str(code)],
+                signature=model_signature(int(settings["max_side"]), bool(settings["refine"])),
+                input_example=images_frame([np.full((32, 32, 3), 128, np.uint8)]),  # also a serving smoke test
+                pip_requirements=pip_requirements(),
+            )
+
+
+def register_version(
+    client: MlflowClient,
+    model_uri: str,
+    run_id: str,
+    metrics: Mapping[str, float],
+    description: str,
+    tags: Mapping[str, str] | None = None,
+    name: str = MODEL_NAME,
+):
+    """Register `model_uri` under `name`; metrics become tags "metric.<key>". Returns the ModelVersion."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Late Fusion CNN for digital matting (Zhang et al. 2019)")
+    all_tags = {f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}
+    all_tags.update({k: str(v)[:5000] for k, v in (tags or {}).items()})
+    model_version = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=all_tags, description=description[:5000]
+    )
+    return model_version
+
+
+@dataclass
+class Promotion:
+    """What `promote` decided: the alias given to `version` and why."""
+
+    name: str
+    version: str
+    alias: str
+    metric: str
+    value: float
+    champion_version: str | None
+    champion_value: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def beats(value: float, other: float, greater_is_better: bool) -> bool:
+    """Strictly better (a tie is not a win); NaN never wins."""
+    if math.isnan(value):
+        return False
+    return value > other if greater_is_better else value < other
+
+
+def promote(
+    client: MlflowClient,
+    version: str,
+    metric: str,
+    greater_is_better: bool = False,
+    name: str = MODEL_NAME,
+    champion_alias: str = CHAMPION,
+    challenger_alias: str = CHALLENGER,
+) -> Promotion:
+    """Give `version` alias champion if it beats the current champion on `metric`, else challenger.
+
+    Both values are read from the versions' "metric.<metric>" tags (set by register_version).
+    A champion without that tag (registered by other means) counts as beaten.
+    """
+    new = client.get_model_version(name, version)
+    value = float(new.tags.get(f"{METRIC_TAG_PREFIX}{metric}", "nan"))
+    try:
+        champion = client.get_model_version_by_alias(name, champion_alias)
+    except MlflowException:
+        champion = None
+    champion_value: float | None = None
+    if champion is None:
+        alias, reason = champion_alias, "no champion yet"
+    elif str(champion.version) == str(version):
+        alias, reason = champion_alias, "already the champion"
+    else:
+        champion_value = float(champion.tags.get(f"{METRIC_TAG_PREFIX}{metric}", "nan"))
+        direction = "higher" if greater_is_better else "lower"
+        if math.isnan(champion_value):
+            alias, reason = champion_alias, f"champion v{champion.version} has no {metric}"
+        elif beats(value, champion_value, greater_is_better):
+            alias = champion_alias
+            reason = f"{metric} {value:.6g} beats champion v{champion.version}'s {champion_value:.6g} ({direction} is better)"
+        else:
+            alias = challenger_alias
+            reason = (
+                f"{metric} {value:.6g} does not beat champion v{champion.version}'s {champion_value:.6g} "
+                f"({direction} is better)"
+            )
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), "fusionnet.promotion", reason)
+    return Promotion(
+        name=name,
+        version=str(version),
+        alias=alias,
+        metric=metric,
+        value=value,
+        champion_version=None if champion is None else str(champion.version),
+        champion_value=champion_value,
+        reason=reason,
+    )
+
+
+# ----------------------------------------------------------------------------- pulling
+
+
+def weights_file(model_dir: str | os.PathLike) -> Path:
+    """The fusionnet model file inside a downloaded pyfunc model folder (from its MLmodel)."""
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise FileNotFoundError(f"{model_dir}: not an MLflow model folder (no MLmodel file)")
+    spec = yaml.safe_load(mlmodel.read_text())
+    try:
+        relative = spec["flavors"]["python_function"]["artifacts"]["weights"]["path"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{mlmodel}: not a fusionnet matting model (no 'weights' artifact)") from exc
+    return model_dir / relative
+
+
+def download_model(uri: str, dest: str | os.PathLike) -> Path:
+    """Download model `uri` (models:/..., runs:/...) into folder `dest`, atomically; returns dest.
+
+    The files land in a temporary sibling first and are renamed into place when complete; an
+    existing `dest` is replaced. A file `fusionnet-model.json` records the uri it came from.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per file on stderr
+    dest = Path(dest).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        uri_store = tracking_uri()
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(tmp), tracking_uri=uri_store, registry_uri=uri_store
+        )
+        weights_file(tmp)  # fail before the rename when this is not a matting model
+        (tmp / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **describe(uri)}, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """"models:/name@alias" -> (name, None, alias); "models:/name/3" -> (name, "3", None)."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri}: not a models:/ URI")
+    body = uri[len("models:/") :].strip("/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, None, alias.split("/", 1)[0]
+    parts = body.split("/")
+    return parts[0], (parts[1] if len(parts) > 1 else None), None
+
+
+def describe(uri: str) -> dict[str, str]:
+    """Registered name and version behind a models:/name@alias or models:/name/N uri ({} otherwise)."""
+    if not uri.startswith("models:/") or uri.startswith("models:/m-"):
+        return {}
+    name, number, alias = parse_models_uri(uri)
+    client = get_client()
+    if alias is not None:
+        found = client.get_model_version_by_alias(name, alias)
+        return {"name": name, "version": str(found.version), "alias": alias}
+    if number is None:
+        raise ValueError(f"{uri}: give a version or an alias, e.g. models:/{name}@{CHAMPION}")
+    return {"name": name, "version": str(client.get_model_version(name, number).version)}
+
+
+# ----------------------------------------------------------------------------- the pipeline step
+
+
+@contextmanager
+def pipeline_parent(params: Mapping[str, Any], parent_run_id: str | None = None) -> Iterator[str]:
+    """`parent_run_id` as is, else pipeline.tracking.parent_run (found or created; FINISHED or FAILED after)."""
+    if parent_run_id:
+        yield parent_run_id
+        return
+    from pipeline.tracking import parent_run
+
+    with parent_run(params, None) as run_id:
+        yield run_id
+
+
+@dataclass
+class RegisterConfig:
+    """The `register:` section of params.yaml."""
+
+    model_name: str = MODEL_NAME
+    metric: str = "raw.band.sad"
+    greater_is_better: bool = False
+    champion_alias: str = CHAMPION
+    challenger_alias: str = CHALLENGER
+    max_side: int = 320
+    precision: str = "bf16"
+    refine: bool = True
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "RegisterConfig":
+        section = dict(params.get("register") or {})
+        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"params register: unknown keys {unknown}")
+        return cls(**section)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
+    return json.loads(path.read_text())
+
+
+def register_pipeline_model(
+    params: Mapping[str, Any],
+    weights: Path,
+    metrics_dir: Path,
+    reports_dir: Path,
+    out: Path,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Log `weights` as a pyfunc (child run "register"), register it, apply the champion rule.
+
+    Reads metrics_dir/evaluate.json (the compared metric and the version's metric tags),
+    metrics_dir/details.json (the guided filter's radius/eps chosen on validation, the checkpoint
+    provenance) and reports_dir/table.md (the version description). Writes `out` (JSON: name,
+    version, alias, uri, the decision) atomically and returns the same dict.
+    """
+    from pipeline.tracking import get_client as tracking_client
+    from pipeline.tracking import start_step_run
+
+    config = RegisterConfig.from_params(params)
+    evaluation = _read_json(metrics_dir / "evaluate.json")
+    details = _read_json(metrics_dir / "details.json")
+    metrics = flatten_metrics(evaluation)
+    if config.metric not in metrics:
+        raise KeyError(f"params register.metric {config.metric!r} is not in {metrics_dir / 'evaluate.json'}; "
+                       f"choose one of {', '.join(sorted(metrics)[:12])}, ...")
+    table = (reports_dir / "table.md").read_text() if (reports_dir / "table.md").is_file() else ""
+    gf = details.get("guided_filter") or {}
+    settings = {
+        "max_side": config.max_side, "precision": config.precision, "refine": config.refine, "device": "cpu",
+        "radius": int(gf.get("radius", 8)), "eps": float(gf.get("eps", 1e-4)),
+    }
+    import hashlib
+
+    sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    client = tracking_client()
+    registry = get_client()
+    with pipeline_parent(params, parent_run_id) as parent:
+        run_id = start_step_run(client, parent, "register", params, None)
+        try:
+            info = log_matting_model(run_id, Path(weights), settings)
+            version = register_version(
+                registry, info.model_uri, run_id, metrics, table,
+                tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
+                      "fusionnet.settings": json.dumps(settings, sort_keys=True)},
+                name=config.model_name,
+            )
+            decision = promote(registry, str(version.version), config.metric, config.greater_is_better,
+                               config.model_name, config.champion_alias, config.challenger_alias)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+    result = {
+        **decision.to_dict(),
+        "uri": f"models:/{config.model_name}/{decision.version}",
+        "alias_uri": f"models:/{config.model_name}@{decision.alias}",
+        "run_id": run_id,
+        "checkpoint": str(weights),
+        "sha256": sha,
+        "settings": settings,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, out)
+    return result

@@ -1,0 +1,50 @@
+"""DVC stage `evaluate`: the three training steps' checkpoints -> the paper's Tables 1/2 rows, claims, pictures.
+
+Reads params `evaluate`; writes metrics/{evaluate,claims,photos,details}.json, reports/table.md,
+reports/per_image*.csv and reports/pictures/, and logs them to MLflow as child run "evaluate"
+of the pipeline's parent run (pipeline.evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pipeline  # noqa: F401  (offline switches first)
+from pipeline.evaluation import load_params, log_evaluation, run_evaluation
+from pipeline.registry import pipeline_parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--segmentation", type=Path, default=Path("models/segmentation/model.safetensors"))
+    parser.add_argument("--fusion", type=Path, default=Path("models/fusion/model.safetensors"))
+    parser.add_argument("--joint", type=Path, default=Path("models/joint/model.safetensors"))
+    parser.add_argument("--composites", type=Path, default=Path("data/composites"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    checkpoints = {"segmentation": args.segmentation, "fusion": args.fusion, "joint": args.joint}
+    base_dir = args.params.resolve().parent  # a relative photos root is relative to params.yaml
+    if args.no_mlflow:
+        record = run_evaluation(params, checkpoints, args.composites, args.metrics, args.reports, base_dir)
+    else:
+        with pipeline_parent(params) as parent:  # a failed evaluation marks the pipeline run FAILED
+            record = run_evaluation(params, checkpoints, args.composites, args.metrics, args.reports, base_dir)
+            run_id = log_evaluation(record, params, parent)
+        print(f"evaluate: logged MLflow run {run_id} (parent {parent})", file=sys.stderr)
+    for note in record["notes"]:
+        print(f"evaluate: note: {note}", file=sys.stderr)
+    print(json.dumps(record["details"]["seconds"]))
+    print((args.reports / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""DVC stage `register`: the joint model -> MLflow pyfunc `late-fusion-matting`, champion or challenger.
+
+Reads params `register` (and the evaluation's metrics/ and reports/table.md); writes
+models/registered.json (name, version, alias, uri, the decision and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pipeline  # noqa: F401  (offline switches first)
+from pipeline.evaluation import load_params
+from pipeline.registry import register_pipeline_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", type=Path, default=Path("models/joint/model.safetensors"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--out", type=Path, default=Path("models/registered.json"))
+    args = parser.parse_args(argv)
+
+    result = register_pipeline_model(load_params(args.params), args.model, args.metrics, args.reports, args.out)
+    print(json.dumps(result, indent=2))
+    print(f"register: {result['name']} v{result['version']} -> @{result['alias']}: {result['reason']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

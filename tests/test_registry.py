@@ -1,0 +1,299 @@
+"""MLflow registry: pyfunc logging, champion/challenger rule, pull, and `fusionnet matte --model models:/...`.
+
+Everything runs against a real MLflow SQLite store in a temporary folder (never the project's).
+`registry_env` and `register` are reused by tests/test_serving.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_evaluate import make_checkpoints
+
+MODEL = "late-fusion-matting"
+
+
+@contextmanager
+def registry_env(root: Path):
+    """MLFLOW_TRACKING_URI -> a SQLite store under `root`; experiment artifacts under `root` too."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("FUSIONNET_MLFLOW_EXPERIMENT", "fusionnet-test")
+        mp.setenv("FUSIONNET_MODEL_CACHE", str(root / "cache"))
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name in ("FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "MLFLOW_RUN_ID"):
+            mp.delenv(name, raising=False)
+        mp.chdir(root)  # anything MLflow puts relative to the working directory stays in root
+        MlflowClient(uri).create_experiment("fusionnet-test", artifact_location=(root / "artifacts").as_uri())
+        yield uri
+
+
+def write_evaluation(folder: Path, sad: float, radius: int = 2, eps: float = 1e-2) -> tuple[Path, Path]:
+    """The evaluate stage's outputs that register reads, with a chosen raw.band.sad."""
+    metrics, reports = folder / "metrics", folder / "reports"
+    metrics.mkdir(parents=True, exist_ok=True)
+    reports.mkdir(parents=True, exist_ok=True)
+    (metrics / "evaluate.json").write_text(json.dumps({"raw": {"band": {"sad": sad, "mse": 0.1}, "full": {"sad": 2 * sad}}}))
+    (metrics / "details.json").write_text(json.dumps({"guided_filter": {"radius": radius, "eps": eps}}))
+    (reports / "table.md").write_text(f"| Method | SAD-25 |\n|---|---:|\n| Ours-raw | {sad} |\n")
+    return metrics, reports
+
+
+def register(root: Path, weights: Path, sad: float, tag: str, **register_params) -> dict:
+    from pipeline.registry import register_pipeline_model
+
+    metrics, reports = write_evaluation(root / tag, sad)
+    params = {"register": {"max_side": 64, "precision": "fp32", **register_params}}
+    return register_pipeline_model(params, weights, metrics, reports, root / tag / "registered.json")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A store with one registered tiny model (v1, champion) and its weights file."""
+    root = tmp_path_factory.mktemp("registry")
+    weights = make_checkpoints(root / "models")["joint"]
+    with registry_env(root) as uri:
+        result = register(root, weights, sad=1.0, tag="v1")
+        yield {"root": root, "uri": uri, "weights": weights, "first": result}
+
+
+def image_file(path: Path, seed: int = 0, size=(40, 56)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- champion / challenger
+
+
+@pytest.mark.slow
+def test_champion_moves_only_when_beaten(registry):
+    from pipeline.registry import get_client
+
+    root, weights = registry["root"], registry["weights"]
+    first = registry["first"]
+    assert (first["version"], first["alias"], first["reason"]) == ("1", "champion", "no champion yet")
+    worse = register(root, weights, sad=2.0, tag="v2")
+    assert (worse["alias"], worse["champion_version"]) == ("challenger", "1")
+    assert "does not beat" in worse["reason"]
+    better = register(root, weights, sad=0.5, tag="v3")
+    assert (better["alias"], better["champion_version"], better["champion_value"]) == ("champion", "1", 1.0)
+    tie = register(root, weights, sad=0.5, tag="v4")
+    assert tie["alias"] == "challenger"  # a tie is not a win
+
+    client = get_client()
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "4"
+    version = client.get_model_version(MODEL, "3")
+    assert float(version.tags["metric.raw.band.sad"]) == 0.5
+    assert version.tags["fusionnet.checkpoint.sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert "Ours-raw" in version.description
+    assert json.loads((root / "v3" / "registered.json").read_text())["alias_uri"] == f"models:/{MODEL}@champion"
+
+
+@pytest.mark.slow
+def test_greater_is_better_and_missing_metric(registry):
+    from pipeline.registry import get_client, promote, register_version
+
+    client = get_client()
+    source = client.get_model_version(MODEL, "1").source
+    name = "promote-rule"
+    versions = [register_version(client, source, None, {"score": v}, "", name=name).version for v in (0.5, 0.7, 0.6)]
+    decisions = [promote(client, v, "score", greater_is_better=True, name=name) for v in versions]
+    assert [d.alias for d in decisions] == ["champion", "champion", "challenger"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(versions[1])
+    no_metric = register_version(client, source, None, {"other": 1.0}, "", name=name).version
+    assert promote(client, no_metric, "score", greater_is_better=True, name=name).alias == "challenger"  # NaN never wins
+
+    from pipeline.registry import register_pipeline_model
+
+    metrics, reports = write_evaluation(registry["root"] / "bad-metric", 1.0)
+    with pytest.raises(KeyError, match="raw.band.nope"):
+        register_pipeline_model({"register": {"metric": "raw.band.nope"}}, registry["weights"], metrics, reports,
+                                registry["root"] / "x.json")
+
+
+# ----------------------------------------------------------------------------- use
+
+
+@pytest.mark.slow
+def test_pull_downloads_the_champion(registry, tmp_path):
+    # the real console command, found through the installed fusionnet.model_pullers entry point
+    cli = Path(sys.executable).with_name("fusionnet")
+    done = subprocess.run([str(cli), "pull", "--out", str(tmp_path / "pulled")], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    missing = subprocess.run([str(cli), "pull", f"models:/{MODEL}@nope", "--out", str(tmp_path / "nope")],
+                             capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert missing.returncode == 2 and "nope" in missing.stderr and not (tmp_path / "nope").exists()
+    folder = tmp_path / "pulled"
+    info = json.loads((folder / "fusionnet-model.json").read_text())
+    champion = info["version"]
+    assert info["alias"] == "champion" and info["name"] == MODEL
+    from pipeline.registry import get_client, weights_file
+
+    expected_sha = get_client().get_model_version(MODEL, champion).tags["fusionnet.checkpoint.sha256"]
+    assert hashlib.sha256(weights_file(folder).read_bytes()).hexdigest() == expected_sha
+    assert (folder / "MLmodel").is_file() and (folder / "code" / "fusionnet" / "infer.py").is_file()
+    requirements = (folder / "requirements.txt").read_text()
+    assert "torch==" in requirements and "mlflow==" in requirements  # pinned, nothing to resolve
+
+
+@pytest.mark.slow
+def test_pyfunc_predicts_alpha_and_rejects_bad_images(registry):
+    import mlflow
+
+    from fusionnet.infer import Matter, load_model
+    from pipeline.pyfunc_model import decode_png, images_frame
+    from pipeline.registry import weights_file
+
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (37, 51, 3), dtype=np.uint8)
+    out = model.predict(images_frame([image]), params={"max_side": 64})
+    assert list(out.columns) == ["alpha", "height", "width"]
+    assert (out.loc[0, "height"], out.loc[0, "width"]) == (37, 51)
+    alpha = decode_png(out.loc[0, "alpha"])
+    settings = registry["first"]["settings"]
+    weights = weights_file(Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion")))
+    matter = Matter(load_model(weights), device="cpu", precision="fp32", max_side=64, refine=True,
+                    radius=settings["radius"], eps=settings["eps"])
+    reference = np.round(matter(image).alpha * 255) / 255
+    assert alpha.shape == (37, 51)
+    assert np.abs(alpha - reference).max() <= 1 / 255 + 1e-6
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="row 1: not an image"):
+        model.predict(images_frame([image, b"definitely not a PNG"]))
+
+
+@pytest.mark.slow
+def test_fusionnet_matte_with_a_registry_uri(registry, tmp_path):
+    """The resolver plugin, found through its installed entry point, lets `fusionnet matte` take models:/ URIs."""
+    from fusionnet.infer import Matter, load_model
+    from pipeline.registry import get_client
+
+    source = image_file(tmp_path / "photo.png")
+    env = os.environ.copy()
+    cmd = [sys.executable, "-m", "fusionnet.cli", "matte", str(source), "--model", f"models:/{MODEL}@champion",
+           "--out", str(tmp_path / "out"), "--max-side", "64", "--device", "cpu", "--no-refine"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    alpha = np.asarray(Image.open(tmp_path / "out" / "photo_alpha.png"), np.float32) / 255
+    # the same weights as the champion, run directly
+    champion = get_client().get_model_version_by_alias(MODEL, "champion")
+    cache = Path(os.environ["FUSIONNET_MODEL_CACHE"])
+    (weights,) = [p for p in cache.rglob("*.safetensors")
+                  if hashlib.sha256(p.read_bytes()).hexdigest() == champion.tags["fusionnet.checkpoint.sha256"]][:1]
+    image = np.asarray(Image.open(source).convert("RGB"))
+    reference = Matter(load_model(weights), device="cpu", max_side=64, refine=False)(image).alpha
+    assert np.abs(alpha - reference).max() <= 1 / 255 + 1e-6
+
+    # an alias nobody set: a clear usage error (exit 2), not a traceback
+    cmd[cmd.index(f"models:/{MODEL}@champion")] = f"models:/{MODEL}@nobody"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "models:/late-fusion-matting@nobody" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- the pipeline steps
+
+
+def tiny_project(root: Path) -> Path:
+    """A project folder with params.yaml, data/composites and models/<step>/model.safetensors."""
+    import yaml
+
+    from tests.test_evaluate import TINY_PARAMS, make_composites
+
+    make_composites(root / "data" / "composites")
+    make_checkpoints(root / "models")
+    params = {**TINY_PARAMS, "register": {"max_side": 64, "precision": "fp32"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def runs_by_name(client, experiment: str = "fusionnet-test") -> dict:
+    exp = client.get_experiment_by_name(experiment)
+    return {run.info.run_name: run for run in client.search_runs([exp.experiment_id])}
+
+
+@pytest.mark.slow
+def test_dvc_stages_log_evaluate_and_register_under_one_parent(tmp_path):
+    """`python stages/evaluate.py` then `python stages/register.py`, as one `dvc repro` runs them."""
+    from pipeline.registry import get_client
+
+    project = tiny_project(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    with registry_env(tmp_path):
+        env = {**os.environ, "FUSIONNET_PIPELINE_RUN": "repro-1"}
+        for script in ("evaluate", "register"):
+            done = subprocess.run([sys.executable, str(repo / "stages" / f"{script}.py"), "--params", "params.yaml",
+                                   *(["--composites", "data/composites"] if script == "evaluate" else [])],
+                                  cwd=project, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        client = get_client()
+        runs = runs_by_name(client)
+        evaluate, register_run = runs["evaluate"], runs["register"]
+        parent = evaluate.data.tags["mlflow.parentRunId"]
+        assert register_run.data.tags["mlflow.parentRunId"] == parent
+        assert client.get_run(parent).info.status == "FINISHED"
+        table = json.loads((project / "metrics" / "evaluate.json").read_text())
+        assert evaluate.data.metrics["raw.band.sad"] == pytest.approx(table["raw"]["band"]["sad"])
+        assert "claims.composites.joint.bracketing_ratio" in evaluate.data.metrics
+        artifacts = {a.path for folder in ("evaluation", "pictures") for a in client.list_artifacts(evaluate.info.run_id, folder)}
+        assert "evaluation/table.md" in artifacts and any(p.startswith("pictures/worst_1_") for p in artifacts)
+        registered = json.loads((project / "models" / "registered.json").read_text())
+        assert registered["alias"] == "champion" and registered["value"] == pytest.approx(table["raw"]["band"]["sad"])
+        # the served settings carry the guided filter chosen on validation
+        details = json.loads((project / "metrics" / "details.json").read_text())
+        assert registered["settings"]["radius"] == details["guided_filter"]["radius"]
+
+
+@pytest.mark.slow
+def test_prefect_hook_evaluates_and_registers_as_tasks(tmp_path):
+    """pipeline.flows.train's `evaluate` hook, inside a Prefect flow on a temporary local server."""
+    project = tiny_project(tmp_path)
+    script = f"""
+import json
+from pathlib import Path
+from prefect import flow
+from pipeline.evaluation import evaluate_hook
+from pipeline.tracking import parent_run
+
+@flow(name="hook-test")
+def run():
+    with parent_run({{}}, None) as parent:
+        return evaluate_hook(model_path=Path("{project}/models/joint/model.safetensors"), parent_run_id=parent,
+                             params_path="params.yaml", project_dir=Path("{project}"))
+
+print(json.dumps(run()["registration"]))
+"""
+    with registry_env(tmp_path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        registration = json.loads(done.stdout.strip().splitlines()[-1])
+        assert registration["alias"] == "champion"
+        # both ran as Prefect tasks of the flow run
+        assert re.search(r"Task run 'evaluate-\w+' - Finished in state Completed", done.stderr)
+        assert re.search(r"Task run 'register-\w+' - Finished in state Completed", done.stderr)
+        from pipeline.registry import get_client
+
+        runs = runs_by_name(get_client())
+        assert runs["evaluate"].data.tags["mlflow.parentRunId"] == runs["register"].data.tags["mlflow.parentRunId"]
+        assert (project / "metrics" / "evaluate.json").is_file() and (project / "reports" / "table.md").is_file()
