@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as nnf
@@ -56,6 +56,16 @@ class MattingOutput:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Segmentation(NamedTuple):
+    """The two decoders' side-output logits at input size and their last 128-ch features."""
+
+    fg_side_logits: tuple[Tensor, ...]
+    bg_side_logits: tuple[Tensor, ...]
+    fg_feature: Tensor
+    bg_feature: Tensor
+    normalized_image: Tensor
 
 
 def blend(blend_weight: Tensor, fg_prob: Tensor, bg_prob: Tensor) -> Tensor:
@@ -266,18 +276,28 @@ class LateFusionNet(nn.Module):
                     f"{lo} and {hi} (pad, e.g. with fusionnet.infer.pad_to_multiple, or resize)"
                 )
 
-    def forward(self, image: Tensor) -> MattingOutput:
+    def segment(self, image: Tensor) -> "Segmentation":
+        """Encoder + both decoders (no fusion): what the segmentation step trains (paper Sec. 3.4)."""
         self.check_input(image)
         size = image.shape[-2:]
         x = (image - self.input_mean) * self.input_scale
         feats = self.encoder(x)
         fg_logits, fg_feature = self.fg_decoder(feats)
         bg_logits, bg_feature = self.bg_decoder(feats)
-        fg_side_logits = tuple(_upsample_to(logit, size) for logit in fg_logits)
-        bg_side_logits = tuple(_upsample_to(logit, size) for logit in bg_logits)
+        return Segmentation(
+            fg_side_logits=tuple(_upsample_to(logit, size) for logit in fg_logits),
+            bg_side_logits=tuple(_upsample_to(logit, size) for logit in bg_logits),
+            fg_feature=fg_feature,
+            bg_feature=bg_feature,
+            normalized_image=x,
+        )
+
+    def forward(self, image: Tensor) -> MattingOutput:
+        seg = self.segment(image)
+        fg_side_logits, bg_side_logits = seg.fg_side_logits, seg.bg_side_logits
         fg_sides = tuple(torch.sigmoid(logit) for logit in fg_side_logits)
         bg_sides = tuple(torch.sigmoid(logit) for logit in bg_side_logits)
-        blend_weight = self.fusion(fg_feature, bg_feature, x)
+        blend_weight = self.fusion(seg.fg_feature, seg.bg_feature, seg.normalized_image)
         fg_prob, bg_prob = fg_sides[-1], bg_sides[-1]
         return MattingOutput(
             alpha=blend(blend_weight, fg_prob, bg_prob),

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from fusionnet.losses import fusion_loss, joint_loss, segmentation_step_loss
@@ -36,7 +35,7 @@ class SideOutputs(NamedTuple):
 class SegmentationNet(nn.Module):
     """Encoder + both decoders of a LateFusionNet (shared weights), without the fusion network.
 
-    Mirrors `LateFusionNet.forward` up to the side outputs; tests check it against the full forward.
+    `LateFusionNet.segment` plus the sigmoids; tests check it against the full forward.
     A module (not a function) so DistributedDataParallel can wrap it.
     """
 
@@ -45,27 +44,13 @@ class SegmentationNet(nn.Module):
         self.net = net
 
     def forward(self, image: Tensor) -> SideOutputs:
-        net = self.net
-        net.check_input(image)
-        size = tuple(image.shape[-2:])
-        x = (image - net.input_mean) * net.input_scale
-        feats = net.encoder(x)
-        fg_logits, _ = net.fg_decoder(feats)
-        bg_logits, _ = net.bg_decoder(feats)
-        fg_side_logits = tuple(_upsample(logit, size) for logit in fg_logits)
-        bg_side_logits = tuple(_upsample(logit, size) for logit in bg_logits)
+        seg = self.net.segment(image)
         return SideOutputs(
-            tuple(torch.sigmoid(t) for t in fg_side_logits),
-            tuple(torch.sigmoid(t) for t in bg_side_logits),
-            fg_side_logits,
-            bg_side_logits,
+            tuple(torch.sigmoid(t) for t in seg.fg_side_logits),
+            tuple(torch.sigmoid(t) for t in seg.bg_side_logits),
+            seg.fg_side_logits,
+            seg.bg_side_logits,
         )
-
-
-def _upsample(x: Tensor, size: tuple[int, ...]) -> Tensor:
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return nnf.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def step_module(model: LateFusionNet, step: str) -> nn.Module:
