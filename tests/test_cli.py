@@ -371,19 +371,21 @@ def test_fp16_on_cpu_missing_gpu_and_bad_background_are_usage_errors(checkpoint,
 
 
 def test_model_uri_through_resolver_plugin(checkpoint, tmp_path, good):
+    """A distribution on PYTHONPATH registers a resolver for its own URI scheme (the project's own
+    `models:` resolver may be installed too, so this test uses a scheme nobody else claims)."""
     site = tmp_path / "site"
     dist = site / "fusionnet_test_registry-1.0.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fusionnet-test-registry\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[fusionnet.model_resolvers]\nmodels = fusionnet_test_registry:resolve\n")
+    (dist / "entry_points.txt").write_text("[fusionnet.model_resolvers]\ntestreg = fusionnet_test_registry:resolve\n")
     (site / "fusionnet_test_registry.py").write_text(
-        f"def resolve(spec):\n    assert spec == 'models:/matting@champion', spec\n    return {str(checkpoint)!r}\n"
+        f"def resolve(spec):\n    assert spec == 'testreg:/matting@champion', spec\n    return {str(checkpoint)!r}\n"
     )
     env = cli_env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "out"
-    result = run_cli("matte", good, "--model", "models:/matting@champion", "--out", out, env=env)
+    result = run_cli("matte", good, "--model", "testreg:/matting@champion", "--out", out, env=env)
     assert result.returncode == 0, result.stderr
     assert files_in(out) == ["good_alpha.png"]
-    without_plugin = run_cli("matte", good, "--model", "models:/matting@champion", "--out", out)
+    without_plugin = run_cli("matte", good, "--model", "testreg:/matting@champion", "--out", out)
     assert without_plugin.returncode == 2
-    assert "no resolver for 'models:' model URIs is installed" in without_plugin.stderr
+    assert "no resolver for 'testreg:' model URIs is installed" in without_plugin.stderr

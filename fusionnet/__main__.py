@@ -1,0 +1,5 @@
+"""`python -m fusionnet` is the `fusionnet` command."""
+
+from fusionnet.cli import main
+
+raise SystemExit(main())
