@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.tracking import MlflowTrainLogger
 
         logger = MlflowTrainLogger(args.mlflow_run_id)
+    if is_rank0:
+        logger = ProgressLogger(args.step, logger)
     try:
         result = run_step(args.step, cfg, args.shards, args.out, init_checkpoint=args.init, logger=logger, resume=True)
     finally:
@@ -55,6 +57,34 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(_jsonable(result), indent=1))
         os.replace(tmp, args.result)
     return 0
+
+
+class ProgressLogger:
+    """Forwards to `inner` (MLflow) and prints a line every `every` iterations and per epoch,
+    so a person watching `dvc repro` sees the step move."""
+
+    def __init__(self, step: str, inner=None, every: int = 10):
+        self.step, self.inner, self.every = step, inner, every
+
+    def log_params(self, params: dict) -> None:
+        if self.inner is not None:
+            self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.inner is not None:
+            self.inner.log_metrics(metrics, step)
+        per_epoch = any(k.startswith("val") for k in metrics)
+        if per_epoch or step % self.every == 0:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"[{self.step}] {'epoch' if per_epoch else 'iter'} {step}: {text}", flush=True)
+
+    def log_image(self, png_path: Path, artifact_name: str) -> None:
+        if self.inner is not None:
+            self.inner.log_image(png_path, artifact_name)
+
+    def flush(self) -> None:
+        if self.inner is not None and hasattr(self.inner, "flush"):
+            self.inner.flush()
 
 
 if __name__ == "__main__":
