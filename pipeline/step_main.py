@@ -76,7 +76,7 @@ class ProgressLogger:
         per_epoch = any(k.startswith("val") for k in metrics)
         if per_epoch or step % self.every == 0:
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"[{self.step}] {'epoch' if per_epoch else 'iter'} {step}: {text}", flush=True)
+            print(f"[{self.step}] {'validation' if per_epoch else 'iteration'} @ iteration {step}: {text}", flush=True)
 
     def log_image(self, png_path: Path, artifact_name: str) -> None:
         if self.inner is not None:
