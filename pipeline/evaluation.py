@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.provenance import load_params
+
 from fusionnet import report
 from fusionnet.evaluate import (
     ROW_BY_NAME,
@@ -311,15 +313,6 @@ def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run_id
-
-
-def load_params(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
-    params = yaml.safe_load(Path(path).read_text())
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: params must be a mapping")
-    return params
 
 
 def checkpoints_beside(model_path: Path) -> dict[str, Path]:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline.provenance import load_params
 from pipeline.tracking import failed_status, get_client, parent_run, start_step_run
 
 STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here
@@ -35,16 +35,6 @@ NPROC_ENV = "FUSIONNET_NPROC_PER_NODE"
 
 class StepCrashed(RuntimeError):
     """A training step's process exited with a non-zero code (or was killed by a signal)."""
-
-
-def load_params(params_path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(params_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: params file not found")
-    params = yaml.safe_load(path.read_text())
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    return params
 
 
 def processes_per_node(explicit: int | None = None) -> int:

@@ -149,3 +149,14 @@ def pipeline_run_key(environ: Mapping[str, str] | None = None) -> str | None:
     if env.get("DVC_STAGE"):
         return _dvc_process_identity()
     return None
+
+
+def load_params(params_path: str | os.PathLike) -> dict[str, Any]:
+    """params.yaml as a dict; the one reader the flows and the evaluation/register stages share."""
+    path = Path(params_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: params file not found")
+    params = yaml.safe_load(path.read_text())
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return params

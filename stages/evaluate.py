@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (offline switches first)
-from pipeline.evaluation import load_params, log_evaluation, run_evaluation
+from pipeline.evaluation import log_evaluation, run_evaluation
+from pipeline.provenance import load_params
 from pipeline.registry import pipeline_parent
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (offline switches first)
-from pipeline.evaluation import load_params
+from pipeline.provenance import load_params
 from pipeline.registry import register_pipeline_model
 
 
