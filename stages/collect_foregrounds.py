@@ -1,7 +1,8 @@
 """Stage collect_foregrounds: validate and normalise every foreground into data/foregrounds/.
 
-Reads params: seed, foregrounds.*, composite.max_side (foregrounds are downscaled once, here, so that
-the folder source's foreground estimation runs at composite resolution).
+Reads params: seed, foregrounds.* (nothing else). Foregrounds are stored at their source size, so the
+composite stage can composite at full size and downscale image and alpha together; the optional
+foregrounds.max_side (default null = no cap) only caps enormous files, before F estimation.
 Usage: python stages/collect_foregrounds.py --params params.yaml --out data/foregrounds
 """
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     params = yaml.safe_load(args.params.read_text())
     section = params["foregrounds"]
-    config = CollectConfig(seed=int(params.get("seed", 0)), max_side=params["composite"].get("max_side"),
+    cap = section.get("max_side")
+    config = CollectConfig(seed=int(params.get("seed", 0)), max_side=None if cap is None else int(cap),
                            on_invalid=section.get("on_invalid", "exclude"),
                            val_fraction=float(section.get("val_fraction", 0.15)),
                            test_fraction=float(section.get("test_fraction", 0.2)),

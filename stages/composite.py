@@ -1,6 +1,8 @@
 """Stage composite: composite every foreground over backgrounds into data/composites/ (DIM recipe).
 
-Reads params: seed, composite.* ; input data/foregrounds (from collect_foregrounds).
+Reads params: seed, composite.* (nothing else); input data/foregrounds (from collect_foregrounds, whose
+manifest carries each DIM foreground's position in its name list, for DIM's background pairing).
+Composites at the foreground's stored size, then downscales image and alpha together to composite.max_side.
 Writes train/ and test/ (image, alpha, trimap PNGs), manifest.parquet and contact_sheet.png.
 Usage: python stages/composite.py --params params.yaml --foregrounds data/foregrounds --out data/composites
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from fusionnet.data.backgrounds import backgrounds_from_params
+from fusionnet.data.backgrounds import background_lists_from_params, backgrounds_from_params
 from fusionnet.data.collect import read_manifest
 from fusionnet.data.composite import CompositeConfig, build_composites
 
@@ -36,11 +38,23 @@ def main(argv: list[str] | None = None) -> int:
                              max_side=section.get("max_side"), workers=args.workers)
     foregrounds = read_manifest(args.foregrounds)
     backgrounds, test_backgrounds = backgrounds_from_params(section, seed, args.params.resolve().parent)
-    rows, pools = build_composites(foregrounds, args.foregrounds, backgrounds, test_backgrounds, args.out, config)
+    listed = background_lists_from_params(section, args.params.resolve().parent)
+    try:
+        rows, pools = build_composites(foregrounds, args.foregrounds, backgrounds, test_backgrounds, args.out, config,
+                                       listed)
+    except ValueError as err:  # bad pairing input or a bad file: the message names it
+        print(f"composite: error: {err}", file=sys.stderr)
+        return 1
     if not pools.disjoint:
-        print(f"composite: warning: only {len(backgrounds)} backgrounds, fewer than bg_per_fg + bg_per_test_fg = "
-              f"{config.bg_per_fg + config.bg_per_test_fg}: test backgrounds overlap train backgrounds",
+        print(f"composite: warning: some test composites use backgrounds that train/val composites also use "
+              f"({len(backgrounds)} backgrounds for bg_per_fg + bg_per_test_fg = "
+              f"{config.bg_per_fg + config.bg_per_test_fg}, or train and test name lists that overlap)",
               file=sys.stderr)
+    paired = [group for group in ("train", "test") if group in listed
+              and any(r["source"] == "dim" and (r["split"] == "test") == (group == "test") for r in foregrounds)]
+    if paired:
+        print(f"composite: DIM pairing (foreground i of its name list -> list entries i*n..i*n+n-1) for "
+              f"{' and '.join(paired)} from {', '.join(str(listed[g].path) for g in paired)}")
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     print(f"composite: {len(rows)} composites (train {counts['train']}, val {counts['val']}, test {counts['test']}) "
           f"from {len(foregrounds)} foregrounds; background pools train {len(pools.train)}, test {len(pools.test)} "

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from fusionnet.data.backgrounds import Background, backgrounds_from_params, builtin_background
-from fusionnet.data.composite import (assign_backgrounds, composite_image, fit_background, fitted_background_size,
+from fusionnet.data.backgrounds import Background, backgrounds_from_params, builtin_background, folder_backgrounds
+from fusionnet.data.composite import (CompositeConfig, assign_backgrounds, build_composites, composite_downscaled,
+                                      composite_image, downscale_alpha, fit_background, fitted_background_size,
                                       split_background_pools)
 from fusionnet.data.imagefiles import read_alpha, read_rgb
 from fusionnet.data.trimap import band_trimap
@@ -81,6 +82,82 @@ def test_composite_matches_the_formula() -> None:
 def test_composite_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="shapes differ"):
         composite_image(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.uint8), np.zeros((4, 4, 3), np.uint8))
+
+
+# --- size: composite at the foreground's full size, then shrink image and alpha with one filter
+def _edge_foreground() -> tuple[np.ndarray, np.ndarray]:
+    """60x90 foreground: a red disk with a soft rim and thin strands; F is junk blue where alpha = 0
+    (as in real DIM foregrounds, whose colours outside the matte are arbitrary)."""
+    yy, xx = np.mgrid[0:60, 0:90].astype(np.float64)
+    radius = np.hypot(yy - 30, xx - 40)
+    alpha = np.clip((24 - radius) / 3.0, 0, 1)               # 3 px soft rim
+    alpha[5:55, 70:72] = 0.6                                 # a semi-transparent strand
+    alpha[20:40, 80] = 0.3                                   # a sub-pixel wisp
+    alpha = np.rint(alpha * 255).astype(np.uint8)
+    fg = np.where((alpha > 0)[..., None], np.array([220, 40, 30]), np.array([0, 0, 255])).astype(np.uint8)
+    fg[..., 1] += (yy.astype(np.uint8) * 2)  # some texture inside the object
+    return fg, alpha
+
+
+def _shrink(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """PIL antialiased bilinear on float32, channel by channel: the filter the issue asks for, written out."""
+    def one(channel: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(channel.astype(np.float32)).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+    return one(values) if values.ndim == 2 else np.stack([one(values[..., c]) for c in range(values.shape[2])], -1)
+
+
+def _build_one(tmp: Path, fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray, max_side: int) -> tuple[dict, Path]:
+    """Run build_composites on one train foreground over one folder background; returns (row, out dir)."""
+    for kind, array in (("fg", fg), ("alpha", alpha)):
+        (tmp / "fgs" / kind).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(tmp / "fgs" / kind / "obj.png")
+    (tmp / "bgs").mkdir(exist_ok=True)
+    Image.fromarray(bg).save(tmp / "bgs" / "bg.png")
+    row = {"id": "obj", "split": "train", "source": "dim", "list_index": None, "fg_path": "fg/obj.png",
+           "alpha_path": "alpha/obj.png"}
+    config = CompositeConfig(bg_per_fg=1, bg_per_test_fg=1, band_radius=3, max_side=max_side, workers=1)
+    rows, _ = build_composites([row], tmp / "fgs", folder_backgrounds(tmp / "bgs"), None, tmp / "out", config)
+    assert len(rows) == 1
+    return rows[0], tmp / "out"
+
+
+def test_stored_composite_is_the_full_size_composite_shrunk_with_the_alpha_filter(tmp_path: Path) -> None:
+    fg, alpha = _edge_foreground()
+    bg = _pattern(40, 50) * np.uint8(3)  # smaller than the fg: DIM fit upscales it (ratio 1.8) at full size
+    row, out = _build_one(tmp_path, fg, alpha, bg, max_side=45)
+    image, stored_alpha = read_rgb(out / row["image_path"]), read_alpha(out / row["alpha_path"])
+    assert image.shape == (30, 45, 3) and stored_alpha.shape == (30, 45) and (row["height"], row["width"]) == (30, 45)
+    # expected, written out: fit B at 60x90 (bicubic to 72x90, top-left crop), I in float, shrink I and alpha alike
+    fitted = np.asarray(Image.fromarray(bg).resize((90, 72), Image.Resampling.BICUBIC))[:60, :90]
+    a = alpha[..., None] / 255.0
+    full = a * fg + (1 - a) * fitted
+    expected = np.clip(np.rint(_shrink(full, (30, 45))), 0, 255)
+    expected_alpha = np.clip(np.rint(_shrink(alpha.astype(np.float64), (30, 45))), 0, 255)
+    assert np.abs(image.astype(int) - expected).max() <= 1  # rounding only
+    assert np.abs(stored_alpha.astype(int) - expected_alpha).max() <= 1
+    np.testing.assert_array_equal(read_alpha(out / row["trimap_path"]), band_trimap(stored_alpha, 3))
+
+
+def test_shrinking_f_and_alpha_before_compositing_differs_at_the_edges(tmp_path: Path) -> None:
+    fg, alpha = _edge_foreground()
+    bg = np.full((60, 90, 3), (20, 200, 60), np.uint8)  # flat: any difference comes from F and alpha, not from B
+    row, out = _build_one(tmp_path, fg, alpha, bg, max_side=45)
+    image = read_rgb(out / row["image_path"]).astype(int)
+    # the old recipe: F shrunk with Lanczos, alpha with bilinear, then composited at 30x45
+    small_fg = np.asarray(Image.fromarray(fg).resize((45, 30), Image.Resampling.LANCZOS))
+    small_alpha = np.asarray(Image.fromarray(alpha).resize((45, 30), Image.Resampling.BILINEAR))
+    old = composite_image(small_fg, small_alpha, bg[:30, :45]).astype(int)
+    stored_alpha = read_alpha(out / row["alpha_path"])
+    edge = (stored_alpha > 0) & (stored_alpha < 255)
+    error = np.abs(image - old).max(axis=2)
+    assert edge.sum() > 20
+    assert error[edge].max() >= 20 and error[edge].mean() > 5  # junk F colour bleeds in; rounding alone gives <= 1
+    inner = np.zeros_like(edge)
+    inner[10:20, 15:25] = True  # inside the opaque disk (centre (15, 20), radius 12 at 30x45), away from its rim
+    assert (stored_alpha[inner] == 255).all() and error[inner].max() <= 1
+    far = np.zeros_like(edge)
+    far[:, 43:] = True  # right of every strand: pure background
+    assert (stored_alpha[far] == 0).all() and error[far].max() == 0
 
 
 # --- trimap: unknown = transition (0 < alpha < 1) dilated by a disk of band_radius
@@ -174,7 +251,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
               "foregrounds": {"source": "synthetic", "on_invalid": "exclude", "val_fraction": 0.2,
                               "test_fraction": 0.25, "synthetic": {"count": 8, "size": [64, 80]}},
               "composite": {"backgrounds": {"source": "builtin", "count": 10}, "bg_per_fg": 2, "bg_per_test_fg": 2,
-                            "band_radius": 5, "max_side": 640}}
+                            "band_radius": 5, "max_side": 40}}  # 64x80 foregrounds: composites shrink to 32x40
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     p = str(tmp / "params.yaml")
     _stage("collect_foregrounds.py", "--params", p, "--out", str(tmp / "foregrounds"))
@@ -188,7 +265,7 @@ def test_collect_stage_outputs(built: tuple[Path, dict]) -> None:
     tmp, _ = built
     table = pq.read_table(tmp / "foregrounds" / "manifest.parquet")
     assert table.column_names == ["id", "split", "source", "width", "height", "transition_fraction", "fg_path",
-                                  "alpha_path"]
+                                  "alpha_path", "list_index"]
     rows = table.to_pylist()
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
     assert {r["split"] for r in rows} == {"train", "val", "test"}
@@ -199,7 +276,7 @@ def test_collect_stage_outputs(built: tuple[Path, dict]) -> None:
                                                                                                  row["height"])
         values = np.asarray(alpha)
         assert row["transition_fraction"] == pytest.approx(np.mean((values > 0) & (values < 255)))
-        assert row["source"] == "synthetic"
+        assert row["source"] == "synthetic" and row["list_index"] is None
 
 
 def test_composite_stage_outputs(built: tuple[Path, dict]) -> None:
@@ -220,12 +297,16 @@ def test_composite_stage_outputs(built: tuple[Path, dict]) -> None:
         (test_bgs if row["split"] == "test" else train_bgs).add(row["bg_name"])
         image, alpha = read_rgb(out / row["image_path"]), read_alpha(out / row["alpha_path"])
         trimap = read_alpha(out / row["trimap_path"])
-        np.testing.assert_array_equal(alpha, read_alpha(tmp / "foregrounds" / fg_row["alpha_path"]))
-        np.testing.assert_array_equal(trimap, band_trimap(alpha, 5))
+        assert image.shape == (32, 40, 3) and (row["height"], row["width"]) == (32, 40)
+        full_alpha = read_alpha(tmp / "foregrounds" / fg_row["alpha_path"])
+        np.testing.assert_array_equal(alpha, downscale_alpha(full_alpha, 40))
+        np.testing.assert_array_equal(trimap, band_trimap(alpha, 5))  # from the shrunk alpha
         # recompute the composite from its parts: builtin background index is in its name
         bg = builtin_background(0, int(row["bg_name"].split("/")[1].split("-")[0]))
         fg = read_rgb(tmp / "foregrounds" / fg_row["fg_path"])
-        np.testing.assert_array_equal(image, composite_image(fg, alpha, fit_background(bg, alpha.shape)))
+        np.testing.assert_array_equal(image, composite_downscaled(fg, full_alpha, bg, 40))
+        full = composite_image(fg, full_alpha, fit_background(bg, full_alpha.shape))  # at 64x80
+        np.testing.assert_array_equal(composite_downscaled(fg, full_alpha, bg, None), full)
     per_fg = {}
     for row in rows:
         per_fg.setdefault(row["fg_id"], []).append(row["bg_name"])
@@ -233,6 +314,12 @@ def test_composite_stage_outputs(built: tuple[Path, dict]) -> None:
     assert len(test_bgs) == 2 * n_test and not train_bgs & test_bgs  # 10 backgrounds: enough to keep apart
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.mode == "RGB" and sheet.width >= 3 * 100 and sheet.height >= 4 * 100
+
+
+def test_dvc_params_lists_name_exactly_what_the_data_stages_read() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stages["collect_foregrounds"]["params"] == ["seed", "foregrounds"]  # no composite key: F kept full size
+    assert stages["composite"]["params"] == ["seed", "composite"]
 
 
 def test_composite_stage_does_not_depend_on_worker_count(built: tuple[Path, dict]) -> None:

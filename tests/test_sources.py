@@ -15,7 +15,7 @@ from PIL import Image
 
 from fusionnet.data.collect import CollectConfig, InvalidForegroundError, assign_splits, collect_foregrounds
 from fusionnet.data.imagefiles import ImageFileError, read_alpha, read_rgb
-from fusionnet.data.sources import dim_candidates, folder_candidates, load_candidate
+from fusionnet.data.sources import cap_size, dim_candidates, folder_candidates, load_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -83,7 +83,7 @@ def test_fail_mode_raises_naming_every_file_and_writes_nothing(tmp_path: Path) -
 
 
 def _run_collect(tmp_path: Path, root: Path, on_invalid: str) -> subprocess.CompletedProcess:
-    params = {"seed": 0, "composite": {"max_side": 64},
+    params = {"seed": 0,  # no composite section: collect reads none of it (foregrounds keep their size)
               "foregrounds": {"source": "folder", "on_invalid": on_invalid, "val_fraction": 0.0,
                               "test_fraction": 0.0, "synthetic": {"count": 1, "size": [32, 32]},
                               "folder": {"root": str(root), "image_dir": "image", "alpha_dir": "alpha"}}}
@@ -104,6 +104,8 @@ def test_stage_message_names_the_files(tmp_path: Path, on_invalid: str) -> None:
         assert done.returncode == 0, done.stderr
         assert "5 invalid foreground pair(s) excluded" in done.stderr
         assert pq.read_table(tmp_path / "out-exclude" / "manifest.parquet").column("id").to_pylist() == ["good"]
+        stored = read_alpha(tmp_path / "out-exclude" / "alpha" / "good.png")
+        np.testing.assert_array_equal(stored, _matte(24, 32))  # source size, bit-exact
     else:
         assert done.returncode == 1
         assert "on_invalid: exclude" in done.stderr  # the message says how to proceed
@@ -164,11 +166,71 @@ def test_dim_layout_with_name_lists(tmp_path: Path) -> None:
                                 {"train": "Training_set/training_fg_names.txt", "test": "Test_set/none.txt"})
     by_id = {c.id: c for c in candidates}
     assert set(by_id) == {"a", "b", "c", "missing"}  # unlisted.png is not in the list: not used
+    assert [by_id[k].list_index for k in ("a", "b", "missing", "c")] == [0, 1, 2, None]  # position in its list
     assert by_id["c"].split == "test" and by_id["a"].split is None and by_id["b"].split is None
     assert "training_fg_names.txt" in by_id["missing"].problem
     result = collect_foregrounds(candidates, tmp_path / "out", CollectConfig(max_side=None, workers=1))
     assert {r["id"]: r["split"] for r in result.rows}["c"] == "test"
     assert [Path(name).name for name, _ in result.invalid] == ["missing.png"]
+    assert {r["id"]: r["list_index"] for r in result.rows} == {"a": 0, "b": 1, "c": None}
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert {r["id"]: r["list_index"] for r in manifest} == {"a": 0, "b": 1, "c": None}
+
+
+def test_dim_list_index_follows_the_list_not_the_file_names(tmp_path: Path) -> None:
+    root = tmp_path / "dim"
+    for name in ("z.png", "a.png", "m.png"):
+        _save(root / "Test_set" / "fg" / name, _photo(8, 8))
+        _save(root / "Test_set" / "alpha" / name, _matte(8, 8))
+    _save(root / "Training_set" / "fg" / "t.png", _photo(8, 8))
+    _save(root / "Training_set" / "alpha" / "t.png", _matte(8, 8))
+    (root / "Test_set" / "names.txt").write_text("z.png\nm.png\na.png\nz.png\n")  # a repeat keeps the first
+    candidates = dim_candidates(root, name_lists={"test": "Test_set/names.txt"})
+    assert [(c.id, c.list_index, c.problem) for c in candidates] == [
+        ("t", None, None), ("z", 0, None), ("m", 1, None), ("a", 2, None)]
+
+
+def _edge_pair() -> tuple[np.ndarray, np.ndarray]:
+    """40x60: F red where alpha > 0, junk blue where alpha = 0; a soft vertical edge at x = 30."""
+    alpha = np.zeros((40, 60), np.uint8)
+    alpha[:, :30] = 255
+    alpha[:, 30] = 128
+    fg = np.zeros((40, 60, 3), np.uint8)
+    fg[alpha > 0] = (230, 20, 10)
+    fg[alpha == 0] = (0, 0, 255)
+    return fg, alpha
+
+
+def test_cap_size_keeps_small_pairs_and_shrinks_true_f_premultiplied() -> None:
+    fg, alpha = _edge_pair()
+    same_fg, same_alpha = cap_size(fg, alpha, 60, premultiplied=True)
+    assert same_fg is fg and same_alpha is alpha
+    small_fg, small_alpha = cap_size(fg, alpha, 30, premultiplied=True)
+    assert small_fg.shape == (20, 30, 3) and small_alpha.shape == (20, 30)
+    expected_alpha = np.asarray(Image.fromarray(alpha.astype(np.float32)).resize((30, 20), Image.Resampling.BILINEAR))
+    assert np.abs(small_alpha.astype(float) - expected_alpha).max() <= 0.5
+    seen = small_alpha > 0
+    assert (small_alpha[:, 15] > 0).all() and (small_alpha[:, 15] < 255).all()  # the edge column
+    # true F: no junk blue bleeds into pixels the matte covers (a plain resize of F would give about 128 there)
+    assert np.abs(small_fg[seen].astype(int) - (230, 20, 10)).max() <= 1
+    photo_fg, photo_alpha = cap_size(fg, alpha, 30, premultiplied=False)  # a photo: resized like its alpha
+    np.testing.assert_array_equal(photo_alpha, small_alpha)
+    assert photo_fg[0, 15, 2] > 60  # the plain resize mixes in the blue
+
+
+def test_load_candidate_caps_only_with_max_side(tmp_path: Path) -> None:
+    fg, alpha = _edge_pair()
+    _save(tmp_path / "dim" / "Training_set" / "fg" / "e.png", fg)
+    _save(tmp_path / "dim" / "Training_set" / "alpha" / "e.png", alpha)
+    _save(tmp_path / "dim" / "Test_set" / "fg" / "e2.png", fg)
+    _save(tmp_path / "dim" / "Test_set" / "alpha" / "e2.png", alpha)
+    candidate = dim_candidates(tmp_path / "dim")[0]
+    full_fg, full_alpha = load_candidate(candidate, seed=0, synthetic_size=(8, 8))
+    np.testing.assert_array_equal(full_fg, fg)
+    np.testing.assert_array_equal(full_alpha, alpha)
+    capped = load_candidate(candidate, seed=0, synthetic_size=(8, 8), max_side=30)
+    for got, want in zip(capped, cap_size(fg, alpha, 30, premultiplied=True)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.shared_data
@@ -180,16 +242,16 @@ def test_folder_source_on_real_alphamatting_subset(tmp_path: Path) -> None:
         for kind in ("image", "alpha"):
             (root / kind).mkdir(parents=True, exist_ok=True)
             (root / kind / name).symlink_to(ALPHAMATTING / kind / name)
-    config = CollectConfig(max_side=160, workers=1, test_fraction=0.0, val_fraction=0.0)
+    config = CollectConfig(workers=1, test_fraction=0.0, val_fraction=0.0)  # no cap: F estimated at 800 px
     result = collect_foregrounds(folder_candidates(root), tmp_path / "out", config)
     assert [r["id"] for r in result.rows] == ["GT01", "GT02", "GT05"] and not result.invalid
     for row in result.rows:
         fg = read_rgb(tmp_path / "out" / row["fg_path"])
         alpha = read_alpha(tmp_path / "out" / row["alpha_path"])
-        assert max(alpha.shape) == 160 and fg.shape[:2] == alpha.shape
+        photo = read_rgb(root / "image" / f"{row['id']}.png").astype(np.float64)
+        np.testing.assert_array_equal(alpha, read_alpha(root / "alpha" / f"{row['id']}.png"))  # source size
+        assert max(alpha.shape) == 800 and fg.shape == photo.shape
         assert 0.01 < row["transition_fraction"] == pytest.approx(np.mean((alpha > 0) & (alpha < 255)))
-        photo = np.asarray(Image.open(root / "image" / f"{row['id']}.png").convert("RGB").resize(
-            (alpha.shape[1], alpha.shape[0]), Image.Resampling.LANCZOS), dtype=np.float64)
         opaque, soft = alpha == 255, (alpha > 25) & (alpha < 230)
         # estimated F equals the photo where the object is opaque, and differs from it in the blend zone
         assert np.abs(fg[opaque] - photo[opaque]).mean() < 4.0

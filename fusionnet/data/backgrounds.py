@@ -133,26 +133,64 @@ def builtin_backgrounds(count: int, seed: int) -> list[Background]:
     return [Background(name=f"builtin/{i:04d}-{builtin_kind(i)}", seed=seed, index=i) for i in range(count)]
 
 
+@dataclass(frozen=True)
+class BackgroundList:
+    """The backgrounds a name-list file names, in file order with repeats kept (DIM pairs by position).
+
+    path: the list file (for messages); items: one Background per non-empty line.
+    """
+
+    path: Path
+    items: tuple[Background, ...]
+
+
+def listed_backgrounds(folder: str | Path, names_file: str | Path) -> BackgroundList:
+    """Read a name list (one name relative to `folder` per line, e.g. DIM's test_bg_names.txt).
+
+    Raises FileNotFoundError naming the list and the folder when the list, or a listed photo, is missing,
+    and ValueError when the list names nothing.
+    """
+    folder, names_file = Path(folder), Path(names_file)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"background folder {folder} does not exist (named by composite.backgrounds)")
+    if not names_file.is_file():
+        raise FileNotFoundError(f"background name list {names_file} does not exist (composite.backgrounds)")
+    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{names_file}: background name list is empty")
+    missing = [n for n in dict.fromkeys(names) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{names_file}: {len(missing)} listed background(s) not found in {folder}, "
+                                f"e.g. {missing[:3]}")
+    return BackgroundList(names_file, tuple(Background(name=n, path=folder / n) for n in names))
+
+
 def folder_backgrounds(folder: str | Path, names_file: str | Path | None = None) -> list[Background]:
     """Photos under `folder` (recursively), named by their path relative to it.
 
     names_file: optional text file with one relative name per line (e.g. DIM's training_bg_names.txt);
-    then only those are used, and a listed name with no file is an error naming both files.
+    then only those are used (each once, in list order), and a listed name with no file is an error
+    naming both files.
     """
     folder = Path(folder)
+    if names_file is not None:
+        return list(dict.fromkeys(listed_backgrounds(folder, names_file).items))
     if not folder.is_dir():
         raise FileNotFoundError(f"background folder {folder} does not exist (composite.backgrounds.folder)")
-    if names_file is not None:
-        names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{names_file}: {len(missing)} listed background(s) not found in {folder}, "
-                                    f"e.g. {missing[:3]}")
-        return [Background(name=n, path=folder / n) for n in dict.fromkeys(names)]
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"background folder {folder} contains no images ({', '.join(IMAGE_SUFFIXES)})")
     return [Background(name=p.relative_to(folder).as_posix(), path=p) for p in paths]
+
+
+def _resolver(composite: dict, base_dir: Path):
+    cfg = composite.get("backgrounds", {})
+
+    def resolve(key: str) -> Path | None:
+        value = cfg.get(key)
+        return None if value in (None, "") else base_dir / value
+
+    return cfg, resolve
 
 
 def backgrounds_from_params(composite: dict, seed: int,
@@ -163,17 +201,12 @@ def backgrounds_from_params(composite: dict, seed: int,
     restricted by `train_list`; a separate test pool comes from `test_folder` and/or `test_list`
     (DIM: MS-COCO for training, PASCAL VOC for Composition-1k). Relative paths resolve from base_dir.
     """
-    cfg = composite.get("backgrounds", {})
+    cfg, resolve = _resolver(composite, base_dir)
     source = cfg.get("source", "builtin")
     if source == "builtin":
         return builtin_backgrounds(int(cfg.get("count", 48)), seed), None
     if source != "folder":
         raise ValueError(f"composite.backgrounds.source must be 'builtin' or 'folder', got {source!r}")
-
-    def resolve(key: str) -> Path | None:
-        value = cfg.get(key)
-        return None if value in (None, "") else base_dir / value
-
     folder = resolve("folder")
     if folder is None:
         raise ValueError("composite.backgrounds.folder is required when source is 'folder'")
@@ -182,3 +215,19 @@ def backgrounds_from_params(composite: dict, seed: int,
     if test_folder is None and test_list is None:
         return main, None
     return main, folder_backgrounds(test_folder or folder, test_list)
+
+
+def background_lists_from_params(composite: dict, base_dir: Path) -> dict[str, BackgroundList]:
+    """The ordered name lists of `composite.backgrounds` (source "folder"): {"train": train_list under
+    folder, "test": test_list under test_folder (or folder)}, each key present only when its list is set.
+    The composite stage pairs DIM foregrounds with them by position (fusionnet.data.composite).
+    """
+    cfg, resolve = _resolver(composite, base_dir)
+    if cfg.get("source", "builtin") != "folder" or resolve("folder") is None:
+        return {}
+    folder, lists = resolve("folder"), {}
+    if resolve("train_list") is not None:
+        lists["train"] = listed_backgrounds(folder, resolve("train_list"))
+    if resolve("test_list") is not None:
+        lists["test"] = listed_backgrounds(resolve("test_folder") or folder, resolve("test_list"))
+    return lists

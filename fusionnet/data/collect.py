@@ -1,9 +1,12 @@
 """The collect_foregrounds step: validate, normalise and split every foreground into one folder.
 
 Output (data/foregrounds/): fg/<id>.png (RGB 8-bit), alpha/<id>.png (L 8-bit, same size),
-manifest.parquet (id, split, source, width, height, transition_fraction, fg_path, alpha_path) and
-invalid.json (every excluded pair with its reason). The folder is built in a temp sibling and
-renamed into place, so an interrupted run never leaves a manifest that looks complete.
+manifest.parquet (id, split, source, width, height, transition_fraction, fg_path, alpha_path,
+list_index) and invalid.json (every excluded pair with its reason). Foregrounds keep their source size
+(compositing happens at that size; the composite stage downscales image and alpha together afterwards),
+unless `max_side` caps an enormous one. list_index: position in DIM's name list, else null.
+The folder is built in a temp sibling and renamed into place, so an interrupted run never leaves a
+manifest that looks complete.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from fusionnet.data.sources import ForegroundCandidate, InvalidForeground, load_
 SPLITS = ("train", "val", "test")
 MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("source", pa.string()),
                              ("width", pa.int64()), ("height", pa.int64()), ("transition_fraction", pa.float64()),
-                             ("fg_path", pa.string()), ("alpha_path", pa.string())])
+                             ("fg_path", pa.string()), ("alpha_path", pa.string()), ("list_index", pa.int64())])
 
 
 class InvalidForegroundError(RuntimeError):
@@ -34,11 +37,12 @@ class InvalidForegroundError(RuntimeError):
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """seed: split shuffle and synthetic generator; max_side: longer side after downscaling (None = keep);
+    """seed: split shuffle and synthetic generator; max_side: cap on the stored longer side, only for
+    enormous foregrounds (params foregrounds.max_side; None = keep every foreground at its source size);
     on_invalid: "exclude" | "fail"; test_fraction of all, val_fraction of the non-test foregrounds."""
 
     seed: int = 0
-    max_side: int | None = 640
+    max_side: int | None = None
     on_invalid: str = "exclude"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -51,6 +55,8 @@ class CollectConfig:
         for key in ("val_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"foregrounds.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"foregrounds.max_side must be >= 1 or null, got {self.max_side}")
 
 
 @dataclass
@@ -110,7 +116,7 @@ def _process(job: tuple[ForegroundCandidate, str, Path, CollectConfig]) -> dict 
     write_png(out_dir / alpha_rel, alpha)
     return {"id": candidate.id, "split": split, "source": candidate.source, "width": int(alpha.shape[1]),
             "height": int(alpha.shape[0]), "transition_fraction": transition_fraction(alpha),
-            "fg_path": fg_rel, "alpha_path": alpha_rel}
+            "fg_path": fg_rel, "alpha_path": alpha_rel, "list_index": candidate.list_index}
 
 
 def invalid_message(invalid: list[tuple[str, str]], excluded: bool) -> str:

@@ -1,5 +1,11 @@
 """Compositing in the Deep Image Matting recipe: fit a background, then I = alpha*F + (1-alpha)*B.
 
+Size: the background is fitted to the foreground at the foreground's stored (full) size and I is
+computed there, in float; only then are I and alpha downscaled together, with the one filter of
+`imagefiles.RESIZE_FILTER` (antialiased bilinear, never overshoots), so the longer side is at most
+composite.max_side; the trimap is computed from the downscaled alpha. Shrinking F and alpha before
+compositing (with different filters) would break I = alpha*F + (1-alpha)*B at the edges.
+
 Training set: each train/val foreground over `bg_per_fg` distinct backgrounds (paper: 100).
 Test set (Composition-1k style): each test foreground over `bg_per_test_fg` distinct backgrounds
 (paper: 20), every composite with a "-25" trimap (unknown = transition band dilated by band_radius).
@@ -14,6 +20,12 @@ Background assignment rule (deterministic for the seed):
    (overlap, reported by `BackgroundPools.disjoint`).
 2. Within a pool (shuffled again), foreground number i in id order gets pool[(i*b + j) mod P] for
    j < b: b distinct backgrounds per foreground (needs P >= b) and even use of the pool.
+3. DIM pairing (replaces 1-2 for a split group): when the foregrounds are from the `dim` source and
+   the group's ordered name list is given (composite.backgrounds.test_list for test, train_list for
+   train/val), foreground number i of its DIM name list (manifest list_index) gets list entries
+   i*b .. i*b + b - 1 in list order, as DIM's compositing scripts do (Composition-1k: test fg i with
+   test_bg_names[i*20 + j]; training: training_bg_names[i*100 + j]). No shuffling; repeats in the
+   list are kept.
 """
 
 from __future__ import annotations
@@ -31,9 +43,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from fusionnet.data.backgrounds import Background
+from fusionnet.data.backgrounds import Background, BackgroundList
 from fusionnet.data.contact_sheet import contact_sheet
-from fusionnet.data.imagefiles import atomic_output_dir, read_alpha, read_rgb, resize_to_max_side, write_png
+from fusionnet.data.imagefiles import (atomic_output_dir, max_side_size, read_alpha, read_rgb, resize_float, to_uint8,
+                                       write_png)
 from fusionnet.data.trimap import band_trimap
 
 MANIFEST_SCHEMA = pa.schema([("cid", pa.string()), ("split", pa.string()), ("fg_id", pa.string()),
@@ -66,16 +79,38 @@ def fit_background(bg: np.ndarray, fg_hw: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(bg[: fg_hw[0], : fg_hw[1]])
 
 
-def composite_image(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """I = alpha * F + (1 - alpha) * B in float64, rounded (half to even) to uint8.
+def composite_float(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """I = alpha * F + (1 - alpha) * B in float64, values in [0, 255] (not rounded).
 
-    fg, bg: (H,W,3) uint8; alpha: (H,W) uint8 (alpha = value / 255). Returns (H,W,3) uint8.
+    fg, bg: (H,W,3) uint8; alpha: (H,W) uint8 (alpha = value / 255). Returns (H,W,3) float64.
     """
     if fg.shape != bg.shape or fg.shape[:2] != alpha.shape:
         raise ValueError(f"composite_image: shapes differ: fg {fg.shape}, alpha {alpha.shape}, bg {bg.shape}")
     a = alpha.astype(np.float64)[..., None] / 255.0
-    image = a * fg.astype(np.float64) + (1.0 - a) * bg.astype(np.float64)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return a * fg.astype(np.float64) + (1.0 - a) * bg.astype(np.float64)
+
+
+def composite_image(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """composite_float rounded (half to even) to uint8: (H,W,3) uint8."""
+    return to_uint8(composite_float(fg, alpha, bg))
+
+
+def downscale_alpha(alpha: np.ndarray, max_side: int | None) -> np.ndarray:
+    """(H,W) uint8 alpha shrunk (RESIZE_FILTER) so the longer side is <= max_side; unchanged if it is."""
+    hw = max_side_size(alpha.shape, max_side)
+    return alpha if hw == alpha.shape else to_uint8(resize_float(alpha, hw))
+
+
+def composite_downscaled(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The stored composite: bg fitted to fg at full size, I computed there, then shrunk like alpha.
+
+    fg (H,W,3) uint8, alpha (H,W) uint8 at the foreground's stored size; bg (Hb,Wb,3) uint8 any size.
+    Returns (h,w,3) uint8 with (h,w) = max_side_size((H,W), max_side), the shape of
+    downscale_alpha(alpha, max_side); I is rounded once, after resizing.
+    """
+    image = composite_float(fg, alpha, fit_background(bg, alpha.shape))
+    hw = max_side_size(alpha.shape, max_side)
+    return to_uint8(image if hw == alpha.shape else resize_float(image, hw))
 
 
 @dataclass(frozen=True)
@@ -84,7 +119,7 @@ class CompositeConfig:
     bg_per_fg: int = 4
     bg_per_test_fg: int = 2
     band_radius: int = 25
-    max_side: int | None = 640
+    max_side: int | None = 640  # longer side of the stored composites (after compositing at full size)
     workers: int = 2
 
 
@@ -128,6 +163,55 @@ def assign_backgrounds(fg_ids: Sequence[str], pool: Sequence[Background], per_fg
             for i, fg_id in enumerate(sorted(fg_ids))}
 
 
+def dim_list_assignment(foregrounds: Sequence[dict], listed: BackgroundList,
+                        per_fg: int) -> dict[str, list[Background]]:
+    """Rule 3 of the module docstring: foreground with list_index i gets listed.items[i*per_fg : (i+1)*per_fg].
+
+    foregrounds: manifest rows (id, source, list_index). Raises ValueError, naming the list file, when a
+    row has no list_index (not from a DIM name list) or the list is too short for its block.
+    """
+    if per_fg < 1:
+        raise ValueError(f"backgrounds per foreground must be >= 1, got {per_fg}")
+    out = {}
+    for row in foregrounds:
+        index = row.get("list_index")
+        if row.get("source") != "dim" or index is None:
+            raise ValueError(f"{listed.path}: DIM pairing needs every foreground's position in a DIM name list, but "
+                             f"{row['id']} (source {row.get('source')!r}) has none: set foregrounds.dim.train_names / "
+                             f"test_names to existing lists, or drop this background list")
+        stop = (int(index) + 1) * per_fg
+        if stop > len(listed.items):
+            raise ValueError(f"{listed.path}: lists {len(listed.items)} backgrounds, but foreground {row['id']} "
+                             f"(number {index} of its name list) needs entries {stop - per_fg}..{stop - 1} "
+                             f"({per_fg} per foreground, DIM pairing)")
+        out[row["id"]] = list(listed.items[stop - per_fg:stop])
+    return out
+
+
+def _assign_all(foregrounds: Sequence[dict], backgrounds: Sequence[Background],
+                test_backgrounds: Sequence[Background] | None, listed: dict[str, BackgroundList],
+                config: CompositeConfig) -> tuple[dict[str, list[Background]], BackgroundPools]:
+    """Backgrounds of every foreground (rules 1-3) and the pools; `disjoint` is measured on the assignment."""
+    groups = {"train": [r for r in foregrounds if r["split"] != "test"],
+              "test": [r for r in foregrounds if r["split"] == "test"]}
+    per_fg = {"train": config.bg_per_fg, "test": config.bg_per_test_fg}
+    dim = {g: g in listed and any(r.get("source") == "dim" for r in rows) for g, rows in groups.items()}
+    pools = split_background_pools(backgrounds, test_backgrounds, len(groups["test"]), config.bg_per_fg,
+                                   config.bg_per_test_fg, config.seed)
+    assigned: dict[str, list[Background]] = {}
+    for group, salt in (("train", 0), ("test", 1)):
+        rows = groups[group]
+        if dim[group]:
+            assigned.update(dim_list_assignment(rows, listed[group], per_fg[group]))
+        else:
+            pool = pools.train if group == "train" else pools.test
+            assigned.update(assign_backgrounds([r["id"] for r in rows], pool, per_fg[group], config.seed + salt))
+    used = {g: {b.path or b.name for r in rows for b in assigned[r["id"]]} for g, rows in groups.items()}
+    train_pool = list(dict.fromkeys(listed["train"].items)) if dim["train"] else pools.train
+    test_pool = list(dict.fromkeys(listed["test"].items)) if dim["test"] else pools.test
+    return assigned, BackgroundPools(train_pool, test_pool, disjoint=not used["train"] & used["test"])
+
+
 PREGENERATE_LIMIT = 256  # builtin backgrounds generated once up front (about 0.4 MB each) when this few
 
 
@@ -153,15 +237,19 @@ def _composite_foreground(job: tuple[dict, list[Background], dict, Path, Path, C
     job = (foreground manifest row, its backgrounds, {bg name: pre-generated array}, fg_root, out_dir, config).
     """
     row, backgrounds, ready, fg_root, out_dir, config = job
-    fg = resize_to_max_side(read_rgb(fg_root / row["fg_path"]), config.max_side)
-    alpha = resize_to_max_side(read_alpha(fg_root / row["alpha_path"]), config.max_side, is_alpha=True)
+    fg, full_alpha = read_rgb(fg_root / row["fg_path"]), read_alpha(fg_root / row["alpha_path"])
+    if fg.shape[:2] != full_alpha.shape:
+        raise ValueError(f"{fg_root / row['fg_path']}: foreground is {fg.shape[1]}x{fg.shape[0]} (WxH) but its "
+                         f"alpha {row['alpha_path']} is {full_alpha.shape[1]}x{full_alpha.shape[0]}: "
+                         f"re-run collect_foregrounds")
+    alpha = downscale_alpha(full_alpha, config.max_side)
     trimap = band_trimap(alpha, config.band_radius)
     folder = "test" if row["split"] == "test" else "train"
     rows = []
     for j, bg in enumerate(backgrounds):
         cid = f"{row['id']}-{j:03d}"
         paths = {kind: f"{folder}/{kind}/{cid}.png" for kind in ("image", "alpha", "trimap")}
-        image = composite_image(fg, alpha, fit_background(_load_background(bg, ready), alpha.shape))
+        image = composite_downscaled(fg, full_alpha, _load_background(bg, ready), config.max_side)
         write_png(out_dir / paths["image"], image)
         if j == 0:
             write_png(out_dir / paths["alpha"], alpha)
@@ -182,20 +270,18 @@ def _jobs(foregrounds: Sequence[dict], assigned: dict[str, list[Background]], re
 
 
 def build_composites(foregrounds: Sequence[dict], fg_root: str | Path, backgrounds: Sequence[Background],
-                     test_backgrounds: Sequence[Background] | None, out_dir: str | Path,
-                     config: CompositeConfig) -> tuple[list[dict], BackgroundPools]:
+                     test_backgrounds: Sequence[Background] | None, out_dir: str | Path, config: CompositeConfig,
+                     listed: dict[str, BackgroundList] | None = None) -> tuple[list[dict], BackgroundPools]:
     """Write data/composites (train/, test/, manifest.parquet, contact_sheet.png), replaced atomically.
 
-    foregrounds: rows of the foregrounds manifest (id, split, fg_path, alpha_path relative to fg_root).
-    Returns the composite manifest rows (sorted by cid) and the background pools used.
+    foregrounds: rows of the foregrounds manifest (id, split, source, list_index, fg_path, alpha_path
+    relative to fg_root). listed: the ordered background name lists ({"train"/"test": BackgroundList},
+    from backgrounds.background_lists_from_params) for DIM pairing, rule 3. Returns the composite
+    manifest rows (sorted by cid) and the background pools used (disjoint: no background is used by
+    both a test and a train/val composite).
     """
     fg_root = Path(fg_root)
-    test_ids = [r["id"] for r in foregrounds if r["split"] == "test"]
-    train_ids = [r["id"] for r in foregrounds if r["split"] != "test"]
-    pools = split_background_pools(backgrounds, test_backgrounds, len(test_ids), config.bg_per_fg,
-                                   config.bg_per_test_fg, config.seed)
-    assigned = assign_backgrounds(train_ids, pools.train, config.bg_per_fg, config.seed)
-    assigned.update(assign_backgrounds(test_ids, pools.test, config.bg_per_test_fg, config.seed + 1))
+    assigned, pools = _assign_all(foregrounds, backgrounds, test_backgrounds, listed or {}, config)
     with atomic_output_dir(out_dir) as tmp:
         for folder in ("train", "test"):
             for kind in ("image", "alpha", "trimap"):

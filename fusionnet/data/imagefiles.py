@@ -81,18 +81,45 @@ def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 
     os.replace(tmp, path)
 
 
-def resize_to_max_side(array: np.ndarray, max_side: int | None, is_alpha: bool = False) -> np.ndarray:
-    """Downscale so the longer side is at most `max_side` (never upscales; None = unchanged).
+RESIZE_FILTER = Image.Resampling.BILINEAR
+"""The one downscaling filter of the data stages: PIL's bilinear, which widens its triangle kernel by the
+scale factor when shrinking (antialiased, close to area averaging). Its weights are >= 0 and sum to 1,
+so every output is a convex combination of inputs: it never overshoots [0, 255] (Lanczos does)."""
 
-    Colour uses Lanczos; alpha uses an antialiased bilinear filter, which cannot overshoot [0,255].
+
+def max_side_size(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(height, width) after shrinking so the longer side is at most max_side, aspect kept.
+
+    Never upscales; None (or a size already within max_side) returns hw unchanged. Sides are rounded
+    to the nearest integer and at least 1.
     """
-    height, width = array.shape[:2]
+    height, width = int(hw[0]), int(hw[1])
     if max_side is None or max(height, width) <= max_side:
-        return array
+        return height, width
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
     scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resample = Image.Resampling.BILINEAR if is_alpha else Image.Resampling.LANCZOS
-    return np.asarray(Image.fromarray(array).resize(size, resample), dtype=np.uint8).copy()
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_float(array: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Resize (H,W) or (H,W,C) values with RESIZE_FILTER, channel by channel, in float32.
+
+    Values keep their range (e.g. [0, 255]); returns float32 of shape (h,w) or (h,w,C). Same size:
+    returned as float32 without resampling.
+    """
+    height, width = hw
+    values = np.asarray(array, dtype=np.float32)
+    if values.shape[:2] == (height, width):
+        return values
+    if values.ndim == 2:
+        return np.asarray(Image.fromarray(values).resize((width, height), RESIZE_FILTER), np.float32)
+    return np.stack([resize_float(values[..., c], hw) for c in range(values.shape[2])], axis=-1)
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float values in [0, 255] to uint8: rounded half to even, clipped."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -3,11 +3,16 @@
 Three sources (params.yaml `foregrounds.source`):
 - synthetic: `fusionnet.data.synthetic.make_foreground(seed, i)`, i = 0..count-1 (no data needed).
 - folder: photos with ground-truth alpha and no foreground colours (e.g. alphamatting.com's
-  image/ + alpha/); F is estimated from the downscaled photo and alpha with pymatting's multilevel
-  foreground estimation (estimate_foreground_ml), as the Deep Image Matting recipe prescribes.
+  image/ + alpha/); F is estimated from the photo and alpha at their stored size with pymatting's
+  multilevel foreground estimation (estimate_foreground_ml), as the Deep Image Matting recipe prescribes.
 - dim: the Adobe Deep Image Matting layout: <root>/<subset>/**/fg/NAME + sibling alpha/NAME for the
   train and test subsets, optionally restricted to the dataset's name lists; the test subset is the
-  test split, so DIM's own held-out foregrounds stay held out.
+  test split, so DIM's own held-out foregrounds stay held out. Each listed foreground keeps its
+  position in its name list (`list_index`), by which the composite stage pairs it with backgrounds
+  as DIM's compositing scripts do.
+
+Foregrounds are kept at their source size (the composite stage composites at that size and only then
+downscales image and alpha together); `max_side` is only a cap for enormous files (see `cap_size`).
 
 Discovery never raises for a bad pair: it returns a candidate carrying the problem, and loading
 raises `InvalidForeground` naming the file, so the collect stage can report every bad pair by name.
@@ -15,13 +20,15 @@ raises `InvalidForeground` naming the file, so the collect stage can report ever
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fusionnet.data.imagefiles import ImageFileError, list_images, read_alpha, read_rgb, resize_to_max_side
+from fusionnet.data.imagefiles import (ImageFileError, list_images, max_side_size, read_alpha, read_rgb, resize_float,
+                                       to_uint8)
 from fusionnet.data.synthetic import make_foreground
 
 SOURCES = ("synthetic", "folder", "dim")
@@ -41,7 +48,8 @@ class ForegroundCandidate:
 
     name: how messages refer to it (the file path, or "synthetic:N"); split: a split fixed by the
     dataset (DIM's test subset) or None to decide by fractions; problem: an error already known at
-    discovery (missing partner file, duplicate id).
+    discovery (missing partner file, duplicate id); list_index: 0-based position of the file in its
+    DIM name list (first occurrence), None without a list.
     """
 
     id: str
@@ -52,6 +60,7 @@ class ForegroundCandidate:
     index: int = 0
     split: str | None = None
     problem: str | None = None
+    list_index: int | None = None
 
 
 def safe_id(stem: str) -> str:
@@ -127,6 +136,8 @@ def dim_candidates(root: Path, fg_dir: str = "fg", alpha_dir: str = "alpha",
     named fg_dir under root/subset, paired with its sibling alpha_dir. A name list (relative to root,
     e.g. DIM's Training_set/training_fg_names.txt) restricts a subset to the listed files when it exists.
     The "train" subset yields split None (train/val decided by val_fraction); "test" yields split "test".
+    With a name list, each candidate's list_index is its file's position in the list (DIM's
+    compositing scripts pair foreground number i of the list with backgrounds i*n .. i*n+n-1).
     """
     subsets = subsets or {"train": "Training_set", "test": "Test_set"}
     name_lists = name_lists or {}
@@ -139,16 +150,22 @@ def dim_candidates(root: Path, fg_dir: str = "fg", alpha_dir: str = "alpha",
             raise FileNotFoundError(f"foregrounds.dim: no '{fg_dir}' folder under {base}")
         list_file = name_lists.get(split)
         names = _read_names(root / list_file) if list_file else None
+        position = {} if names is None else {n: i for i, n in reversed(list(enumerate(names)))}  # first wins
         found: set[str] = set()
+        subset_out: list[ForegroundCandidate] = []
         for folder in fg_folders:
             # a listed name lives in one of the fg folders (DIM: "Adobe-licensed images/fg", "Other/fg")
             local = None if names is None else [n for n in names if (folder / n).is_file()]
             found.update(local or [])
-            out += _pair_by_stem(folder, folder.parent / alpha_dir, "dim", fixed_split, local)
+            subset_out += _pair_by_stem(folder, folder.parent / alpha_dir, "dim", fixed_split, local)
         for missing in sorted(set(names or []) - found):
-            out.append(ForegroundCandidate(id=safe_id(Path(missing).stem), source="dim", name=str(base / missing),
-                                           split=fixed_split,
-                                           problem=f"listed in {list_file} but not found in any {fg_dir}/ folder"))
+            subset_out.append(ForegroundCandidate(
+                id=safe_id(Path(missing).stem), source="dim", name=str(base / missing), split=fixed_split,
+                problem=f"listed in {list_file} but not found in any {fg_dir}/ folder"))
+        if names is not None:
+            subset_out = [dataclasses.replace(c, list_index=position.get(Path(c.name).name)) for c in subset_out]
+            subset_out.sort(key=lambda c: (c.list_index is None, c.list_index or 0, c.name))  # list order
+        out += subset_out
     return _mark_duplicates(out)
 
 
@@ -158,7 +175,7 @@ def _mark_duplicates(candidates: list[ForegroundCandidate]) -> list[ForegroundCa
     out = []
     for c in candidates:
         if c.id in seen and c.problem is None:
-            c = ForegroundCandidate(id=c.id, source=c.source, name=c.name, split=c.split,
+            c = ForegroundCandidate(id=c.id, source=c.source, name=c.name, split=c.split, list_index=c.list_index,
                                     problem=f"duplicate foreground id '{c.id}' (also {seen[c.id]})")
         seen.setdefault(c.id, c.name)
         out.append(c)
@@ -177,19 +194,43 @@ def estimate_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(estimate) * 255.0), 0, 255).astype(np.uint8)
 
 
-def load_candidate(candidate: ForegroundCandidate, *, seed: int, synthetic_size: tuple[int, int],
-                   max_side: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Validated, normalised pair: fg (H,W,3) uint8, alpha (H,W) uint8, longer side <= max_side.
+def cap_size(fg: np.ndarray, alpha: np.ndarray, max_side: int | None,
+             premultiplied: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink an enormous pair so its longer side is <= max_side (None or small enough: unchanged).
 
-    Raises InvalidForeground for: a known problem, an unreadable file, a size mismatch (after EXIF
-    orientation), an empty alpha (no pixel above 0).
+    fg (H,W,3) uint8, alpha (H,W) uint8 -> the same at the capped size. Both go through the one
+    filter of `imagefiles.RESIZE_FILTER`. premultiplied=True (fg is the true F): F is resized as
+    alpha*F and divided by the resized alpha, so colours where alpha = 0 (undefined in a matte) do not
+    bleed into the edge; where the resized alpha is 0, F is the plainly resized F. premultiplied=False
+    (fg is a photo, itself a composite): photo and alpha are resized alike, F is estimated afterwards.
+    """
+    hw = max_side_size(alpha.shape, max_side)
+    if hw == alpha.shape:
+        return fg, alpha
+    a = resize_float(alpha, hw)
+    if not premultiplied:
+        return to_uint8(resize_float(fg, hw)), to_uint8(a)
+    weight = alpha.astype(np.float32)[..., None] / 255.0
+    premul, plain = resize_float(weight * fg.astype(np.float32), hw), resize_float(fg, hw)
+    a_unit = (a / 255.0)[..., None]
+    colour = np.where(a_unit > 1e-6, premul / np.maximum(a_unit, 1e-6), plain)
+    return to_uint8(colour), to_uint8(a)
+
+
+def load_candidate(candidate: ForegroundCandidate, *, seed: int, synthetic_size: tuple[int, int],
+                   max_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validated pair at its source size: fg (H,W,3) uint8 (F; for "folder" estimated), alpha (H,W) uint8.
+
+    max_side: optional cap on the longer side for enormous files (`cap_size`), applied before F
+    estimation; None keeps the source size. Raises InvalidForeground for: a known problem, an
+    unreadable file, a size mismatch (after EXIF orientation), an empty alpha (no pixel above 0).
     """
     name = candidate.name
     if candidate.problem is not None:
         raise InvalidForeground(name, candidate.problem)
     if candidate.source == "synthetic":
         made = make_foreground(seed, candidate.index, synthetic_size)
-        return resize_to_max_side(made.fg, max_side), resize_to_max_side(made.alpha, max_side, is_alpha=True)
+        return cap_size(made.fg, made.alpha, max_side, premultiplied=True)
     try:
         image = read_rgb(candidate.fg_path)
         alpha = read_alpha(candidate.alpha_path)
@@ -200,8 +241,9 @@ def load_candidate(candidate: ForegroundCandidate, *, seed: int, synthetic_size:
                                       f"{candidate.alpha_path} is {alpha.shape[1]}x{alpha.shape[0]}")
     if not alpha.any():
         raise InvalidForeground(name, f"empty alpha: {candidate.alpha_path} is 0 everywhere")
-    image, alpha = resize_to_max_side(image, max_side), resize_to_max_side(alpha, max_side, is_alpha=True)
-    if candidate.source == "folder":  # a photo, not F: estimate F after downscaling (cost ~ pixels)
+    is_photo = candidate.source == "folder"
+    image, alpha = cap_size(image, alpha, max_side, premultiplied=not is_photo)
+    if is_photo:  # a photo, not F: estimate F (cost ~ pixels; 800 px photos take about a second)
         image = estimate_foreground(image, alpha)
     return image, alpha
 
