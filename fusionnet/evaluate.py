@@ -7,10 +7,14 @@ on each region of each image, then averaged over images (paper Sec. 4):
 - fgbg_only_fg / fgbg_only_bg: the segmentation-step model, alpha = F and alpha = 1 - B;
 - fusion_only: the fusion-step model's alpha (paper Eq. 2);
 - raw / refined: the joint-step model's alpha, and that alpha after the guided filter;
-- segmentation_only, closed_form, constant_half: baselines (see fusionnet.baselines).
+- segmentation_only, closed_form, constant_half: baselines (see fusionnet.baselines);
+- zeros: alpha = 0 everywhere (the floor for SAD-full on real photos).
 
 Regions: composites have "band" (the trimap's unknown region: the "-25" transition band) and
-"full" (whole image, the paper's "-full"); real photos have "trimap1", "trimap2" and "full".
+"full" (whole image, the paper's "-full"); real photos have "trimap1", "trimap2" and "full". On
+photos a trimap baseline is scored in each trimap's region with the matte it makes from that trimap
+(`EvalSample.region_trimaps`); fusionnet.report.photo_comparisons turns the photo table into the
+ratios the project claims (model / constant 0.5, model / alpha = 0, model / segmentation only).
 
 Claims (`ClaimCounts`), pooled over all pixels of a set: the implicit trimap (paper Fig. 3,
 fusionnet.refine.implicit_trimap) against the true transition pixels (0 < alpha < 1), and the
@@ -26,7 +30,7 @@ import math
 import multiprocessing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,7 @@ __all__ = [
     "Row",
     "SetResult",
     "evaluate_set",
+    "photo_files",
     "region_metrics",
     "rows_for_sample",
     "tune_guided_filter",
@@ -67,7 +72,7 @@ Predictor = Callable[[np.ndarray], NetworkMaps]  # image (H,W,3) float32 in [0,1
 class Row:
     """One line of the table: `name` is its key in metrics files, `source` the checkpoint it needs.
 
-    source: one of SOURCES, or "trimap" for the baselines that take the evaluation trimap.
+    source: one of SOURCES, "trimap" for the baselines that take the evaluation trimap, or "none".
     """
 
     name: str
@@ -84,6 +89,7 @@ ROWS: tuple[Row, ...] = (
     Row("segmentation_only", "Baseline: segmentation only, (F + 1 - B) / 2", "joint"),
     Row("closed_form", "Baseline: closed-form matting (given trimap)", "trimap"),
     Row("constant_half", "Baseline: constant 0.5 in the unknown region", "trimap"),
+    Row("zeros", "Baseline: alpha = 0 everywhere", "none"),
 )
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -94,7 +100,8 @@ class EvalSample:
 
     image: (H,W,3) uint8 RGB; alpha: (H,W) float32 in [0,1] ground truth; trimap: (H,W) uint8
     0/128/255, the one given to the trimap-based baselines; regions: name -> (H,W) bool mask, or
-    None for the whole image.
+    None for the whole image; region_trimaps: region -> the trimap the trimap-based baselines get
+    when scored in that region (photos: each trimap's own region), other regions use `trimap`.
     """
 
     name: str
@@ -102,6 +109,7 @@ class EvalSample:
     alpha: np.ndarray
     trimap: np.ndarray
     regions: Mapping[str, np.ndarray | None]
+    region_trimaps: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def rgb(self) -> np.ndarray:
@@ -162,6 +170,8 @@ def rows_for_sample(
                     notes.append(f"{sample.name}: closed_form fell back to constant 0.5 ({exc})")
         elif name == "constant_half":
             out[name] = baselines.constant_alpha(sample.trimap)
+        elif name == "zeros":
+            out[name] = np.zeros(sample.alpha.shape, np.float32)
         else:
             raise ValueError(f"unknown evaluation row {name!r}; choose from {', '.join(ROW_BY_NAME)}")
     return {k: np.clip(np.asarray(v, dtype=np.float32), 0.0, 1.0) for k, v in out.items()}
@@ -261,7 +271,8 @@ def evaluate_set(
     result = SetResult()
     claim_counts = {s: ClaimCounts() for s in CLAIM_SOURCES if s in predictors or aliases.get(s) in predictors}
     runner = _MetricRunner(workers)
-    for sample in samples:
+    jobs: list[tuple[int, str]] = []  # (sample index, row) of each scoring job, in submission order
+    for index, sample in enumerate(samples):
         maps = _network_maps(sample, predictors, aliases)
         for source, counts in claim_counts.items():
             counts.add(sample.alpha, maps[source]["fg_prob"], maps[source]["bg_prob"], trimap_threshold)
@@ -274,18 +285,41 @@ def evaluate_set(
                 )
             result.kept[sample.name] = kept
         for row in rows:
-            runner.submit((mattes[row], sample.alpha, sample.regions))
-    scores = runner.results()
+            for regions, matte in _scoring_jobs(sample, row, mattes[row], settings, result.notes):
+                runner.submit((matte, sample.alpha, regions))
+                jobs.append((index, row))
+    merged: dict[tuple[int, str], dict] = {}
+    for key, per_region in zip(jobs, runner.results()):
+        merged.setdefault(key, {}).update(per_region)
     for index, sample in enumerate(samples):
         line: dict[str, float | str] = {"image": sample.name}
-        for row, per_region in zip(rows, scores[index * len(rows) : (index + 1) * len(rows)]):
-            for region, values in per_region.items():
-                for metric, value in values.items():
+        for row in rows:
+            for region in sample.regions:
+                for metric, value in merged[(index, row)][region].items():
                     line[f"{row}.{region}.{metric}"] = value
         result.per_image.append(line)
     result.summary = summarise(result.per_image, rows)
     result.claims = {source: counts.summary() for source, counts in claim_counts.items()}
     return result
+
+
+def _scoring_jobs(
+    sample: EvalSample, row: str, matte: np.ndarray, settings: RowSettings, notes: list[str]
+) -> list[tuple[dict[str, np.ndarray | None], np.ndarray]]:
+    """(regions, matte) pairs to score for one row: a trimap baseline is scored in each region of
+    `sample.region_trimaps` with the matte it makes from that region's trimap; the rest at once."""
+    if ROW_BY_NAME[row].source != "trimap" or not sample.region_trimaps:
+        return [(dict(sample.regions), matte)]
+    own: dict[str, np.ndarray | None] = {}
+    jobs = []
+    for region, mask in sample.regions.items():
+        trimap = sample.region_trimaps.get(region)
+        if trimap is None or trimap is sample.trimap or np.array_equal(trimap, sample.trimap):
+            own[region] = mask
+        else:
+            other = replace(sample, trimap=trimap, region_trimaps={})
+            jobs.append(({region: mask}, rows_for_sample(other, {}, [row], settings, notes)[row]))
+    return ([(own, matte)] if own else []) + jobs
 
 
 def _network_maps(
@@ -390,24 +424,40 @@ def load_composites(composites_dir: str | Path, split: str = "test", limit: int 
     return samples
 
 
+def photo_files(root: str | Path) -> list[Path]:
+    """The photographs of an alphamatting.com-style folder: root/image/*, sorted by name."""
+    from fusionnet.data.imagefiles import IMAGE_SUFFIXES
+
+    folder = Path(root) / "image"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no image folder of real photographs")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_photos(
     root: str | Path,
     trimaps: Sequence[str] = ("trimap1", "trimap2"),
     baseline_trimap: str = "trimap1",
     limit: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[EvalSample]:
     """Real photographs laid out as alphamatting.com's: image/, alpha/, and one folder per trimap.
 
     Regions: one per trimap folder (its unknown pixels) and "full"; the trimap-based baselines get
-    `baseline_trimap`. Files are matched by name; an image without alpha or trimaps is an error.
-    limit: the first `limit` images in name order (None = all).
+    each trimap in its own region and `baseline_trimap` on "full". Files are matched by name; an
+    image without alpha or trimaps is an error. names: only these image file names (None = all);
+    limit: the first `limit` of those in name order (None = all). Other photos are not read.
     """
-    from fusionnet.data.imagefiles import IMAGE_SUFFIXES, read_alpha, read_rgb
+    from fusionnet.data.imagefiles import read_alpha, read_rgb
 
     root = Path(root)
     if baseline_trimap not in trimaps:
         raise ValueError(f"load_photos: baseline_trimap {baseline_trimap!r} is not one of {list(trimaps)}")
-    images = sorted(p for p in (root / "image").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    images = photo_files(root)
+    if names is not None:
+        wanted = set(names)
+        images = [p for p in images if p.name in wanted]
+    images = images[:limit]
     samples = []
     for path in images:
         image = read_rgb(path)
@@ -418,7 +468,6 @@ def load_photos(
                 raise ValueError(f"{root / name / path.name}: size {tri.shape} != image size {image.shape[:2]}")
         regions: dict[str, np.ndarray | None] = {name: unknown_mask(tri) for name, tri in tris.items()}
         regions["full"] = None
-        samples.append(
-            EvalSample(path.stem, image, alpha.astype(np.float32) / 255.0, tris[baseline_trimap], regions)
-        )
+        samples.append(EvalSample(path.stem, image, alpha.astype(np.float32) / 255.0, tris[baseline_trimap],
+                                  regions, region_trimaps=tris))
     return samples

@@ -28,6 +28,7 @@ __all__ = [
     "error_colormap",
     "evaluation_markdown",
     "markdown_table",
+    "photo_comparisons",
     "picture_panel",
     "write_csv",
     "write_evaluation",
@@ -85,7 +86,7 @@ def write_csv(path: str | os.PathLike, lines: Sequence[Mapping[str, object]], he
 def _fmt(metric: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.4f}" if metric == "mse" else f"{value:.3f}"
+    return f"{value:.4f}" if metric == "mse" else f"{value:.3f}"  # ratios too: 3 decimals
 
 
 def markdown_table(
@@ -118,6 +119,84 @@ def key_value_table(title_key: str, title_value: str, items: Mapping[str, object
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"| {key} | {text} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the photo claims
+
+MODEL_ROWS = ("raw", "refined")
+CONSTANT_HALF_MAX_RATIO = 0.75  # model SAD and MSE <= 0.75x constant 0.5's in each trimap region (>= 25% better)
+ZEROS_MAX_RATIO = 0.35          # model SAD-full <= 0.35x that of alpha = 0
+
+
+def _ratio(value: float | None, other: float | None) -> float:
+    if value is None or other is None or not (math.isfinite(value) and math.isfinite(other)) or other <= 0:
+        return math.nan
+    return float(value) / float(other)
+
+
+def photo_comparisons(summary: Mapping[str, Mapping[str, Mapping[str, float]]], trimap_regions: Sequence[str]) -> dict:
+    """The photo claims as ratios model / baseline (lower is better) for each model row present.
+
+    summary: the photo table {row: {region: {metric: mean}}}. Per model row ("raw", "refined"):
+    - vs_constant_half: SAD and MSE ratios in each trimap region; holds when all <= 0.75;
+    - vs_zeros: the SAD-full ratio; holds when <= 0.35;
+    - vs_segmentation_only: SAD and MSE ratios in each trimap region and "full"; holds when every
+      trimap-region ratio is < 1 (full is for information).
+    A comparison whose baseline row is absent is left out; an undefined ratio (baseline 0) is NaN
+    and does not hold. "holds" of the model: every comparison present holds.
+    """
+    def ratios(model, base, regions, metrics=("sad", "mse")):
+        return {r: {m: _ratio(summary[model].get(r, {}).get(m), summary[base].get(r, {}).get(m)) for m in metrics}
+                for r in regions}
+
+    out: dict[str, dict] = {}
+    for model in (m for m in MODEL_ROWS if m in summary):
+        entry: dict[str, dict] = {}
+        if "constant_half" in summary:
+            found = ratios(model, "constant_half", trimap_regions)
+            holds = all(v <= CONSTANT_HALF_MAX_RATIO for r in found.values() for v in r.values())
+            entry["vs_constant_half"] = {**found, "rule": "every ratio <=", "threshold": CONSTANT_HALF_MAX_RATIO,
+                                         "holds": holds}
+        if "zeros" in summary:
+            found = ratios(model, "zeros", ["full"], ["sad"])
+            entry["vs_zeros"] = {**found, "rule": "ratio <=", "threshold": ZEROS_MAX_RATIO,
+                                 "holds": found["full"]["sad"] <= ZEROS_MAX_RATIO}
+        if "segmentation_only" in summary:
+            found = ratios(model, "segmentation_only", [*trimap_regions, "full"])
+            holds = all(found[r][m] < 1.0 for r in trimap_regions for m in ("sad", "mse"))
+            entry["vs_segmentation_only"] = {**found, "rule": "every trimap-region ratio <", "threshold": 1.0,
+                                             "holds": holds}
+        entry["holds"] = bool(entry) and all(c["holds"] for c in entry.values())
+        out[model] = entry
+    return out
+
+
+
+def comparisons_markdown(comparisons: Mapping[str, Mapping[str, Any]]) -> str:
+    """| model | comparison | ratios (region metric) | rule | holds |."""
+    lines = ["| Model | against | ratio model / baseline | rule | holds |", "|---|---|---|---|---|"]
+    for model, entry in comparisons.items():
+        for name, c in entry.items():
+            if name == "holds":
+                continue
+            ratios = ", ".join(f"{m.upper()}-{r} {_fmt('ratio', v)}" for r, per in c.items() if isinstance(per, Mapping)
+                               for m, v in per.items())
+            lines.append(f"| {model} | {name[3:]} | {ratios} | {c['rule']} {c['threshold']:g} | "
+                         f"{'yes' if c['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def held_out_markdown(held_out: Mapping[str, Any]) -> str:
+    """Which photos were scored and which were left out, and why."""
+    scored, excluded = held_out["scored"], held_out["excluded"]
+    text = (f"Held out (scored): {len(scored)} of {held_out['photos']} photos in {held_out['root']}: "
+            f"{', '.join(scored) or 'none'}. Checked against {held_out['manifest']}: a photo that is the source "
+            "of a train or val foreground is not scored.\n")
+    if excluded:
+        text += "\nExcluded:\n\n" + "".join(f"- {name}: {why}\n" for name, why in excluded.items())
+    else:
+        text += "\nExcluded: none.\n"
+    return text
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -251,13 +330,18 @@ def evaluation_markdown(record: Mapping[str, Any]) -> str:
         + claims_table(record["claims"])
     )
     photos = record["photos"]
-    parts.append("\n## Real photographs (alphamatting.com training set, whole photos)\n\n")
+    parts.append("\n## Real photographs (alphamatting.com training set, whole photos, held out only)\n\n")
     if "skipped" in photos:
         parts.append(f"Skipped: {photos['skipped']}.\n")
-    else:
-        regions = list(next(iter(photos.values())).keys())
-        parts.append(f"{details['images']['photos']} photos; regions: each user trimap's unknown pixels, and the whole photo.\n\n")
-        parts.append(markdown_table(photos, labels, regions=regions))
+    if photos.get("held_out"):
+        parts.append(("\n" if "skipped" in photos else "") + held_out_markdown(photos["held_out"]))
+    if "rows" in photos:
+        regions = list(next(iter(photos["rows"].values())).keys())
+        parts.append(f"\n{details['images']['photos']} photos, no compositing; regions: each user trimap's unknown "
+                     "pixels (the trimap baselines are given that trimap), and the whole photo (-full).\n\n")
+        parts.append(markdown_table(photos["rows"], labels, regions=regions))
+        if photos.get("comparisons"):
+            parts.append("\n### Claims on the held-out photos\n\n" + comparisons_markdown(photos["comparisons"]))
     seconds = details.get("seconds", {})
     if seconds:
         parts.append("\n## Time\n\n" + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".\n")

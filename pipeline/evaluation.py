@@ -5,11 +5,18 @@ Used by the DVC stage (stages/evaluate.py) and, as a Prefect task, by the traini
 
 - metrics/evaluate.json   {row: {"band"|"full": {sad, mse, grad, conn}}}    (test composites)
 - metrics/claims.json     {"composites"|"photos": {source: implicit-trimap IoU/recall, bracketing}}
-- metrics/photos.json     {row: {"trimap1"|"trimap2"|"full": {...}}} or {"skipped": reason}
-- metrics/details.json    guided-filter choice, image counts, seconds, provenance (checkpoint + sha256)
+- metrics/photos.json     {"held_out": which photos were scored, which excluded and why,
+                           "rows": {row: {"trimap1"|"trimap2"|"full": {...}}}, "comparisons": the claims'
+                           ratios (fusionnet.report.photo_comparisons)} or {"skipped": reason, ...}
+- metrics/details.json    guided-filter choice, image counts, seconds, provenance (checkpoint + sha256),
+                          "test_set": the test composites' data version (`split_data_version`)
 - reports/table.md, reports/per_image.csv, reports/per_image_photos.csv, reports/pictures/*.png
 
 and logs the same as a child run "evaluate" of the pipeline's MLflow parent run.
+
+Real photographs are scored only when held out: a photo that is the source file of a train or val
+foreground in data/foregrounds/manifest.parquet is excluded (`photo_exclusions`), so a model trained
+with `foregrounds.source: folder` on the same photos is not scored on what it was trained on.
 """
 
 from __future__ import annotations
@@ -36,17 +43,21 @@ from fusionnet.evaluate import (
     load_composites,
     load_photos,
     needed_sources,
+    photo_files,
     tune_guided_filter,
 )
 
 SOURCES = ("segmentation", "fusion", "joint")
+NO_CHECKPOINT = ("trimap", "none")  # row sources that need no model file
+COMPARISON_ROWS = ("raw", "segmentation_only", "constant_half", "zeros")  # always scored on photos (the claims)
+SEEN_SPLITS = ("train", "val")
 
 
 @dataclass
 class EvalConfig:
     """The `evaluate:` section of params.yaml (see the comments there)."""
 
-    rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS])
+    rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS if r.source != "none"])  # zeros: a photo row
     max_side: int = 320
     precision: str = "bf16"
     device: str = "cpu"
@@ -145,7 +156,93 @@ def provenance(rows: list[str], checkpoints: Mapping[str, Path], hashes: Mapping
         if source in checkpoints:
             out[row] = {"source": source, "checkpoint": str(checkpoints[source]), "sha256": hashes[source]}
         else:
-            out[row] = {"source": source, "checkpoint": "none (uses the evaluation trimap)", "sha256": ""}
+            what = "uses the evaluation trimap" if source == "trimap" else "alpha = 0"
+            out[row] = {"source": source, "checkpoint": f"none ({what})", "sha256": ""}
+    return out
+
+
+# ----------------------------------------------------------------------------- data versions and held-out photos
+
+
+def split_data_version(composites: str | os.PathLike, split: str = "test") -> dict[str, Any]:
+    """The data version of one split of data/composites: {"version": "sha256:<hex>", "split", "images"}.
+
+    sha256 over, per composite in cid order, its cid and the sha256 of its image, alpha and trimap
+    files: it depends only on the split's data, not on the manifest's row order, file paths, other
+    splits or timestamps. Two evaluations are comparable only when their versions are equal.
+    """
+    import pyarrow.parquet as pq
+
+    root = Path(composites)
+    manifest = root / "manifest.parquet"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no composites manifest (run the `composite` stage first)")
+    table = pq.read_table(manifest)
+    needed = {"cid", "split", "image_path", "alpha_path", "trimap_path"}
+    if not needed <= set(table.column_names):
+        raise ValueError(f"{manifest}: missing column(s) {sorted(needed - set(table.column_names))}")
+    lines = sorted((r for r in table.to_pylist() if r["split"] == split), key=lambda r: r["cid"])
+    if not lines:
+        raise ValueError(f"{manifest}: no {split} composites")
+    digest = hashlib.sha256(f"fusionnet composites {split}\n".encode())
+    for line in lines:
+        files = []
+        for key in ("image_path", "alpha_path", "trimap_path"):
+            path = root / line[key]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: listed in {manifest} ({line['cid']}) but missing")
+            files.append(sha256_file(path))
+        digest.update(f"{line['cid']} {' '.join(files)}\n".encode())
+    return {"version": f"sha256:{digest.hexdigest()}", "split": split, "images": len(lines)}
+
+
+def _source_file(row: Mapping[str, Any]) -> str | None:
+    """The file a foreground came from, when the manifest records it (a `source_path` column, or a
+    path in `source` instead of the source kind); None for the current manifest (kind only)."""
+    from fusionnet.data.sources import SOURCES as SOURCE_KINDS
+
+    path = row.get("source_path") or (row["source"] if row["source"] not in SOURCE_KINDS else None)
+    return str(path) if path else None
+
+
+def photo_exclusions(photos: list[Path], foregrounds: str | os.PathLike, base_dir: Path = Path(".")) -> dict[str, str]:
+    """Photo file name -> why it must not be scored: it is the source of a train or val foreground.
+
+    Reads foregrounds/manifest.parquet (fusionnet.data.collect: id, split, source, ...). A row that
+    records its source file matches the photo with the same resolved path (a relative path is taken
+    from base_dir). A row that does not (today's manifest records the source kind only) matches by
+    root + name: a foreground from a file source ("folder", "dim") whose id is the photo's file stem
+    made into an id the way collect_foregrounds makes it (fusionnet.data.sources.safe_id). Synthetic
+    foregrounds and test-split foregrounds never exclude a photo.
+    """
+    from fusionnet.data.collect import SPLITS, read_manifest
+    from fusionnet.data.sources import safe_id
+
+    manifest = Path(foregrounds) / "manifest.parquet"
+    rows = read_manifest(foregrounds)  # FileNotFoundError naming the manifest
+    if not rows:
+        raise ValueError(f"{manifest}: no foregrounds listed")
+    missing = {"id", "split", "source"} - set(rows[0])
+    if missing:
+        raise ValueError(f"{manifest}: not a foregrounds manifest (no column {', '.join(sorted(missing))})")
+    bad = sorted({str(r["split"]) for r in rows} - set(SPLITS))
+    if bad:
+        raise ValueError(f"{manifest}: unknown split(s) {bad}; expected {', '.join(SPLITS)}")
+    by_path, by_name = {}, {}
+    for row in (r for r in rows if r["split"] in SEEN_SPLITS):
+        source = _source_file(row)
+        if source is not None:
+            by_path[(base_dir / source).resolve()] = (row, source)
+        elif row["source"] != "synthetic":
+            by_name[row["id"]] = row
+    out = {}
+    for photo in photos:
+        if (hit := by_path.get(photo.resolve())) is not None:
+            row, source = hit
+            out[photo.name] = f"source of {row['split']} foreground {row['id']} ({source})"
+        elif (row := by_name.get(safe_id(photo.stem))) is not None:
+            out[photo.name] = (f"{row['split']} foreground {row['id']} (source {row['source']}) has this photo's name "
+                               f"({manifest} records no source paths)")
     return out
 
 
@@ -159,11 +256,15 @@ def run_evaluation(
     metrics_dir: Path = Path("metrics"),
     reports_dir: Path = Path("reports"),
     base_dir: Path = Path("."),
+    foregrounds: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate, write every output file, and return the record (what the files hold, plus paths).
 
     checkpoints: source -> model file for the sources the configured rows need (missing ones
-    drop their rows, with a note). base_dir: what a relative photos root is relative to.
+    drop their rows, with a note). base_dir: what a relative photos root (and a relative source
+    path in the foregrounds manifest) is relative to. foregrounds: the collect_foregrounds output
+    whose manifest says which photos were trained on (default: data/foregrounds beside composites);
+    read only when there are photos to score.
     """
     start = time.perf_counter()
     config = EvalConfig.from_params(params)
@@ -176,7 +277,7 @@ def run_evaluation(
     for source, path in checkpoints.items():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no {source} checkpoint (train that step first)")
-    rows = [r for r in config.rows if ROW_BY_NAME[r].source in (*checkpoints, "trimap")]
+    rows = [r for r in config.rows if ROW_BY_NAME[r].source in (*checkpoints, *NO_CHECKPOINT)]
     dropped = [r for r in config.rows if r not in rows]
     if dropped:
         notes.append(f"rows {dropped} left out: no checkpoint for {sorted({ROW_BY_NAME[r].source for r in dropped})}")
@@ -194,7 +295,9 @@ def run_evaluation(
 
     settings = RowSettings(closed_form_max_side=config.closed_form_max_side)
     gf: dict[str, Any] = {}
-    if "refined" in (*rows, *config.photos_rows) and "joint" in predictors:
+    photo_rows = [r.name for r in ROWS if r.name in (*config.photos_rows, *COMPARISON_ROWS)
+                  and r.source in (*checkpoints, *NO_CHECKPOINT)]
+    if "refined" in (*rows, *photo_rows) and "joint" in predictors:
         t0 = time.perf_counter()
         val = load_composites(composites, "val", limit=config.gf_max_val_images)
         if val:
@@ -216,9 +319,9 @@ def run_evaluation(
     )
     timings["composites"] = time.perf_counter() - t0
     notes.extend(composites_result.notes)
+    test_set = split_data_version(composites, "test")
 
-    photos_result, photos_skipped = None, None
-    photo_rows = [r for r in config.photos_rows if ROW_BY_NAME[r].source in (*checkpoints, "trimap")]
+    photos_result, photos_skipped, held_out = None, None, None
     root = None if not config.photos_root else (base_dir / config.photos_root)
     if root is None:
         photos_skipped = "evaluate.photos.root is empty"
@@ -226,11 +329,18 @@ def run_evaluation(
         photos_skipped = f"{root} is absent (no real photographs on this machine)"
     elif not photo_rows:
         photos_skipped = "no photo rows configured"
+    else:
+        held_out = held_out_photos(root, foregrounds or Path(composites).parent / "foregrounds", base_dir,
+                                   config.photos_max_images)
+        held_out["root"] = str(config.photos_root)  # as configured, not this machine's absolute path
+        if not held_out["scored"]:
+            photos_skipped = f"none of the {held_out['photos']} photos is held out (see held_out.excluded)"
     if photos_skipped:
         print(f"evaluate: real photographs skipped: {photos_skipped}", file=sys.stderr)
     else:
         t0 = time.perf_counter()
-        photos = load_photos(root, config.photos_trimaps, config.photos_baseline_trimap, config.photos_max_images)
+        photos = load_photos(root, config.photos_trimaps, config.photos_baseline_trimap,
+                             names=held_out["files"])
         # only the passes the photo rows need (plus the joint model's, for the claims)
         wanted = {aliases.get(s, s) for s in [*needed_sources(photo_rows), "joint"]}
         photo_predictors = {s: p for s, p in predictors.items() if s in wanted}
@@ -245,10 +355,12 @@ def run_evaluation(
     record = {
         "evaluate": composites_result.summary,
         "claims": {"composites": composites_result.claims, **({"photos": photos_result.claims} if photos_result else {})},
-        "photos": photos_result.summary if photos_result else {"skipped": photos_skipped},
+        "photos": photos_record(photos_result, photos_skipped, held_out, config.photos_trimaps),
         "details": {
             "guided_filter": gf,
-            "images": {"test": len(test), "photos": len(photos_result.per_image) if photos_result else 0},
+            "test_set": test_set,
+            "images": {"test": len(test), "photos": len(photos_result.per_image) if photos_result else 0,
+                       "photos_excluded": len(held_out["excluded"]) if held_out else 0},
             "network": {"max_side": config.max_side, "precision": config.precision},
             "seconds": {k: round(v, 2) for k, v in timings.items()},
             "provenance": provenance(
@@ -264,6 +376,31 @@ def run_evaluation(
     return record
 
 
+def held_out_photos(root: Path, foregrounds: Path, base_dir: Path, limit: int | None = None) -> dict[str, Any]:
+    """Which photos under root/image are scored: {"root", "manifest", "photos": count, "n_scored",
+    "scored": [stem], "excluded": {stem: reason}, "files": [file name scored]}. Excluded: the source
+    of a train or val foreground (`photo_exclusions`), or beyond evaluate.photos.max_images (`limit`)."""
+    files = photo_files(root)
+    reasons = {Path(name).stem: why for name, why in photo_exclusions(files, foregrounds, base_dir).items()}
+    kept = [p for p in files if p.stem not in reasons]
+    for path in kept[limit:] if limit is not None else []:
+        reasons[path.stem] = f"beyond evaluate.photos.max_images ({limit})"
+    kept = kept[:limit]
+    excluded = {p.stem: reasons[p.stem] for p in files if p.stem in reasons}
+    return {"root": str(root), "manifest": str(Path(foregrounds) / "manifest.parquet"), "photos": len(files),
+            "n_scored": len(kept), "scored": [p.stem for p in kept], "excluded": excluded,
+            "files": [p.name for p in kept]}
+
+
+def photos_record(result, skipped: str | None, held_out: dict | None, trimaps: list[str]) -> dict[str, Any]:
+    """metrics/photos.json: see the module docstring."""
+    selection = {k: v for k, v in held_out.items() if k != "files"} if held_out else None
+    if result is None:
+        return {"skipped": skipped, **({"held_out": selection} if selection else {})}
+    return {"held_out": selection, "rows": result.summary,
+            "comparisons": report.photo_comparisons(result.summary, trimaps)}
+
+
 # ----------------------------------------------------------------------------- MLflow
 
 
@@ -273,8 +410,19 @@ def mlflow_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
     metrics = flatten_metrics(record["evaluate"])
     metrics.update(flatten_metrics(record["claims"], "claims."))
-    if "skipped" not in record["photos"]:
-        metrics.update(flatten_metrics(record["photos"], "photos."))
+    photos = record["photos"]
+    if "rows" in photos:
+        metrics.update(flatten_metrics(photos["rows"], "photos."))
+        compared = flatten_metrics(photos["comparisons"], "photos.comparisons.")
+        metrics.update({k: v for k, v in compared.items() if not k.endswith(".threshold")})
+        for model, entry in photos["comparisons"].items():  # verdicts as 1/0
+            metrics[f"photos.comparisons.{model}.holds"] = float(entry["holds"])
+            for name, comparison in entry.items():
+                if name != "holds":
+                    metrics[f"photos.comparisons.{model}.{name}.holds"] = float(comparison["holds"])
+    if photos.get("held_out"):
+        metrics["photos.held_out"] = float(len(photos["held_out"]["scored"]))
+        metrics["photos.excluded"] = float(len(photos["held_out"]["excluded"]))
     gf = {k: v for k, v in (record["details"].get("guided_filter") or {}).items() if k != "grid"}
     metrics.update(flatten_metrics(gf, "guided_filter."))
     metrics.update(flatten_metrics(record["details"]["seconds"], "seconds."))
@@ -304,6 +452,10 @@ def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_
                 for p in record["details"]["provenance"].values() if p["sha256"]}
         if "skipped" in record["photos"]:
             tags["fusionnet.photos_skipped"] = str(record["photos"]["skipped"])
+        if record["photos"].get("held_out"):
+            tags["fusionnet.photos_excluded"] = ", ".join(record["photos"]["held_out"]["excluded"]) or "none"
+        if record["details"].get("test_set"):
+            tags["fusionnet.test_set"] = record["details"]["test_set"]["version"]
         MlflowTrainLogger(run_id, client).set_tags(tags)
         for path in record.get("files", []):
             folder = "pictures" if Path(path).parent.name == "pictures" else "evaluation"
@@ -344,7 +496,7 @@ def evaluate_hook(
     @task(name="evaluate", cache_policy=NO_CACHE)
     def evaluate_task() -> dict[str, Any]:
         record = run_evaluation(params, checkpoints_beside(model_path), root / "data" / "composites",
-                                root / "metrics", root / "reports", root)
+                                root / "metrics", root / "reports", root, root / "data" / "foregrounds")
         log_evaluation(record, params, parent_run_id)
         return record
 

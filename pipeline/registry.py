@@ -6,8 +6,11 @@
 - `register_version` registers it under `late-fusion-matting`, with the evaluation metrics as
   version tags ("metric.<row>.<region>.<metric>") and the table as the version description.
 - `promote` moves alias `champion` to the new version only when it beats the current champion on
-  the configured metric (e.g. `raw.band.sad`, lower is better); otherwise the new version gets
-  alias `challenger`. A first version is champion; a tie is not a win.
+  the configured metric (e.g. `raw.band.sad`, lower is better) and both were evaluated on the same
+  test set (version tag "fusionnet.test_set": the test composites' data version from
+  metrics/details.json); otherwise the new version gets alias `challenger`, and when the test sets
+  differ (or one is unrecorded) it says so and does not compare. A first version is champion; a tie
+  is not a win.
 - `pull` downloads a registered model (e.g. `models:/late-fusion-matting@champion`) to a folder.
 """
 
@@ -36,6 +39,7 @@ from pipeline.tracking import tracking_uri
 MODEL_NAME = "late-fusion-matting"
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC_TAG_PREFIX = "metric."
+TEST_SET_TAG = "fusionnet.test_set"  # the data version of the test set the version's metrics come from
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # The pyfunc's runtime needs, pinned to the installed versions (an offline environment cannot resolve).
 REQUIREMENT_DISTRIBUTIONS = (
@@ -146,6 +150,9 @@ class Promotion:
     champion_version: str | None
     champion_value: float | None
     reason: str
+    test_set: str | None = None
+    champion_test_set: str | None = None
+    compared: bool = False  # whether the metric was compared with a champion (same test set)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,21 +176,34 @@ def promote(
 ) -> Promotion:
     """Give `version` alias champion if it beats the current champion on `metric`, else challenger.
 
-    Both values are read from the versions' "metric.<metric>" tags (set by register_version).
-    A champion without that tag (registered by other means) counts as beaten.
+    Both values are read from the versions' "metric.<metric>" tags (set by register_version), and
+    compared only when both versions carry the same TEST_SET_TAG: metrics on different test data
+    (or on unrecorded data) do not rank models, so then the new version is challenger, the
+    champion alias stays, and the reason says why. A champion without the metric tag (registered
+    by other means) but on the same test set counts as beaten.
     """
     new = client.get_model_version(name, version)
     value = float(new.tags.get(f"{METRIC_TAG_PREFIX}{metric}", "nan"))
+    test_set = new.tags.get(TEST_SET_TAG) or None
     try:
         champion = client.get_model_version_by_alias(name, champion_alias)
     except MlflowException:
         champion = None
     champion_value: float | None = None
+    champion_test_set = None if champion is None else (champion.tags.get(TEST_SET_TAG) or None)
+    compared = False
     if champion is None:
         alias, reason = champion_alias, "no champion yet"
     elif str(champion.version) == str(version):
         alias, reason = champion_alias, "already the champion"
+    elif test_set is None or test_set != champion_test_set:
+        alias = challenger_alias
+        reason = (f"not compared with champion v{champion.version}: v{version} was evaluated on test set "
+                  f"{test_set or '(unrecorded)'}, the champion on {champion_test_set or '(unrecorded)'}; "
+                  f"metrics on different test data do not rank models, so @{champion_alias} stays on "
+                  f"v{champion.version} (move it by hand if intended)")
     else:
+        compared = True
         champion_value = float(champion.tags.get(f"{METRIC_TAG_PREFIX}{metric}", "nan"))
         direction = "higher" if greater_is_better else "lower"
         if math.isnan(champion_value):
@@ -208,6 +228,9 @@ def promote(
         champion_version=None if champion is None else str(champion.version),
         champion_value=champion_value,
         reason=reason,
+        test_set=test_set,
+        champion_test_set=champion_test_set,
+        compared=compared,
     )
 
 
@@ -334,9 +357,9 @@ def register_pipeline_model(
     """Log `weights` as a pyfunc (child run "register"), register it, apply the champion rule.
 
     Reads metrics_dir/evaluate.json (the compared metric and the version's metric tags),
-    metrics_dir/details.json (the guided filter's radius/eps chosen on validation, the checkpoint
-    provenance) and reports_dir/table.md (the version description). Writes `out` (JSON: name,
-    version, alias, uri, the decision) atomically and returns the same dict.
+    metrics_dir/details.json (the guided filter's radius/eps chosen on validation, the test set's
+    data version, stored as tag TEST_SET_TAG) and reports_dir/table.md (the version description).
+    Writes `out` (JSON: name, version, alias, uri, the decision) atomically and returns the same dict.
     """
     from pipeline.tracking import get_client as tracking_client
     from pipeline.tracking import start_step_run
@@ -354,6 +377,9 @@ def register_pipeline_model(
         "max_side": config.max_side, "precision": config.precision, "refine": config.refine, "device": "cpu",
         "radius": int(gf.get("radius", 8)), "eps": float(gf.get("eps", 1e-4)),
     }
+    test_set = (details.get("test_set") or {}).get("version")
+    if test_set is not None and not (isinstance(test_set, str) and test_set):
+        raise ValueError(f"{metrics_dir / 'details.json'}: test_set.version must be a non-empty string, got {test_set!r}")
     import hashlib
 
     sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
@@ -366,7 +392,8 @@ def register_pipeline_model(
             version = register_version(
                 registry, info.model_uri, run_id, metrics, table,
                 tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
-                      "fusionnet.settings": json.dumps(settings, sort_keys=True)},
+                      "fusionnet.settings": json.dumps(settings, sort_keys=True),
+                      **({TEST_SET_TAG: test_set} if test_set else {})},
                 name=config.model_name,
             )
             decision = promote(registry, str(version.version), config.metric, config.greater_is_better,

@@ -1,8 +1,9 @@
 """DVC stage `evaluate`: the three training steps' checkpoints -> the paper's Tables 1/2 rows, claims, pictures.
 
-Reads params `evaluate`; writes metrics/{evaluate,claims,photos,details}.json, reports/table.md,
-reports/per_image*.csv and reports/pictures/, and logs them to MLflow as child run "evaluate"
-of the pipeline's parent run (pipeline.evaluation).
+Reads params `evaluate` and data/foregrounds/manifest.parquet (a real photo that is the source of a
+train or val foreground is not scored); writes metrics/{evaluate,claims,photos,details}.json,
+reports/table.md, reports/per_image*.csv and reports/pictures/, and logs them to MLflow as child run
+"evaluate" of the pipeline's parent run (pipeline.evaluation).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", type=Path, default=Path("models/fusion/model.safetensors"))
     parser.add_argument("--joint", type=Path, default=Path("models/joint/model.safetensors"))
     parser.add_argument("--composites", type=Path, default=Path("data/composites"))
+    parser.add_argument("--foregrounds", type=Path, default=Path("data/foregrounds"),
+                        help="collect_foregrounds output: its manifest says which photos were trained on")
     parser.add_argument("--metrics", type=Path, default=Path("metrics"))
     parser.add_argument("--reports", type=Path, default=Path("reports"))
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
@@ -33,15 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     checkpoints = {"segmentation": args.segmentation, "fusion": args.fusion, "joint": args.joint}
     base_dir = args.params.resolve().parent  # a relative photos root is relative to params.yaml
+    inputs = (params, checkpoints, args.composites, args.metrics, args.reports, base_dir, args.foregrounds)
     if args.no_mlflow:
-        record = run_evaluation(params, checkpoints, args.composites, args.metrics, args.reports, base_dir)
+        record = run_evaluation(*inputs)
     else:
         with pipeline_parent(params) as parent:  # a failed evaluation marks the pipeline run FAILED
-            record = run_evaluation(params, checkpoints, args.composites, args.metrics, args.reports, base_dir)
+            record = run_evaluation(*inputs)
             run_id = log_evaluation(record, params, parent)
         print(f"evaluate: logged MLflow run {run_id} (parent {parent})", file=sys.stderr)
     for note in record["notes"]:
         print(f"evaluate: note: {note}", file=sys.stderr)
+    held_out = record["photos"].get("held_out")
+    if held_out:
+        print(f"evaluate: photos scored (held out): {', '.join(held_out['scored']) or 'none'}; excluded: "
+              + ("; ".join(f"{k} ({v})" for k, v in held_out["excluded"].items()) or "none"), file=sys.stderr)
+    print(f"evaluate: test set {record['details']['test_set']['version']}", file=sys.stderr)
     print(json.dumps(record["details"]["seconds"]))
     print((args.reports / "table.md").read_text())
     return 0

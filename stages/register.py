@@ -1,7 +1,9 @@
 """DVC stage `register`: the joint model -> MLflow pyfunc `late-fusion-matting`, champion or challenger.
 
 Reads params `register` (and the evaluation's metrics/ and reports/table.md); writes
-models/registered.json (name, version, alias, uri, the decision and why).
+models/registered.json (name, version, alias, uri, the decision and why). The new version is
+compared with the champion only when both were evaluated on the same test set (details.json's
+test_set.version, stored as tag fusionnet.test_set); otherwise it becomes challenger and says so.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     result = register_pipeline_model(load_params(args.params), args.model, args.metrics, args.reports, args.out)
     print(json.dumps(result, indent=2))
     print(f"register: {result['name']} v{result['version']} -> @{result['alias']}: {result['reason']}", file=sys.stderr)
+    if result["champion_version"] not in (None, result["version"]) and not result["compared"]:
+        print(f"register: NOT COMPARED: test set {result['test_set'] or '(unrecorded)'} differs from champion "
+              f"v{result['champion_version']}'s {result['champion_test_set'] or '(unrecorded)'}; champion alias "
+              "not moved", file=sys.stderr)
     return 0
 
 

@@ -30,11 +30,13 @@ from fusionnet.evaluate import (
     evaluate_set,
     load_composites,
     load_photos,
+    photo_files,
     region_metrics,
     summarise,
     tune_guided_filter,
 )
 from fusionnet.refine import guided_filter
+from fusionnet.report import photo_comparisons
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -93,6 +95,27 @@ def make_checkpoints(models: Path, seed: int = 0) -> dict[str, Path]:
         model.fg_decoder.heads[-1].bias.add_(0.5)
     save(model, paths["joint"])
     return paths
+
+
+def make_photos(root: Path, names=("GT01", "GT02", "GT03"), size=(40, 52), seed: int = 7) -> Path:
+    """An alphamatting.com-style folder: image/, alpha/, trimap1/ (2-px band), trimap2/ (5-px band)."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        alpha = soft_blob(*size, rng)
+        for folder, arr in (("image", rng.integers(0, 256, size + (3,), dtype=np.uint8)), ("alpha", alpha),
+                            ("trimap1", band_trimap(alpha, 2)), ("trimap2", band_trimap(alpha, 5))):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / folder / f"{name}.png")
+    return root
+
+
+def make_foregrounds(root: Path, rows: list[dict]) -> Path:
+    """data/foregrounds/manifest.parquet with the given rows (id, split, source[, source_path])."""
+    root.mkdir(parents=True, exist_ok=True)
+    full = [{"width": 10, "height": 10, "transition_fraction": 0.1, "fg_path": f"fg/{r['id']}.png",
+             "alpha_path": f"alpha/{r['id']}.png", **r} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full), root / "manifest.parquet")
+    return root
 
 
 def sample_from(alpha: np.ndarray, name: str = "s", band: int = 4, seed: int = 0) -> EvalSample:
@@ -187,6 +210,56 @@ def test_refined_row_is_the_guided_filter_of_raw():
     np.testing.assert_array_equal(result.kept["s"]["raw"], noisy)
 
 
+def test_zeros_row_and_trimap_baselines_per_region_trimap():
+    """alpha = 0 scores sum(gt); constant 0.5 is given each region's own trimap, "full" the sample's."""
+    alpha = np.zeros((24, 30))
+    alpha[:, 15:] = 1.0
+    alpha[:, 11:19] = np.linspace(0.1, 0.9, 8)
+    a8 = np.round(alpha * 255).astype(np.uint8)
+    narrow, wide = band_trimap(a8, 1), band_trimap(a8, 4)
+    gt = a8.astype(np.float32) / 255
+    regions = {"trimap1": narrow == 128, "trimap2": wide == 128, "full": None}
+    sample = EvalSample("p", np.zeros(alpha.shape + (3,), np.uint8), gt, narrow, regions,
+                        region_trimaps={"trimap1": narrow, "trimap2": wide})
+    result = evaluate_set([sample], {}, ["constant_half", "zeros"], RowSettings(), workers=0)
+    half = result.summary["constant_half"]
+    g = gt.astype(np.float64)
+    assert half["trimap2"]["sad"] == pytest.approx(np.abs(0.5 - g)[wide == 128].sum() / 1000, rel=1e-6)
+    assert half["trimap1"]["sad"] == pytest.approx(np.abs(0.5 - g)[narrow == 128].sum() / 1000, rel=1e-6)
+    assert half["trimap2"]["sad"] > half["trimap1"]["sad"]  # not the narrow trimap's matte scored in the wide band
+    assert half["full"]["sad"] == pytest.approx(half["trimap1"]["sad"], rel=1e-6)  # full: the sample's trimap
+    assert result.summary["zeros"]["full"]["sad"] == pytest.approx(g.sum() / 1000, rel=1e-6)
+    assert result.summary["zeros"]["trimap2"]["mse"] == pytest.approx((g[wide == 128] ** 2).mean(), rel=1e-6)
+
+
+def test_photo_comparisons_ratios_and_verdicts():
+    def row(t1_sad, t1_mse, t2_sad, t2_mse, full_sad):
+        return {"trimap1": {"sad": t1_sad, "mse": t1_mse}, "trimap2": {"sad": t2_sad, "mse": t2_mse},
+                "full": {"sad": full_sad, "mse": 0.01}}
+
+    summary = {"raw": row(3.0, 0.03, 6.0, 0.02, 7.0), "refined": row(3.9, 0.03, 6.0, 0.02, 7.0),
+               "segmentation_only": row(4.0, 0.05, 6.5, 0.03, 8.0), "constant_half": row(4.0, 0.04, 8.0, 0.04, 8.0),
+               "zeros": row(5.0, 0.3, 9.0, 0.3, 20.0)}
+    out = photo_comparisons(summary, ["trimap1", "trimap2"])
+    raw = out["raw"]
+    assert raw["vs_constant_half"]["trimap1"] == {"sad": pytest.approx(0.75), "mse": pytest.approx(0.75)}
+    assert raw["vs_constant_half"]["trimap2"]["mse"] == pytest.approx(0.5)
+    assert raw["vs_constant_half"]["holds"] is True                      # 0.75 is exactly 25% better
+    assert raw["vs_zeros"]["full"]["sad"] == pytest.approx(0.35) and raw["vs_zeros"]["holds"] is True
+    assert raw["vs_segmentation_only"]["trimap1"]["mse"] == pytest.approx(0.6)
+    assert raw["vs_segmentation_only"]["holds"] is True and raw["holds"] is True
+    refined = out["refined"]  # SAD-trimap1 3.9 / 4.0: not 25% better than constant 0.5, but beats seg-only
+    assert refined["vs_constant_half"]["holds"] is False and refined["vs_segmentation_only"]["holds"] is True
+    assert refined["holds"] is False
+    summary["segmentation_only"]["trimap2"]["mse"] = 0.019  # raw: lower SAD but higher MSE there
+    assert photo_comparisons(summary, ["trimap1", "trimap2"])["raw"]["vs_segmentation_only"]["holds"] is False
+    # a ratio to a zero baseline is undefined and never holds; absent baselines are left out
+    summary["zeros"]["full"]["sad"] = 0.0
+    assert math.isnan(photo_comparisons(summary, ["trimap1"])["raw"]["vs_zeros"]["full"]["sad"])
+    assert photo_comparisons(summary, ["trimap1"])["raw"]["vs_zeros"]["holds"] is False
+    assert set(photo_comparisons({"raw": summary["raw"]}, ["trimap1"])["raw"]) == {"holds"}
+
+
 # ----------------------------------------------------------------------------- claims
 
 
@@ -270,6 +343,81 @@ def test_load_photos_regions_per_trimap(tmp_path):
     np.testing.assert_array_equal(photo.trimap, band_trimap(alpha, 2))
 
 
+def test_load_photos_reads_only_the_named_photos(tmp_path):
+    root = make_photos(tmp_path / "photos")
+    (root / "image" / "GT02.png").write_bytes(b"not a png")  # reading it would fail
+    assert [p.name for p in photo_files(root)] == ["GT01.png", "GT02.png", "GT03.png"]
+    photos = load_photos(root, names=["GT01.png", "GT03.png"])
+    assert [p.name for p in photos] == ["GT01", "GT03"]
+    assert set(photos[0].region_trimaps) == {"trimap1", "trimap2"}
+    with pytest.raises(FileNotFoundError, match="image"):
+        photo_files(tmp_path / "nowhere")
+
+
+def test_test_set_version_depends_only_on_the_test_data(tmp_path):
+    from pipeline.evaluation import split_data_version
+
+    a = make_composites(tmp_path / "a", n_test=3, n_val=2)
+    b = make_composites(tmp_path / "b", n_test=3, n_val=2)
+    version = split_data_version(a)
+    assert version["version"].startswith("sha256:") and len(version["version"]) == 7 + 64
+    assert (version["split"], version["images"]) == ("test", 3)
+    assert split_data_version(b) == version                       # same data elsewhere: same version
+    table = pq.read_table(b / "manifest.parquet").to_pylist()
+    pq.write_table(pa.Table.from_pylist(table[::-1]), b / "manifest.parquet")
+    assert split_data_version(b) == version                       # row order does not matter
+    Image.fromarray(np.zeros((64, 80), np.uint8)).save(b / "train" / "alpha" / "c04.png")
+    assert split_data_version(b) == version                       # a validation file is not the test set
+    assert split_data_version(b, "val") != split_data_version(a, "val")
+    alpha = np.asarray(Image.open(b / "test" / "alpha" / "c01.png")).copy()
+    alpha[0, 0] ^= 1
+    Image.fromarray(alpha).save(b / "test" / "alpha" / "c01.png")
+    assert split_data_version(b)["version"] != version["version"]  # one test pixel changes the version
+    assert split_data_version(make_composites(tmp_path / "c", n_test=2, n_val=2)) != version
+    (b / "test" / "trimap" / "c02.png").unlink()
+    with pytest.raises(FileNotFoundError, match="c02.png"):
+        split_data_version(b)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        split_data_version(tmp_path / "nowhere")
+
+
+def test_photo_exclusions_match_train_and_val_sources(tmp_path):
+    from pipeline.evaluation import photo_exclusions
+
+    root = make_photos(tmp_path / "photos", names=("GT01", "GT02", "GT03", "GT04"))
+    files = photo_files(root)
+    # today's manifest: the source kind only, so names are matched (ids are the file stems)
+    by_name = make_foregrounds(tmp_path / "fg-names", [
+        {"id": "GT01", "split": "train", "source": "folder"}, {"id": "GT02", "split": "val", "source": "folder"},
+        {"id": "GT03", "split": "test", "source": "folder"}, {"id": "syn-00000", "split": "train", "source": "synthetic"}])
+    excluded = photo_exclusions(files, by_name)
+    assert sorted(excluded) == ["GT01.png", "GT02.png"]          # the test-split foreground stays held out
+    assert "train foreground GT01" in excluded["GT01.png"] and "val foreground GT02" in excluded["GT02.png"]
+    # synthetic profile: nothing is excluded
+    synthetic = make_foregrounds(tmp_path / "fg-syn", [{"id": f"syn-{i:05d}", "split": s, "source": "synthetic"}
+                                                       for i, s in enumerate(["train", "val", "test"])])
+    assert photo_exclusions(files, synthetic) == {}
+    # a manifest with source paths: resolved paths are matched (relative ones from base_dir)
+    other = make_photos(tmp_path / "elsewhere", names=("GT04",))
+    by_path = make_foregrounds(tmp_path / "fg-paths", [
+        {"id": "a", "split": "train", "source": "folder", "source_path": "photos/image/GT03.png"},
+        {"id": "GT04", "split": "train", "source": "folder", "source_path": str(other / "image" / "GT04.png")}])
+    excluded = photo_exclusions(files, by_path, base_dir=tmp_path)
+    assert list(excluded) == ["GT03.png"] and "photos/image/GT03.png" in excluded["GT03.png"]
+    (tmp_path / "link").symlink_to(root)  # the same files reached another way: matched by resolved path
+    assert list(photo_exclusions(photo_files(tmp_path / "link"), by_path, base_dir=tmp_path)) == ["GT03.png"]
+    # bad input names the file
+    with pytest.raises(FileNotFoundError, match="nowhere/manifest.parquet"):
+        photo_exclusions(files, tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"id": "x", "split": "train"}]), tmp_path / "bad" / "manifest.parquet")
+    with pytest.raises(ValueError, match=r"bad/manifest.parquet.*source"):
+        photo_exclusions(files, tmp_path / "bad")
+    make_foregrounds(tmp_path / "bad2", [{"id": "x", "split": "training", "source": "folder"}])
+    with pytest.raises(ValueError, match=r"bad2/manifest.parquet.*training"):
+        photo_exclusions(files, tmp_path / "bad2")
+
+
 @pytest.mark.shared_data
 def test_real_photos_with_the_trimap_baselines():
     root = SHARED_DATA / "alphamatting-dev"
@@ -333,6 +481,11 @@ def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_proje
         assert entry["sha256"] == hashlib.sha256(checkpoints[source].read_bytes()).hexdigest()
         assert f"| {entry['checkpoint']} | {entry['sha256']} |" in markdown
     assert details["provenance"]["closed_form"]["sha256"] == ""
+    # the test set's data version, from the test composites themselves
+    from pipeline.evaluation import split_data_version
+
+    assert details["test_set"] == split_data_version(tiny_project["composites"])
+    assert details["test_set"]["images"] == 3
     # the fusion step left the branches alone, so F/B came from the fusion model's pass
     assert any("identical branch weights" in n for n in record["notes"])
     assert details["guided_filter"]["radius"] in (1, 2) and details["guided_filter"]["val_images"] == 2
@@ -354,31 +507,62 @@ def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_proje
 
 
 @pytest.mark.slow
-def test_run_evaluation_on_photos_with_their_trimaps(tiny_project, tmp_path):
+def test_run_evaluation_scores_only_held_out_photos(tiny_project, tmp_path):
+    """Photos that are the source of train/val foregrounds are not scored (not even read), and say so."""
     from pipeline.evaluation import run_evaluation
 
-    rng = np.random.default_rng(7)
-    for name in ("GT01", "GT02"):
-        alpha = soft_blob(40, 52, rng)
-        for folder, arr in (("image", rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)), ("alpha", alpha),
-                            ("trimap1", band_trimap(alpha, 2)), ("trimap2", band_trimap(alpha, 5))):
-            (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(tmp_path / "photos" / folder / f"{name}.png")
+    make_photos(tmp_path / "photos", names=("GT01", "GT02", "GT03", "GT04"))
+    (tmp_path / "photos" / "image" / "GT01.png").write_bytes(b"trained on: reading it would fail")
+    foregrounds = make_foregrounds(tmp_path / "foregrounds", [
+        {"id": "GT01", "split": "train", "source": "folder"}, {"id": "GT03", "split": "val", "source": "folder"},
+        {"id": "GT04", "split": "test", "source": "folder"}])
     params = {"evaluate": {**TINY_PARAMS["evaluate"], "rows": ["raw", "constant_half"], "pictures": 0,
                            "photos": {"root": "photos", "rows": ["fgbg_only_fg", "raw", "constant_half"]}}}
     record = run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], tmp_path / "metrics",
-                            tmp_path / "reports", base_dir=tmp_path)
+                            tmp_path / "reports", base_dir=tmp_path, foregrounds=foregrounds)
     photos = json.loads((tmp_path / "metrics" / "photos.json").read_text())
-    assert list(photos) == ["fgbg_only_fg", "raw", "constant_half"]
-    assert set(photos["raw"]) == {"trimap1", "trimap2", "full"}
-    # the baselines take trimap1: outside its band they are exact, so the larger regions add nothing
-    const = photos["constant_half"]
-    assert const["trimap2"]["sad"] == pytest.approx(const["trimap1"]["sad"]) == pytest.approx(const["full"]["sad"])
-    assert const["trimap1"]["sad"] > 0
+    held_out = photos["held_out"]
+    assert held_out["scored"] == ["GT02", "GT04"] and (held_out["photos"], held_out["n_scored"]) == (4, 2)
+    assert held_out["root"] == "photos"  # as configured, not this machine's absolute path
+    assert list(held_out["excluded"]) == ["GT01", "GT03"]
+    assert "train foreground GT01" in held_out["excluded"]["GT01"] and "val" in held_out["excluded"]["GT03"]
+    assert held_out["manifest"] == str(foregrounds / "manifest.parquet")
+    per_image = (tmp_path / "reports" / "per_image_photos.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in per_image[1:]] == ["GT02", "GT04"]
+    # the configured rows plus the ones the claims need, in table order
+    rows = photos["rows"]
+    assert list(rows) == ["fgbg_only_fg", "raw", "segmentation_only", "constant_half", "zeros"]
+    assert set(rows["raw"]) == {"trimap1", "trimap2", "full"}
+    # constant 0.5 is given each trimap in its own region; "full" uses trimap1 (exact outside its band)
+    const = rows["constant_half"]
+    assert const["trimap2"]["sad"] > const["trimap1"]["sad"] > 0
+    assert const["full"]["sad"] == pytest.approx(const["trimap1"]["sad"])
+    gts = [np.asarray(Image.open(tmp_path / "photos" / "alpha" / f"{n}.png"), np.float64) / 255 for n in ("GT02", "GT04")]
+    assert rows["zeros"]["full"]["sad"] == pytest.approx(np.mean([g.sum() for g in gts]) / 1000, rel=1e-5)
+    # the comparisons are the table's ratios
+    raw = photos["comparisons"]["raw"]
+    assert raw["vs_constant_half"]["trimap2"]["sad"] == pytest.approx(rows["raw"]["trimap2"]["sad"] / const["trimap2"]["sad"])
+    assert raw["vs_zeros"]["full"]["sad"] == pytest.approx(rows["raw"]["full"]["sad"] / rows["zeros"]["full"]["sad"])
+    assert raw["vs_zeros"]["holds"] == (raw["vs_zeros"]["full"]["sad"] <= 0.35)
+    assert raw["vs_segmentation_only"]["trimap1"]["mse"] == pytest.approx(
+        rows["raw"]["trimap1"]["mse"] / rows["segmentation_only"]["trimap1"]["mse"])
     assert set(record["claims"]["photos"]) == {"segmentation", "joint"}
-    assert record["details"]["images"]["photos"] == 2
-    assert len((tmp_path / "reports" / "per_image_photos.csv").read_text().splitlines()) == 3
-    assert "SAD-trimap1" in (tmp_path / "reports" / "table.md").read_text()
+    details = json.loads((tmp_path / "metrics" / "details.json").read_text())
+    assert details["images"]["photos"] == 2 and details["images"]["photos_excluded"] == 2
+    table = (tmp_path / "reports" / "table.md").read_text()
+    assert "SAD-trimap1" in table and "Held out (scored): 2 of 4 photos in photos: GT02, GT04." in table
+    assert "- GT01: train foreground GT01" in table and "Claims on the held-out photos" in table
+
+    # the synthetic profile: every photo is held out; a missing manifest is an error naming it
+    (tmp_path / "photos" / "image" / "GT01.png").unlink()
+    synthetic = make_foregrounds(tmp_path / "fg-syn", [{"id": "syn-00000", "split": "train", "source": "synthetic"}])
+    run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], tmp_path / "m2",
+                   tmp_path / "r2", base_dir=tmp_path, foregrounds=synthetic)
+    held_out = json.loads((tmp_path / "m2" / "photos.json").read_text())["held_out"]
+    assert held_out["scored"] == ["GT02", "GT03", "GT04"] and held_out["excluded"] == {}
+    with pytest.raises(FileNotFoundError, match="no-foregrounds/manifest.parquet"):
+        run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], tmp_path / "m3",
+                       tmp_path / "r3", base_dir=tmp_path, foregrounds=tmp_path / "no-foregrounds")
 
 
 @pytest.mark.slow

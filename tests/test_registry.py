@@ -22,6 +22,7 @@ from PIL import Image
 from tests.test_evaluate import make_checkpoints
 
 MODEL = "late-fusion-matting"
+SET_A, SET_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64  # two test-set data versions
 
 
 @contextmanager
@@ -42,21 +43,26 @@ def registry_env(root: Path):
         yield uri
 
 
-def write_evaluation(folder: Path, sad: float, radius: int = 2, eps: float = 1e-2) -> tuple[Path, Path]:
-    """The evaluate stage's outputs that register reads, with a chosen raw.band.sad."""
+def write_evaluation(folder: Path, sad: float, radius: int = 2, eps: float = 1e-2,
+                     test_set: str | None = SET_A) -> tuple[Path, Path]:
+    """The evaluate stage's outputs that register reads, with a chosen raw.band.sad and test-set version
+    (None: a details.json without one)."""
     metrics, reports = folder / "metrics", folder / "reports"
     metrics.mkdir(parents=True, exist_ok=True)
     reports.mkdir(parents=True, exist_ok=True)
     (metrics / "evaluate.json").write_text(json.dumps({"raw": {"band": {"sad": sad, "mse": 0.1}, "full": {"sad": 2 * sad}}}))
-    (metrics / "details.json").write_text(json.dumps({"guided_filter": {"radius": radius, "eps": eps}}))
+    details = {"guided_filter": {"radius": radius, "eps": eps}}
+    if test_set is not None:
+        details["test_set"] = {"version": test_set, "split": "test", "images": 3}
+    (metrics / "details.json").write_text(json.dumps(details))
     (reports / "table.md").write_text(f"| Method | SAD-25 |\n|---|---:|\n| Ours-raw | {sad} |\n")
     return metrics, reports
 
 
-def register(root: Path, weights: Path, sad: float, tag: str, **register_params) -> dict:
+def register(root: Path, weights: Path, sad: float, tag: str, test_set: str | None = SET_A, **register_params) -> dict:
     from pipeline.registry import register_pipeline_model
 
-    metrics, reports = write_evaluation(root / tag, sad)
+    metrics, reports = write_evaluation(root / tag, sad, test_set=test_set)
     params = {"register": {"max_side": 64, "precision": "fp32", **register_params}}
     return register_pipeline_model(params, weights, metrics, reports, root / tag / "registered.json")
 
@@ -101,6 +107,7 @@ def test_champion_moves_only_when_beaten(registry):
     version = client.get_model_version(MODEL, "3")
     assert float(version.tags["metric.raw.band.sad"]) == 0.5
     assert version.tags["fusionnet.checkpoint.sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert version.tags["fusionnet.test_set"] == SET_A
     assert "Ours-raw" in version.description
     assert json.loads((root / "v3" / "registered.json").read_text())["alias_uri"] == f"models:/{MODEL}@champion"
 
@@ -112,11 +119,13 @@ def test_greater_is_better_and_missing_metric(registry):
     client = get_client()
     source = client.get_model_version(MODEL, "1").source
     name = "promote-rule"
-    versions = [register_version(client, source, None, {"score": v}, "", name=name).version for v in (0.5, 0.7, 0.6)]
+    same_set = {"fusionnet.test_set": SET_A}
+    versions = [register_version(client, source, None, {"score": v}, "", tags=same_set, name=name).version
+                for v in (0.5, 0.7, 0.6)]
     decisions = [promote(client, v, "score", greater_is_better=True, name=name) for v in versions]
     assert [d.alias for d in decisions] == ["champion", "champion", "challenger"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(versions[1])
-    no_metric = register_version(client, source, None, {"other": 1.0}, "", name=name).version
+    no_metric = register_version(client, source, None, {"other": 1.0}, "", tags=same_set, name=name).version
     assert promote(client, no_metric, "score", greater_is_better=True, name=name).alias == "challenger"  # NaN never wins
 
     from pipeline.registry import register_pipeline_model
@@ -125,6 +134,39 @@ def test_greater_is_better_and_missing_metric(registry):
     with pytest.raises(KeyError, match="raw.band.nope"):
         register_pipeline_model({"register": {"metric": "raw.band.nope"}}, registry["weights"], metrics, reports,
                                 registry["root"] / "x.json")
+
+
+@pytest.mark.slow
+def test_champion_is_compared_only_on_the_same_test_set(registry):
+    """A much better number on other test data does not move the champion; the same data does."""
+    from pipeline.registry import get_client
+
+    root, weights, name = registry["root"], registry["weights"], "test-set-rule"
+    first = register(root, weights, sad=1.0, tag="s1", model_name=name)
+    assert (first["alias"], first["test_set"]) == ("champion", SET_A)
+    other = register(root, weights, sad=0.1, tag="s2", test_set=SET_B, model_name=name)
+    assert (other["alias"], other["compared"], other["champion_version"]) == ("challenger", False, "1")
+    assert (other["test_set"], other["champion_test_set"]) == (SET_B, SET_A)
+    assert other["champion_value"] is None and "not compared" in other["reason"] and SET_B in other["reason"]
+    client = get_client()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert client.get_model_version(name, "2").tags["fusionnet.test_set"] == SET_B
+    assert "not compared" in client.get_model_version(name, "2").tags["fusionnet.promotion"]
+    assert json.loads((root / "s2" / "registered.json").read_text())["compared"] is False
+    # unrecorded test data (an old details.json) is not comparable either
+    unknown = register(root, weights, sad=0.01, tag="s3", test_set=None, model_name=name)
+    assert unknown["alias"] == "challenger" and "(unrecorded)" in unknown["reason"]
+    assert "fusionnet.test_set" not in client.get_model_version(name, "3").tags
+    # the same test set: compared, and the better version takes the alias
+    same = register(root, weights, sad=0.5, tag="s4", model_name=name)
+    assert (same["alias"], same["compared"], same["champion_value"]) == ("champion", True, 1.0)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "4"
+    # a bad test-set version is an error naming details.json
+    metrics, reports = write_evaluation(root / "s5", 0.4, test_set="")
+    from pipeline.registry import register_pipeline_model
+
+    with pytest.raises(ValueError, match="s5/metrics/details.json"):
+        register_pipeline_model({"register": {"model_name": name}}, weights, metrics, reports, root / "s5.json")
 
 
 # ----------------------------------------------------------------------------- use
@@ -213,14 +255,19 @@ def test_fusionnet_matte_with_a_registry_uri(registry, tmp_path):
 
 
 def tiny_project(root: Path) -> Path:
-    """A project folder with params.yaml, data/composites and models/<step>/model.safetensors."""
+    """A project folder with params.yaml, data/composites, data/foregrounds (photo GT01 trained on),
+    photos/ (GT01, GT02) and models/<step>/model.safetensors."""
     import yaml
 
-    from tests.test_evaluate import TINY_PARAMS, make_composites
+    from tests.test_evaluate import TINY_PARAMS, make_composites, make_foregrounds, make_photos
 
     make_composites(root / "data" / "composites")
     make_checkpoints(root / "models")
-    params = {**TINY_PARAMS, "register": {"max_side": 64, "precision": "fp32"}}
+    make_photos(root / "photos", names=("GT01", "GT02"))
+    make_foregrounds(root / "data" / "foregrounds", [{"id": "GT01", "split": "train", "source": "folder"},
+                                                     {"id": "syn-00000", "split": "val", "source": "synthetic"}])
+    params = {"evaluate": {**TINY_PARAMS["evaluate"], "photos": {"root": "photos"}},
+              "register": {"max_side": 64, "precision": "fp32"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -259,6 +306,18 @@ def test_dvc_stages_log_evaluate_and_register_under_one_parent(tmp_path):
         assert registered["alias"] == "champion" and registered["value"] == pytest.approx(table["raw"]["band"]["sad"])
         # the served settings carry the guided filter chosen on validation
         details = json.loads((project / "metrics" / "details.json").read_text())
+        # the test set's data version goes from the evaluation to the registered version
+        from pipeline.evaluation import split_data_version
+
+        version = split_data_version(project / "data" / "composites")["version"]
+        assert details["test_set"]["version"] == registered["test_set"] == version
+        assert evaluate.data.tags["fusionnet.test_set"] == version
+        assert client.get_model_version(MODEL, registered["version"]).tags["fusionnet.test_set"] == version
+        # the stage read data/foregrounds (its default --foregrounds): GT01 was trained on, so not scored
+        photos = json.loads((project / "metrics" / "photos.json").read_text())
+        assert photos["held_out"]["scored"] == ["GT02"] and list(photos["held_out"]["excluded"]) == ["GT01"]
+        assert evaluate.data.tags["fusionnet.photos_excluded"] == "GT01"
+        assert evaluate.data.metrics["photos.held_out"] == 1.0
         assert registered["settings"]["radius"] == details["guided_filter"]["radius"]
 
 
@@ -297,3 +356,5 @@ print(json.dumps(run()["registration"]))
         runs = runs_by_name(get_client())
         assert runs["evaluate"].data.tags["mlflow.parentRunId"] == runs["register"].data.tags["mlflow.parentRunId"]
         assert (project / "metrics" / "evaluate.json").is_file() and (project / "reports" / "table.md").is_file()
+        held_out = json.loads((project / "metrics" / "photos.json").read_text())["held_out"]
+        assert held_out["scored"] == ["GT02"] and held_out["manifest"] == str(project / "data/foregrounds/manifest.parquet")
