@@ -1,13 +1,14 @@
-"""Benchmark of the shard_crops data path; prints figures (no asserts).
+"""Benchmark of the training data path; prints figures (no asserts).
 
-1. Crops written per second by `build_shards` (PNG decode, crop/rotate/resize, Parquet write), with 1 and
-   2 worker processes, for the paper's setting (crops of 512 and 800 resized to 512, rotation 15 degrees)
-   and for the CPU default of params.yaml (160).
-2. DataLoader read throughput of 512x512 training samples with augmentation (flip + colour jitter), for
-   0 and 2 workers (target: >= 100 samples/s with 2 workers).
+1. `build_shards` (the shard_crops stage): composites stored per second and bytes on disk per composite,
+   for the paper's setting (800 px working size) and the CPU default.
+2. Fresh training samples per second from the DataLoader, cut in its workers as the trainer cuts them
+   (a crop of 512 or 800 centred on a transition pixel, rotated in [-15, 15], flipped, resized to 512;
+   warm-up images too), for 0, 1 and 2 workers, and per worker core (target: >= 100 samples/s with 2
+   workers on the 2-core CPU; divide a GPU step's samples/s by the per-core figure to size its workers).
 
-Synthetic composites (640x480, soft-edged shapes over noise) are generated in a temp directory.
-Usage: python benchmarks/bench_data.py [--composites 32] [--per-image 8] [--epochs 3] [--batch-size 8]
+Synthetic composites (800x600, soft-edged shapes over noise) are generated in a temp directory.
+Usage: python benchmarks/bench_data.py [--composites 32] [--epochs 3] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -59,55 +60,52 @@ def bench_write(composites: Path, out: Path, params: CropParams, workers: int, l
     start, cpu_start = time.perf_counter(), os.times()
     summary = build_shards(composites, out, params, seed=0, workers=workers)
     elapsed, cpu_end = time.perf_counter() - start, os.times()
-    # CPU seconds of this process and its (joined) workers: the figure to trust on a busy machine
-    cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])
-    crops, warmup = summary["train"]["rows"], summary["warmup"]["rows"]
-    size_mb = sum(p.stat().st_size for p in out.rglob("*.parquet")) / 1e6
-    print(f"write  {label:<31} workers={workers}: {crops} crops + {warmup} warm-up in {elapsed:5.2f} s "
-          f"= {crops / elapsed:6.1f} crops/s ({(crops + warmup) / elapsed:6.1f} rows/s); "
-          f"{1e3 * cpu / (crops + warmup):5.1f} CPU ms/row; {size_mb:.0f} MB; load {os.getloadavg()[0]:.1f}")
+    cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # this process and its joined workers
+    rows = summary["train"]["rows"]
+    per = summary["train"]["bytes"] / max(1, rows)
+    print(f"write  {label:<28} workers={workers}: {rows} composites in {elapsed:5.2f} s = {rows / elapsed:6.1f}/s; "
+          f"{1e3 * cpu / rows:5.1f} CPU ms each; {per / 2**20:.2f} MiB per composite on disk "
+          f"(paper's 43,100 composites: {per * 43_100 / 2**30:.0f} GiB); load {os.getloadavg()[0]:.1f}")
 
 
 def bench_read(shards: Path, workers: int, epochs: int, batch_size: int) -> None:
     # imported here: build_shards spawns workers, which re-import this module; keep torch out of them
-    from fusionnet.data.dataset import ShardDataset, make_loader
+    from fusionnet.train import data as tdata
 
-    dataset = ShardDataset(shards, augment=True, seed=0, color_jitter=0.1)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True, seed=0, drop_last=True)
-    for batch in loader:  # warm-up epoch: page cache, worker start
-        pass
+    dataset = tdata.training_set(shards, seed=0, warmup=True)
+    order = lambda e: tdata.epoch_indices(len(dataset), 0, e, 0, 1)  # noqa: E731
+    n_batches = len(dataset) // batch_size
+    for batch in tdata.epoch_loader(dataset, order(0), batch_size, 0, n_batches, workers, 0, 0):
+        pass  # warm-up epoch: page cache, worker start
     samples, start, cpu_start = 0, time.perf_counter(), os.times()
-    for _ in range(epochs):
-        for batch in loader:
+    for epoch in range(1, epochs + 1):
+        for batch in tdata.epoch_loader(dataset, order(epoch), batch_size, 0, n_batches, workers, 0, epoch):
             samples += batch["image"].shape[0]
     elapsed, cpu = time.perf_counter() - start, sum(os.times()[:4]) - sum(cpu_start[:4])
     shape = tuple(batch["image"].shape[1:])
-    print(f"read   {shape} augment, batch {batch_size}, workers={workers}: {samples} samples in {elapsed:5.2f} s "
-          f"= {samples / elapsed:7.1f} samples/s; {1e3 * cpu / samples:5.1f} CPU ms/sample; "
-          f"load {os.getloadavg()[0]:.1f}")
+    rate = samples / elapsed
+    print(f"read   {shape} fresh crops + warm-up, batch {batch_size}, workers={workers}: {samples} samples in "
+          f"{elapsed:5.2f} s = {rate:7.1f} samples/s ({rate / max(1, workers):6.1f} per worker); "
+          f"{1e3 * cpu / samples:5.1f} CPU ms/sample; load {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--composites", type=int, default=32)
-    parser.add_argument("--per-image", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_data-"))
     try:
-        composites = make_composites(tmp / "composites", args.composites)
-        paper = CropParams(sizes=(512, 800), out_size=512, per_image=args.per_image, warmup_size=512,
+        composites = make_composites(tmp / "composites", args.composites, height=600, width=800)
+        paper = CropParams(sizes=(512, 800), out_size=512, per_image=4, warmup_size=512,
                            rotation_deg=15, flip=True, max_side=800, shard_rows=64)
-        cpu = CropParams(sizes=(160,), out_size=160, per_image=args.per_image, warmup_size=160,
-                         rotation_deg=15, flip=True, max_side=800, shard_rows=256)
-        for workers in (1, 2):
-            bench_write(composites, tmp / f"paper-{workers}", paper, workers, "paper: 512/800 -> 512, rot 15")
-        for workers in (1, 2):
-            bench_write(composites, tmp / f"cpu-{workers}", cpu, workers, "cpu default: 160, rot 15")
-        for workers in (0, 2):
-            bench_read(tmp / "paper-2" / "train", workers, args.epochs, args.batch_size)
+        paper_zstd = CropParams(**{**paper.__dict__, "compression": "zstd"})
+        bench_write(composites, tmp / "paper", paper, 2, "paper: 800 px, uncompressed")
+        bench_write(composites, tmp / "paper-zstd", paper_zstd, 2, "paper: 800 px, zstd")
+        for workers in (0, 1, 2):
+            bench_read(tmp / "paper", workers, args.epochs, args.batch_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,7 +1,8 @@
-"""DVC stage `shard_crops`: composites -> Parquet shards of training crops (train, val, warm-up).
+"""DVC stage `shard_crops`: composites -> Parquet shards (train composites, val crops).
 
-Reads params `seed` and `crops`; writes data/shards/{train,val,warmup}/shard-*.parquet and
-data/shards/summary.json (see fusionnet.data.shards).
+Reads params `seed` and `crops`; writes data/shards/{train,val}/shard-*.parquet and
+data/shards/summary.json (see fusionnet.data.shards). The training crops and warm-up images are cut
+afresh every epoch from the stored train composites (fusionnet.data.sampling).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = build_shards(args.composites, args.out, crop_params, int(params["seed"]), workers=args.workers)
     elapsed = time.perf_counter() - start
     print(json.dumps(summary))
-    rows = summary["train"]["rows"] + summary["val"]["rows"] + summary["warmup"]["rows"]
-    print(f"shard_crops: {rows} rows in {elapsed:.1f} s -> {args.out}", file=sys.stderr)
+    mib = (summary["train"]["bytes"] + summary["val"]["bytes"]) / 2**20
+    print(f"shard_crops: {summary['train']['rows']} train composites, {summary['val']['rows']} val crops, "
+          f"{mib:.1f} MiB in {elapsed:.1f} s -> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -21,8 +21,11 @@ from fusionnet.data.crops import (
     sample_crop_specs,
     take_crop,
     transition_pixels,
+    draw_crop_spec,
     warmup_image,
 )
+from fusionnet.data.dataset import ShardDataset
+from fusionnet.data.sampling import SampledCrops, Sampling
 from fusionnet.data.shards import build_shards, list_shards, read_shard, row_arrays
 
 
@@ -179,28 +182,36 @@ def test_crop_params_validation():
         CropParams(compression="rar")
 
 
-def test_sharded_crops_are_centred_on_transition_pixels(tmp_path):
+def test_sharded_and_sampled_crops_are_centred_on_transition_pixels(tmp_path):
     composites = make_composites_dir(tmp_path / "composites", {"train": 3, "val": 2, "test": 1})
     params = CropParams(sizes=(16, 24), out_size=16, per_image=6, warmup_size=20, rotation_deg=15.0, shard_rows=5)
     build_shards(composites, tmp_path / "shards", params, seed=0, workers=1)
     alphas = {p.stem: np.asarray(Image.open(p)) for p in (composites / "alpha").glob("*.png")}
-    checked = {"train": 0, "val": 0}
-    for split in ("train", "val"):
-        rows = [r for path in list_shards(tmp_path / "shards" / split) for r in read_shard(path).to_pylist()]
-        for row in rows:
-            source = alphas[row["cid"]]
-            size = row["crop_size"]
-            cy, cx = row["crop_y"] + size // 2, row["crop_x"] + size // 2
-            assert 0 < source[cy, cx] < 255, row["cid"]
-            assert row["kind"] == "crop" and row["src_scale"] == 1.0
-            if split == "val":  # val crops are plain: the exact window, resized
-                assert row["angle"] == 0.0 and not row["flipped"]
-                window = extract_window(source, row["crop_y"], row["crop_x"], size, size)
-                expected = np.asarray(Image.fromarray(window).resize((16, 16), Image.BILINEAR)) if size != 16 else window
-                assert np.array_equal(row_arrays(row)[1], expected)
-            elif size == 16:  # no resize: the rotated crop keeps the centre value (at the mirrored column if flipped)
-                alpha = row_arrays(row)[1]
-                col = 16 - 1 - 8 if row["flipped"] else 8
-                assert alpha[8, col] == source[cy, cx]
-            checked[split] += 1
-    assert checked == {"train": 18, "val": 12}
+    rows = [r for path in list_shards(tmp_path / "shards" / "val") for r in read_shard(path).to_pylist()]
+    for row in rows:  # val crops are plain: the exact window, resized
+        source = alphas[row["cid"]]
+        size = row["crop_size"]
+        cy, cx = row["crop_y"] + size // 2, row["crop_x"] + size // 2
+        assert 0 < source[cy, cx] < 255, row["cid"]
+        assert row["kind"] == "crop" and row["src_scale"] == 1.0
+        assert row["angle"] == 0.0 and not row["flipped"]
+        window = extract_window(source, row["crop_y"], row["crop_x"], size, size)
+        expected = np.asarray(Image.fromarray(window).resize((16, 16), Image.BILINEAR)) if size != 16 else window
+        assert np.array_equal(row_arrays(row)[1], expected)
+    assert len(rows) == 12
+    # train crops are drawn at read time: every drawn 16 px crop keeps its transition centre value
+    sampled = SampledCrops(ShardDataset(tmp_path / "shards" / "train"), Sampling(sizes=(16,), out_size=16,
+                           warmup_size=20, rotation_deg=15.0, flip=True), seed=0)
+    train_alphas = [alphas[r["cid"]] for p in list_shards(tmp_path / "shards" / "train") for r in read_shard(p).to_pylist()]
+    centres = 0
+    for epoch in range(4):
+        for index in range(len(sampled)):
+            rng = sampled.rng(epoch, index)
+            candidates = np.flatnonzero((train_alphas[index] > 0) & (train_alphas[index] < 255)).astype(np.uint32)
+            spec = draw_crop_spec(candidates, train_alphas[index].shape[1], (16,), 15.0, True, rng)
+            _, alpha = sampled.arrays(epoch, index)
+            col = 16 - 1 - 8 if spec.flipped else 8
+            assert alpha[8, col] == train_alphas[index][spec.center_y, spec.center_x]
+            assert 0 < alpha[8, col] < 255
+            centres += 1
+    assert centres == 12

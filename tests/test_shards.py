@@ -23,6 +23,7 @@ from fusionnet.data.shards import (
     list_shards,
     read_shard,
     row_arrays,
+    shards_digest,
     write_shards,
 )
 from tests.test_crops import make_composites_dir
@@ -36,7 +37,7 @@ def random_row(rng: np.random.Generator, i: int, h: int = 6, w: int = 5) -> dict
         alpha=rng.integers(0, 256, h * w, dtype=np.uint8).tobytes(),
         height=h, width=w, cid=f"c{i}", fg_id=f"f{i}", bg_name=f"b{i}.jpg", crop_y=-i, crop_x=i,
         crop_size=10 + i, angle=float(i) / 4, flipped=bool(i % 2), kind="crop", src_height=40, src_width=50,
-        src_scale=1.0,
+        src_scale=1.0, transition=np.arange(i, dtype=np.uint32).tobytes(),
     )
 
 
@@ -130,25 +131,37 @@ def tiny_params(**overrides) -> CropParams:
 def test_build_shards_layout_summary_and_determinism(tmp_path):
     composites = make_composites_dir(tmp_path / "composites", {"train": 3, "val": 2, "test": 2})
     summary = build_shards(composites, tmp_path / "a", tiny_params(), seed=3, workers=1)
+    sizes = {k: sum(p.stat().st_size for p in list_shards(tmp_path / "a" / k)) for k in ("train", "val")}
     assert summary == {
-        "train": {"rows": 9, "shards": 3}, "val": {"rows": 6, "shards": 2}, "warmup": {"rows": 3, "shards": 1},
+        "train": {"rows": 3, "shards": 1, "bytes": sizes["train"]}, "val": {"rows": 6, "shards": 2, "bytes": sizes["val"]},
         "composites": {"train": 3, "val": 2},
+        "sampling": {"sizes": [16, 24], "out_size": 16, "warmup_size": 20, "rotation_deg": 15.0, "flip": True},
+        "data_version": shards_digest(tmp_path / "a"),
     }
     assert json.loads((tmp_path / "a" / "summary.json").read_text()) == summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "composites"]  # no temp dir left
+    assert not (tmp_path / "a" / "warmup").exists()  # warm-up images are cut from the train composites
     build_shards(composites, tmp_path / "b", tiny_params(), seed=3, workers=2)
     build_shards(composites, tmp_path / "c", tiny_params(), seed=4, workers=1)
-    for kind in ("train", "val", "warmup"):
+    for kind in ("train", "val"):
         a, b, c = ([r for p in list_shards(tmp_path / d / kind) for r in read_shard(p).to_pylist()] for d in "abc")
         assert a == b, f"{kind}: output depends on the number of workers"
-        assert {r["kind"] for r in a} == {"warmup" if kind == "warmup" else "crop"}
-        assert all(r["height"] == r["width"] == (20 if kind == "warmup" else 16) for r in a)
+        assert {r["kind"] for r in a} == {"composite" if kind == "train" else "crop"}
         assert not any(r["cid"].startswith("test") for r in a)
-        if kind == "train":
-            assert a != c, "a different seed gives different crops"
+        if kind == "val":
+            assert all(r["height"] == r["width"] == 16 for r in a)
+            assert a != c, "a different seed gives different val crops"
+        else:  # whole composites with their transition-pixel index
+            assert a == c
+            for r in a:
+                _, alpha = row_arrays(r)
+                flat = np.frombuffer(r["transition"], dtype=np.uint32)
+                assert np.array_equal(flat, np.flatnonzero((alpha > 0) & (alpha < 255)))
     # a rebuild replaces the previous output completely
     build_shards(composites, tmp_path / "a", tiny_params(shard_rows=100), seed=3, workers=1)
-    assert [p.name for p in list_shards(tmp_path / "a" / "train")] == ["shard-00000.parquet"]
+    assert [p.name for p in list_shards(tmp_path / "a" / "val")] == ["shard-00000.parquet"]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["data_version"] == shards_digest(tmp_path / "a")
+    assert shards_digest(tmp_path / "a") != summary["data_version"]
 
 
 def test_build_shards_downscales_to_max_side(tmp_path):
@@ -181,10 +194,10 @@ def test_shard_crops_stage_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "data" / "shards" / "summary.json").read_text())
-    assert summary["train"] == {"rows": 4, "shards": 2} and summary["val"] == {"rows": 2, "shards": 1}
-    assert summary["warmup"] == {"rows": 2, "shards": 1}
-    sample = ShardDataset(tmp_path / "data" / "shards" / "warmup")[0]
-    assert sample["image"].shape == (3, 24, 24)
+    assert summary["train"]["rows"] == 2 and summary["val"]["rows"] == 2
+    assert summary["sampling"]["warmup_size"] == 24
+    sample = ShardDataset(tmp_path / "data" / "shards" / "val")[0]
+    assert sample["image"].shape == (3, 16, 16)
     # a bad params key fails with the key named
     params["crops"]["sizez"] = [3]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

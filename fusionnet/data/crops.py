@@ -42,6 +42,7 @@ __all__ = [
     "CropSource",
     "take_crop",
     "warmup_image",
+    "draw_crop_spec",
 ]
 
 
@@ -189,6 +190,24 @@ def sample_crop_specs(
     return specs
 
 
+def draw_crop_spec(
+    candidates: np.ndarray,
+    width: int,
+    sizes: tuple[int, ...],
+    rotation_deg: float,
+    flip: bool,
+    rng: np.random.Generator,
+) -> CropSpec:
+    """One crop as the paper draws it: centre uniform over `candidates` (flat transition-pixel indices
+    of an image `width` wide), size uniform over `sizes`, angle uniform in [-rotation_deg,
+    rotation_deg], left-right flip with p = 0.5. Always consumes the same four draws from `rng`."""
+    flat = int(candidates[rng.integers(candidates.size)])
+    size = int(sizes[rng.integers(len(sizes))])
+    angle = float(rng.uniform(-rotation_deg, rotation_deg))
+    flipped = bool(rng.random() < 0.5)
+    return CropSpec(flat // width, flat % width, size, angle if rotation_deg > 0 else 0.0, flipped and flip)
+
+
 def crop_margin(spec: CropSpec) -> int:
     """Pixels needed on every side of the centre pixel to cut `spec` (rotated corners + bilinear taps)."""
     theta = math.radians(spec.angle)
@@ -260,14 +279,19 @@ def take_crop(
 
 
 def warmup_image(
-    image: np.ndarray, alpha: np.ndarray, size: int, flipped: bool = False
+    image: np.ndarray, alpha: np.ndarray, size: int, flipped: bool = False, angle: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's warm-up sample: the whole image resized (bilinear) to size x size (aspect not kept).
+    """The paper's warm-up sample: the whole image resized (bilinear) to size x size (aspect not kept),
+    then rotated by `angle` degrees about its centre (mirrored, as crops are) and flipped when asked
+    (paper: flips and rotation are "applied to all the cropped and resized training data").
 
     image (H,W,3) uint8, alpha (H,W) uint8 -> ((size,size,3) uint8, (size,size) uint8).
     """
     img = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
     alp = np.asarray(Image.fromarray(alpha).resize((size, size), Image.BILINEAR))
+    if angle != 0.0:
+        spec = CropSpec(size // 2, size // 2, size, angle, False)
+        img, alp = CropSource(img, alp, [spec]).crop(spec, size)
     if flipped:
         img, alp = img[:, ::-1], alp[:, ::-1]
     return np.ascontiguousarray(img), np.ascontiguousarray(alp)

@@ -117,6 +117,22 @@ class ShardDataset(Dataset):
         alpha = np.frombuffer(table.column("alpha")[k].as_py(), dtype=np.uint8).reshape(h, w)
         return image, alpha
 
+    def read_row(self, index: int, columns: Sequence[str]) -> dict:
+        """The stored values of `columns` for sample `index` (Python objects, bytes for binary columns)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        table = self._file(int(self._shard[index])).read_row_group(int(self._group[index]), columns=list(columns))
+        k = int(self._row[index])
+        return {c: table.column(c)[k].as_py() for c in columns}
+
+    def column(self, name: str) -> list:
+        """One (small) column for every sample, in dataset order, e.g. "fg_id" or "kind"."""
+        values: list = []
+        for path in self.shards:
+            values += pq.read_table(path, columns=[name], memory_map=True).column(name).to_pylist()
+        return values
+
     def _rng(self) -> np.random.Generator:
         self._own_process()
         if self._aug_rng is None:

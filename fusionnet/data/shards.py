@@ -1,8 +1,14 @@
-"""Parquet shards of training crops: format, atomic writing, listing, and building them from composites.
+"""Parquet shards of training data: format, atomic writing, listing, and building them from composites.
 
 A shard is `shard-NNNNN.parquet` holding up to `shard_rows` rows with the columns of `SCHEMA`, one
 row per Parquet row group so a reader can fetch any single row without decoding its neighbours.
 image is raw uint8 H x W x 3 bytes (row-major RGB), alpha raw uint8 H x W bytes.
+
+Two kinds of row:
+- "composite": a whole training composite at working size (longer side <= crops.max_side) with
+  `transition`, the flat indices (uint32) of its transition pixels, so a crop centre is one draw.
+  Crops and warm-up images are cut from these afresh every epoch (`fusionnet.data.sampling`).
+- "crop": a crop cut once (validation: a stable set; or a fixed training set, e.g. an overfit test).
 
 Atomicity: a shard is streamed into `.shard-NNNNN.parquet.tmp-<pid>` in the same directory and renamed
 to its final name only after the Parquet footer is written. The temp name starts with a dot and does not
@@ -11,8 +17,9 @@ writer that fails removes its temp file. `build_shards` also builds the whole ou
 temp sibling and renames it into place when complete.
 
 Layout written by `build_shards(composites_dir, out_dir, ...)` (the `shard_crops` stage):
-out_dir/train/shard-*.parquet (crops of train composites), out_dir/val/shard-*.parquet (crops of val
-composites), out_dir/warmup/shard-*.parquet (every train composite resized), out_dir/summary.json.
+out_dir/train/shard-*.parquet (train composites, kind "composite"), out_dir/val/shard-*.parquet
+(`per_image` plain crops of each val composite), out_dir/summary.json (row counts, bytes, the crop
+sampling settings the trainer reads, and `data_version`, a sha256 over the shard files).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from fusionnet.data.crops import CropParams, CropSource, fit_longer_side, sample_crop_specs, warmup_image
+from fusionnet.data.crops import CropParams, CropSource, fit_longer_side, sample_crop_specs, transition_pixels
 
 __all__ = [
     "SCHEMA",
@@ -45,6 +52,8 @@ __all__ = [
     "load_composite_manifest",
     "rows_for_composite",
     "build_shards",
+    "sampling_settings",
+    "shards_digest",
 ]
 
 SCHEMA = pa.schema(
@@ -61,10 +70,11 @@ SCHEMA = pa.schema(
         ("crop_size", pa.int32()),  # crop side before resizing to out_size; 0 for warm-up rows
         ("angle", pa.float32()),  # degrees, counter-clockwise as displayed
         ("flipped", pa.bool_()),
-        ("kind", pa.string()),  # "crop" | "warmup"
+        ("kind", pa.string()),  # "composite" | "crop"
         ("src_height", pa.int32()),  # working image (composite after the max_side downscale)
         ("src_width", pa.int32()),
         ("src_scale", pa.float32()),  # working size / composite size (<= 1)
+        ("transition", pa.binary()),  # "composite" rows: uint32 flat indices of transition pixels; else empty
     ]
 )
 _COLUMNS = frozenset(SCHEMA.names)
@@ -237,7 +247,7 @@ def _rng(seed: int, cid: str, stream: int) -> np.random.Generator:
 def rows_for_composite(
     composites_dir: str | Path, record: Mapping, params: CropParams, seed: int
 ) -> dict[str, list[dict]]:
-    """Crops (and, for train, the warm-up row) of one composite: {"train"|"val"|"warmup": [rows]}."""
+    """Rows of one composite: {"train": [its composite row]} or {"val": [per_image plain crops]}."""
     root = Path(composites_dir)
     image = _read_png(root / record["image_path"], "RGB")
     alpha = _read_png(root / record["alpha_path"], "L")
@@ -247,15 +257,6 @@ def rows_for_composite(
         )
     image, alpha, scale = fit_longer_side(image, alpha, params.max_side)
     split = record["split"]
-    augment = split == "train" or params.augment_val
-    specs = sample_crop_specs(
-        alpha,
-        params.per_image,
-        params.sizes,
-        params.rotation_deg if augment else 0.0,
-        params.flip and augment,
-        _rng(seed, record["cid"], 0),
-    )
     base = {
         "cid": record["cid"],
         "fg_id": record["fg_id"],
@@ -264,6 +265,19 @@ def rows_for_composite(
         "src_width": alpha.shape[1],
         "src_scale": scale,
     }
+    if split == "train":
+        transition = transition_pixels(alpha).astype(np.uint32)
+        return {"train": [dict(base, image=np.ascontiguousarray(image).tobytes(), alpha=np.ascontiguousarray(alpha).tobytes(),
+                               height=alpha.shape[0], width=alpha.shape[1], crop_y=0, crop_x=0, crop_size=0,
+                               angle=0.0, flipped=False, kind="composite", transition=transition.tobytes())]}
+    specs = sample_crop_specs(
+        alpha,
+        params.per_image,
+        params.sizes,
+        params.rotation_deg if params.augment_val else 0.0,
+        params.flip and params.augment_val,
+        _rng(seed, record["cid"], 0),
+    )
     out: dict[str, list[dict]] = {split: []}
     source = CropSource(image, alpha, specs)
     for spec in specs:
@@ -272,16 +286,28 @@ def rows_for_composite(
         out[split].append(
             dict(base, image=img.tobytes(), alpha=alp.tobytes(), height=img.shape[0], width=img.shape[1],
                  crop_y=crop_y, crop_x=crop_x, crop_size=spec.size, angle=spec.angle,
-                 flipped=spec.flipped, kind="crop")
+                 flipped=spec.flipped, kind="crop", transition=b"")
         )
-    if split == "train":
-        flipped = params.flip and bool(_rng(seed, record["cid"], 1).random() < 0.5)
-        img, alp = warmup_image(image, alpha, params.warmup_size, flipped)
-        out["warmup"] = [
-            dict(base, image=img.tobytes(), alpha=alp.tobytes(), height=img.shape[0], width=img.shape[1],
-                 crop_y=0, crop_x=0, crop_size=0, angle=0.0, flipped=flipped, kind="warmup")
-        ]
     return out
+
+
+def sampling_settings(params: CropParams) -> dict:
+    """What the trainer needs to cut crops from the composite rows (written into summary.json)."""
+    return {"sizes": list(params.sizes), "out_size": params.out_size, "warmup_size": params.warmup_size,
+            "rotation_deg": params.rotation_deg, "flip": params.flip}
+
+
+def shards_digest(out_dir: str | Path) -> str:
+    """sha256 over the (split, name, sha256) of every shard under out_dir: the data version."""
+    out_dir = Path(out_dir)
+    outer = hashlib.sha256()
+    for path in sorted(out_dir.glob("*/*.parquet")):
+        inner = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{path.parent.name}/{path.name}:{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
 
 
 def _rows_task(args: tuple) -> dict[str, list[dict]]:
@@ -312,17 +338,18 @@ def build_shards(
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Crop every train/val composite of composites_dir into shards under out_dir (layout above).
+    """Store every train composite and the val crops of composites_dir as shards under out_dir (layout above).
 
     The output is identical for any `workers`. Returns the summary also written to summary.json:
-    {"train"|"val"|"warmup": {"rows": int, "shards": int}, "composites": {"train": int, "val": int}}.
+    {"train"|"val": {"rows", "shards", "bytes"}, "composites": {"train": int, "val": int},
+    "sampling": sampling_settings(params), "data_version": shards_digest(out_dir)}.
     """
     composites_dir, out_dir = Path(composites_dir), Path(out_dir)
     records = [r for r in load_composite_manifest(composites_dir) if r["split"] in ("train", "val")]
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    writers = {k: ShardWriter(tmp_dir / k, params.shard_rows, params.compression) for k in ("train", "val", "warmup")}
+    writers = {k: ShardWriter(tmp_dir / k, params.shard_rows, params.compression) for k in ("train", "val")}
     try:
         tasks = [(composites_dir, r, params, seed) for r in records]
         for done, rows in enumerate(_ordered_map(_rows_task, tasks, workers), start=1):
@@ -333,8 +360,11 @@ def build_shards(
                 progress(done, len(tasks))
         for writer in writers.values():
             writer.close()
-        summary = {k: {"rows": w.rows_written, "shards": len(w.paths)} for k, w in writers.items()}
+        summary = {k: {"rows": w.rows_written, "shards": len(w.paths),
+                       "bytes": sum(p.stat().st_size for p in w.paths)} for k, w in writers.items()}
         summary["composites"] = {s: sum(r["split"] == s for r in records) for s in ("train", "val")}
+        summary["sampling"] = sampling_settings(params)
+        summary["data_version"] = shards_digest(tmp_dir)
         (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _replace_dir(tmp_dir, out_dir)
     except BaseException:

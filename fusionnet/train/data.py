@@ -1,13 +1,16 @@
-"""Training and validation data for a step: shards/train, shards/warmup, shards/val (data-contract).
+"""Training and validation data for a step: shards/train (composites), shards/val (crops), summary.json.
 
-Resume-exact data order: the order of an epoch is a function of (seed, epoch) only
-(DistributedSampler's permutation, split across ranks), and a resumed epoch skips the batches already
-consumed. The read-time flip is drawn from (seed, epoch, batch, rank), not from a running generator.
+Fresh samples every epoch (`fusionnet.data.sampling`): an epoch is one pass over the training
+composites, each drawn once as a new crop (and, in the first `warmup_epochs` epochs of a step, once
+more as its resized whole image, paper Sec. 4: "we also resize all the training images to 512x512 to
+warm-up the network"), so the paper's epoch counts and LR half-cycles mean what the paper means.
 
-Warm-up set (paper Sec. 4: "we also resize all the training images to 512x512 to warm-up the
-network"): in the first `warmup_epochs` epochs of a step the epoch draws from the crops AND the
-resized whole images together (one shuffled pool); later epochs use the crops alone. The defaults use
-it in the first segmentation epoch only, where the network first learns the whole-object layout.
+Resume-exact data: the order of an epoch is a function of (seed, epoch) only (DistributedSampler's
+permutation, split disjointly across ranks), a resumed epoch skips the batches already consumed, and
+each sample is a function of (seed, epoch, index).
+
+Validation: the stored val crops; a capped subset is taken round-robin over the val foregrounds
+(`val_indices`), so at the paper profile it is not the first foreground's crops only.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as nnf
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from fusionnet.data.dataset import ShardDataset
+from fusionnet.data.sampling import SampledCrops, Sampling, read_summary
+from fusionnet.data.shards import shards_digest
 
-SPLITS = ("train", "warmup", "val")
+SPLITS = ("train", "val")
 
 
 def open_split(shards_dir: Path, split: str) -> ShardDataset:
@@ -31,37 +35,23 @@ def open_split(shards_dir: Path, split: str) -> ShardDataset:
     return ShardDataset(folder)
 
 
-class ResizedDataset(Dataset):
-    """Samples of `base` resized to `size` x `size` (bilinear, antialiased) so they batch with the crops."""
-
-    def __init__(self, base: Dataset, size: int):
-        self.base, self.size = base, size
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.base[index]
-        if tuple(sample["image"].shape[-2:]) == (self.size, self.size):
-            return sample
-        out = {}
-        for key in ("image", "alpha"):
-            x = nnf.interpolate(sample[key][None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            out[key] = x[0].clamp(0.0, 1.0)
-        return out
+def training_set(shards_dir: Path, seed: int, warmup: bool) -> SampledCrops:
+    """Fresh crops (and warm-up images when `warmup`) of shards_dir/train, drawn as summary.json says."""
+    rows = open_split(shards_dir, "train")
+    sampling = Sampling.from_dict(read_summary(shards_dir)["sampling"])
+    return SampledCrops(rows, sampling, seed, warmup=warmup)
 
 
-def sample_size(dataset: ShardDataset) -> tuple[int, int]:
-    """(height, width) of the first stored sample (crops all share out_size)."""
-    image, _ = dataset.read_arrays(0)
-    return int(image.shape[0]), int(image.shape[1])
+def data_version(shards_dir: Path) -> str:
+    """The shards' data version (summary.json `data_version`, a sha256 over the shard files)."""
+    summary = read_summary(shards_dir)
+    return summary.get("data_version") or shards_digest(shards_dir)
 
 
-def epoch_dataset(train: ShardDataset, warmup: Dataset | None, use_warmup: bool) -> Dataset:
-    if not use_warmup or warmup is None:
-        return train
-    height, _ = sample_size(train)
-    return ConcatDataset([train, ResizedDataset(warmup, height)])
+def sample_size(dataset: SampledCrops) -> tuple[int, int]:
+    """(height, width) of the samples the trainer will batch."""
+    image = dataset[(0, 0)]["image"]
+    return int(image.shape[1]), int(image.shape[2])
 
 
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
@@ -77,11 +67,14 @@ def batches_in_epoch(n_indices: int, batch_size: int, max_iters: int | None) -> 
 
 
 def epoch_loader(
-    dataset: Dataset, indices: list[int], batch_size: int, first_batch: int, n_batches: int,
+    dataset: SampledCrops, indices: list[int], batch_size: int, first_batch: int, n_batches: int,
     num_workers: int, seed: int, epoch: int, pin_memory: bool = False,
 ) -> DataLoader:
-    """Loader over batches first_batch..n_batches-1 of the epoch order (skipping consumed ones)."""
-    chosen = indices[first_batch * batch_size : n_batches * batch_size]
+    """Loader over batches first_batch..n_batches-1 of the epoch order (skipping consumed ones).
+
+    Items are (epoch, index) pairs, so workers cut exactly the crops an uninterrupted run cuts.
+    """
+    chosen = [(epoch, i) for i in indices[first_batch * batch_size : n_batches * batch_size]]
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -94,17 +87,23 @@ def epoch_loader(
     )
 
 
-def flip_batch(image: torch.Tensor, alpha: torch.Tensor, seed: int, epoch: int, batch: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-right flip each sample with p = 0.5, drawn from (seed, epoch, batch, rank): resume-exact.
-
-    image `(N,3,H,W)`, alpha `(N,1,H,W)`; returns new tensors.
-    """
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + batch) * 131 + rank)
-    flip = (torch.rand(image.shape[0], generator=g) < 0.5).view(-1, 1, 1, 1)
-    return torch.where(flip, image.flip(-1), image), torch.where(flip, alpha.flip(-1), alpha)
+def val_indices(fg_ids: list[str], max_images: int | None) -> list[int]:
+    """Up to `max_images` val crops spread over the foregrounds: round-robin over fg_id groups
+    (each group in stored order), so every foreground is represented before any gets a second crop."""
+    n = len(fg_ids) if max_images is None else min(len(fg_ids), max_images)
+    groups: dict[str, list[int]] = {}
+    for i, fg in enumerate(fg_ids):
+        groups.setdefault(fg, []).append(i)
+    order: list[int] = []
+    queues = [list(reversed(g)) for g in groups.values()]
+    while len(order) < n:
+        for q in queues:
+            if q and len(order) < n:
+                order.append(q.pop())
+    return sorted(order)
 
 
 def val_loader(val: ShardDataset, batch_size: int, max_images: int | None) -> DataLoader:
-    """The first `max_images` val crops (all when None), in stored order."""
-    n = len(val) if max_images is None else min(len(val), max_images)
-    return DataLoader(val, batch_size=batch_size, sampler=list(range(n)), num_workers=0)
+    """The val crops chosen by `val_indices` (all when max_images is None), in stored order."""
+    chosen = val_indices(val.column("fg_id"), max_images)
+    return DataLoader(val, batch_size=batch_size, sampler=chosen, num_workers=0)

@@ -1,16 +1,20 @@
 """Tiny synthetic shards (soft-edged ellipses composited on textured backgrounds) for tests and benchmarks.
 
 Written with `fusionnet.data.shards.write_shards` in the layout of the data contract
-(train/, val/, warmup/), so the trainer reads them exactly as it reads the real `shard_crops` output.
+(train/ composites or fixed crops, val/ crops, summary.json), so the trainer reads them exactly as it
+reads the real `shard_crops` output.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import numpy as np
 
-from fusionnet.data.shards import write_shards
+from fusionnet.data.crops import transition_pixels
+from fusionnet.data.shards import shards_digest, write_shards
 
 
 def toy_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,23 +35,35 @@ def toy_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
 
 def _row(image: np.ndarray, alpha: np.ndarray, i: int, kind: str) -> dict:
     h, w = alpha.shape
+    transition = transition_pixels(alpha).astype(np.uint32).tobytes() if kind == "composite" else b""
     return {
         "image": image.tobytes(), "alpha": alpha.tobytes(), "height": h, "width": w,
         "cid": f"toy{i:05d}", "fg_id": f"fg{i:05d}", "bg_name": f"bg{i:05d}",
-        "crop_y": 0, "crop_x": 0, "crop_size": 0 if kind == "warmup" else h, "angle": 0.0, "flipped": False,
-        "kind": kind, "src_height": h, "src_width": w, "src_scale": 1.0,
+        "crop_y": 0, "crop_x": 0, "crop_size": 0 if kind == "composite" else h, "angle": 0.0, "flipped": False,
+        "kind": kind, "src_height": h, "src_width": w, "src_scale": 1.0, "transition": transition,
     }
 
 
 def write_toy_shards(
-    out_dir: str | Path, n_train: int = 16, n_val: int = 4, n_warmup: int = 4, size: int = 64,
-    warmup_size: int | None = None, seed: int = 0, shard_rows: int = 8,
+    out_dir: str | Path, n_train: int = 16, n_val: int = 4, size: int = 64, composite_size: int | None = None,
+    fixed: bool = False, seed: int = 0, shard_rows: int = 8, rotation_deg: float = 15.0,
 ) -> Path:
-    """Write out_dir/{train,val,warmup}/shard-*.parquet of toy samples; returns out_dir."""
+    """Write out_dir/{train,val}/shard-*.parquet and summary.json of toy samples; returns out_dir.
+
+    train: `n_train` composites of `composite_size` (default 1.5 x size) from which the trainer cuts
+    fresh size x size crops, or with `fixed` `n_train` fixed size x size crops used as stored.
+    val: `n_val` size x size crops.
+    """
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
-    counts = {"train": (n_train, size, "crop"), "val": (n_val, size, "crop"), "warmup": (n_warmup, warmup_size or size, "warmup")}
-    for split, (n, side, kind) in counts.items():
-        rows = [_row(*toy_sample(rng, side), i, kind) for i in range(n)]
-        write_shards(rows, out_dir / split, shard_rows=shard_rows)
+    side = size if fixed else (composite_size or size + size // 2)
+    train = [_row(*toy_sample(rng, side), i, "crop" if fixed else "composite") for i in range(n_train)]
+    val = [_row(*toy_sample(rng, size), i, "crop") for i in range(n_val)]
+    write_shards(train, out_dir / "train", shard_rows=shard_rows)
+    write_shards(val, out_dir / "val", shard_rows=shard_rows)
+    summary = {"train": {"rows": n_train}, "val": {"rows": n_val},
+               "sampling": {"sizes": [size], "out_size": size, "warmup_size": size,
+                            "rotation_deg": rotation_deg, "flip": True}}
+    summary["data_version"] = shards_digest(out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir
