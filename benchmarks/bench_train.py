@@ -63,7 +63,7 @@ def main() -> None:
     print(f"{'step':<13}{'crop':>6}{'batch':>6}{'precision':>10}{'samples/s':>11}{'cpu s/sample':>14}{'data wait':>11}")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for size in sizes:
-            shards = write_toy_shards(Path(tmp) / f"shards{size}", n_train=64, n_val=1, n_warmup=0, size=size)
+            shards = write_toy_shards(Path(tmp) / f"shards{size}", n_train=64, n_val=1, size=size)
             for step in args.steps:
                 cfg = StepConfig.from_params(params, step)
                 changes = {"warmup_epochs": 0}

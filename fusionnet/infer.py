@@ -39,7 +39,7 @@ DEFAULT_MAX_OUTPUT_SIDE = 6144
 # The paper gives no radius/eps for the guided filter; these are starting points, tune on validation.
 DEFAULT_GUIDED_RADIUS = 8
 DEFAULT_GUIDED_EPS = 1e-4
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_RESOLVER_GROUP = "fusionnet.model_resolvers"
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "C:\\x" is a path
@@ -162,7 +162,9 @@ class Matter:
     Args:
         model: a LateFusionNet (put in eval mode here: BatchNorm uses its running statistics).
         device: "auto", "cpu", "cuda" or a torch.device.
-        precision: "fp32" (reference), "bf16" (fast path) or "fp16" (CUDA only).
+        precision: "fp32" (reference), "bf16" (fast path), "fp16" (CUDA only) or "auto" (bf16 only where
+            this machine runs it measurably faster, `fusionnet.precision`; the choice and why are in
+            `precision` and `precision_reason`).
         max_side: longer side of the network input (paper: 800).
         refine: apply the guided filter to alpha at full resolution.
         radius, eps: guided filter window radius (pixels) and regularisation (on the [0,1] scale).
@@ -186,6 +188,11 @@ class Matter:
         if max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
         self.device = resolve_device(device)
+        self.precision_reason = "set by the caller"
+        if precision == "auto":
+            from fusionnet.precision import resolve_precision
+
+            precision, self.precision_reason = resolve_precision("auto", self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
         self.precision = precision

@@ -19,7 +19,7 @@ KNOWN_THRESHOLD = 0.05
 CE_WEIGHT_KNOWN = 1.0
 CE_WEIGHT_TRANSITION = 0.5  # paper Eq. 6: w_p
 FUSION_WEIGHT_KNOWN = 0.1  # paper Eq. 8: w_p outside the transition region
-SPARSITY_EPS = 1e-6  # keeps d/da a^gamma finite at 0; changes L_s by < 1e-5 relative
+SPARSITY_EPS = 1e-6  # inside the powers (authors' code): d/da (a + eps)^gamma is finite at 0 and 1
 
 
 def transition_mask(alpha: Tensor, threshold: float = KNOWN_THRESHOLD) -> Tensor:
@@ -93,11 +93,14 @@ def fusion_loss(alpha_pred: Tensor, alpha: Tensor) -> Tensor:
 
 
 def sparsity_loss(alpha_pred: Tensor, gamma: float = 0.9) -> Tensor:
-    """Paper Eq. 10, L_s = mean(alpha^gamma + (1 - alpha)^gamma), gamma in [0, 1]."""
+    """Paper Eq. 10, L_s = mean(alpha^gamma + (1 - alpha)^gamma), gamma in [0, 1].
+
+    As the authors' code: (alpha + eps)^gamma + (1 - alpha + eps)^gamma, so the gradient stays finite
+    and non-zero at exactly 0 and 1 (a clamp would zero it there).
+    """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] (paper Eq. 10), got {gamma}")
-    a = alpha_pred.clamp(SPARSITY_EPS, 1 - SPARSITY_EPS)
-    return (a.pow(gamma) + (1 - a).pow(gamma)).mean()
+    return ((alpha_pred + SPARSITY_EPS).pow(gamma) + (1 - alpha_pred + SPARSITY_EPS).pow(gamma)).mean()
 
 
 class SegmentationLoss(NamedTuple):

@@ -77,6 +77,15 @@ def blend(blend_weight: Tensor, fg_prob: Tensor, bg_prob: Tensor) -> Tensor:
     return blend_weight * fg_prob + (1 - blend_weight) * (1 - bg_prob)
 
 
+def fp32_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)` in float32 with autocast off: a bf16 logit saturates the sigmoid's gradient (0 past
+    p = 0.998) and rounds the Eq. 2 blend by up to 2/255, the size of what the L1 terms fit."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return conv(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x.float())
+
+
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, relu: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
@@ -161,8 +170,8 @@ class UpBlock(nn.Module):
 class Decoder(nn.Module):
     """One branch (foreground or background): five up blocks, then an FPN with four sigmoid heads.
 
-    Returns the four side-output logits (1/8, 1/4, 1/2, 1/1) and the full-resolution 128-ch feature
-    that feeds the fusion network.
+    Returns the four side-output logits (1/8, 1/4, 1/2, 1/1), float32 even under autocast, and the
+    full-resolution `width`-ch feature (paper: 128) that feeds the fusion network.
     """
 
     NUM_SIDES = 4
@@ -202,7 +211,7 @@ class Decoder(nn.Module):
             side = level - (len(self.up_blocks) - self.NUM_SIDES)
             if side >= 0:
                 feature = self.smooth[side](top_down)
-                side_logits.append(self.heads[side](feature))
+                side_logits.append(fp32_conv(self.heads[side], feature))
         return side_logits, feature
 
 
@@ -211,6 +220,8 @@ class FusionNet(nn.Module):
 
     def __init__(self, feature_ch: int = FPN_WIDTH, widths: tuple[int, ...] = FUSION_WIDTHS):
         super().__init__()
+        if len(widths) < 1 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"fusion widths must be positive ints, got {widths}")
         self.rgb = conv_bn_relu(3, feature_ch, kernel_size=3, relu=False)  # conv + BN, no ReLU
         layers: list[nn.Module] = []
         in_ch = 3 * feature_ch
@@ -221,8 +232,9 @@ class FusionNet(nn.Module):
         self.head = nn.Conv2d(in_ch, 1, 1)
 
     def forward(self, fg_feature: Tensor, bg_feature: Tensor, image: Tensor) -> Tensor:
+        """-> beta `(N,1,H,W)` float32 in [0,1] (head and sigmoid in float32 even under autocast)."""
         x = torch.cat([fg_feature, bg_feature, self.rgb(image)], dim=1)
-        return torch.sigmoid(self.head(self.body(x)))
+        return torch.sigmoid(fp32_conv(self.head, self.body(x)))
 
 
 def nearest_multiples(size: int, stride: int) -> tuple[int, int]:
@@ -235,20 +247,29 @@ class LateFusionNet(nn.Module):
 
     Input: `(N,3,H,W)` float RGB in [0,1], H and W multiples of 32; normalised inside as the
     backbone expects (`input_norm="imagenet"`) or as the authors' code does (`"authors"`).
-    Output: `MattingOutput`.
+    Output: `MattingOutput`; its maps are float32 even under bf16/fp16 autocast (heads, sigmoids,
+    beta and the Eq. 2 blend run in float32).
+    fpn_width / fusion_widths: the decoders' FPN width and the fusion convolutions' widths (paper:
+    128 and 256-128-128-64-256). Narrower ones are a CPU-profile deviation: at full resolution these
+    layers, not the encoder, are most of the network's compute.
     """
 
     stride = 32
 
-    def __init__(self, backbone: str = "densenet201", pretrained: bool = False, input_norm: str = "imagenet"):
+    def __init__(self, backbone: str = "densenet201", pretrained: bool = False, input_norm: str = "imagenet",
+                 fpn_width: int = FPN_WIDTH, fusion_widths: tuple[int, ...] | list[int] = FUSION_WIDTHS):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
-        self.config = {"backbone": backbone, "input_norm": input_norm}
+        if int(fpn_width) < 1:
+            raise ValueError(f"fpn_width must be >= 1, got {fpn_width}")
+        fusion_widths = tuple(int(w) for w in fusion_widths)
+        self.config = {"backbone": backbone, "input_norm": input_norm, "fpn_width": int(fpn_width),
+                       "fusion_widths": list(fusion_widths)}
         self.encoder = DenseNetEncoder(backbone, pretrained)
-        self.fg_decoder = Decoder(self.encoder.out_channels)
-        self.bg_decoder = Decoder(self.encoder.out_channels)
-        self.fusion = FusionNet()
+        self.fg_decoder = Decoder(self.encoder.out_channels, int(fpn_width))
+        self.bg_decoder = Decoder(self.encoder.out_channels, int(fpn_width))
+        self.fusion = FusionNet(int(fpn_width), fusion_widths)
         if input_norm == "imagenet":
             mean, scale = torch.tensor(IMAGENET_MEAN), 1.0 / torch.tensor(IMAGENET_STD)
         else:
@@ -295,12 +316,14 @@ class LateFusionNet(nn.Module):
     def forward(self, image: Tensor) -> MattingOutput:
         seg = self.segment(image)
         fg_side_logits, bg_side_logits = seg.fg_side_logits, seg.bg_side_logits
-        fg_sides = tuple(torch.sigmoid(logit) for logit in fg_side_logits)
-        bg_sides = tuple(torch.sigmoid(logit) for logit in bg_side_logits)
         blend_weight = self.fusion(seg.fg_feature, seg.bg_feature, seg.normalized_image)
-        fg_prob, bg_prob = fg_sides[-1], bg_sides[-1]
+        with torch.autocast(image.device.type, enabled=False):  # sigmoids and Eq. 2 in float32
+            fg_sides = tuple(torch.sigmoid(logit.float()) for logit in fg_side_logits)
+            bg_sides = tuple(torch.sigmoid(logit.float()) for logit in bg_side_logits)
+            fg_prob, bg_prob = fg_sides[-1], bg_sides[-1]
+            alpha = blend(blend_weight.float(), fg_prob, bg_prob)
         return MattingOutput(
-            alpha=blend(blend_weight, fg_prob, bg_prob),
+            alpha=alpha,
             fg_prob=fg_prob,
             bg_prob=bg_prob,
             blend_weight=blend_weight,

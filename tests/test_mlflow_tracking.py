@@ -193,7 +193,7 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
     from pipeline.provenance import content_sha256
     from tests.test_prefect_deployment import base_env, tiny_params
 
-    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, n_warmup=2, size=64)
+    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, size=64)
     params = tiny_params(tmp_path / "params.yaml", iters=1)
     models = tmp_path / "models"
     port = free_port()
@@ -269,7 +269,7 @@ def test_dvc_repro_groups_the_training_stages_under_one_parent(tmp_path):
     project = tmp_path / "project"
     (project / "stages").mkdir(parents=True)
     (project / "stages" / "train.py").write_text((ROOT / "stages" / "train.py").read_text())
-    write_toy_shards(project / "data" / "shards", n_train=8, n_val=2, n_warmup=2, size=64)
+    write_toy_shards(project / "data" / "shards", n_train=8, n_val=2, size=64)
     tiny_params(project / "params.yaml", iters=1)
     stages = {name: stage for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
               if name.startswith("train_")}

@@ -132,7 +132,7 @@ def test_stage_stays_on_localhost_and_resumes_a_killed_step(tmp_path):
     """`python stages/train.py` (what `dvc repro` runs) with no PREFECT_API_URL and none of the
     offline switches set by the caller: every process only talks to 127.0.0.1; SIGKILL of the step
     process mid-training makes Prefect retry the task, which resumes from state.pt."""
-    shards = write_toy_shards(tmp_path / "shards", n_train=24, n_val=2, n_warmup=2, size=64)
+    shards = write_toy_shards(tmp_path / "shards", n_train=24, n_val=2, size=64)
     params = tiny_params(tmp_path / "params.yaml", iters=10, checkpoint_every=2)
     out = tmp_path / "models" / "segmentation"
     probe_dir = tmp_path / "probe"
@@ -195,7 +195,7 @@ def test_deployment_run_on_a_process_worker_trains_all_three_steps(tmp_path):
     """Real `prefect server start`, `python -m pipeline.deploy` (local source, process pool, job
     variables: 2 torchrun processes, an MLflow experiment), `prefect worker start`,
     `prefect deployment run`."""
-    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, n_warmup=2, size=64)
+    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, size=64)
     params = tiny_params(tmp_path / "params.yaml", iters=1)
     models = tmp_path / "models"
     port = free_port()

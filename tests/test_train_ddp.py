@@ -54,7 +54,7 @@ shutdown(ctx)
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["segmentation", "joint"])
 def test_two_process_gloo_ddp(tmp_path, step):
-    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, n_warmup=2, size=64)
+    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, size=64)
     section = {"epochs": 1, "max_iters_per_epoch": None, "base_lr": 5e-3, "max_lr": 2e-2, "half_cycle_epochs": 1}
     params = {
         "seed": 0,

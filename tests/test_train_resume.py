@@ -41,7 +41,7 @@ def resume_params() -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return write_toy_shards(tmp_path_factory.mktemp("toy") / "shards", n_train=8, n_val=2, n_warmup=4, size=64, seed=3)
+    return write_toy_shards(tmp_path_factory.mktemp("toy") / "shards", n_train=8, n_val=2, size=64, seed=3)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -49,7 +49,7 @@ class RecordingLogger:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     # warm-up images at another size than the crops: the trainer resizes them to batch together
-    return write_toy_shards(tmp_path_factory.mktemp("toy") / "shards", n_train=8, n_val=2, n_warmup=4, size=64, warmup_size=96)
+    return write_toy_shards(tmp_path_factory.mktemp("toy") / "shards", n_train=8, n_val=2, size=64)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +134,10 @@ def test_state_file_loads_with_weights_only(chain):
 
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
-    # two training crops and batch 2: every iteration sees the same batch (flip off)
-    shards = write_toy_shards(tmp_path / "shards", n_train=2, n_val=1, n_warmup=0, size=64)
+    # two fixed training crops and batch 2: every iteration sees the same batch
+    shards = write_toy_shards(tmp_path / "shards", n_train=2, n_val=1, size=64, fixed=True)
     params = tiny_params(epochs=1, max_iters_per_epoch=None, base_lr=0.02, max_lr=0.02)
-    params["train_common"].update(flip=False, checkpoint_every=100)
+    params["train_common"].update(checkpoint_every=100)
     params["train_seg"]["warmup_epochs"] = 0
     cfg = StepConfig.from_params(params, "segmentation").replace(epochs=8)
     run_step("segmentation", cfg, shards, tmp_path / "seg")
@@ -164,7 +164,7 @@ def test_bad_inputs_are_named(shards, tmp_path):
         run_step("joint", cfg, shards, tmp_path / "out")
     with pytest.raises(ValueError, match="fp16 needs device cuda"):
         run_step("segmentation", cfg.replace(precision="fp16"), shards, tmp_path / "out")
-    odd = write_toy_shards(tmp_path / "odd", n_train=4, n_val=1, n_warmup=1, size=48)
+    odd = write_toy_shards(tmp_path / "odd", n_train=4, n_val=1, size=48)
     with pytest.raises(ValueError, match="multiples of 32"):
         run_step("segmentation", cfg, odd, tmp_path / "out")
     wrong = tmp_path / "wrong.safetensors"

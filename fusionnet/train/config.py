@@ -12,14 +12,15 @@ from typing import Any
 
 STEPS = ("segmentation", "fusion", "joint")
 STEP_SECTIONS = {"segmentation": "train_seg", "fusion": "train_fusion", "joint": "train_joint"}
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEVICES = ("cpu", "cuda", "auto")
+OPTIMIZERS = ("sgd", "adam")
 
 # Keys each params section may hold -> StepConfig field names (identical names, grouped by section).
-MODEL_KEYS = ("backbone", "pretrained", "input_norm")
+MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths")
 COMMON_KEYS = (
     "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "num_workers",
-    "flip", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
+    "optimizer", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
     "val_max_images", "val_band_radius", "visual_count",
 )
 STEP_KEYS = (
@@ -45,15 +46,17 @@ class StepConfig:
     backbone: str = "densenet201"
     pretrained: bool = True
     input_norm: str = "imagenet"
+    fpn_width: int = 128  # paper / authors' code: 128
+    fusion_widths: tuple[int, ...] = (256, 128, 128, 64, 256)  # authors' code
     # train_common
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
-    precision: str = "fp32"  # fp32 | bf16 (cpu or cuda autocast) | fp16 (cuda autocast + GradScaler)
+    precision: str = "fp32"  # fp32 | bf16 (cpu or cuda autocast) | fp16 (cuda autocast + GradScaler) | auto (measured)
     channels_last: bool = True  # NHWC: oneDNN and cuDNN run the DenseNet convolutions faster
     threads: int | None = None  # torch intra-op threads per process (None = torch's default)
     deterministic: bool = True  # deterministic algorithms on CPU (exact kill-and-resume)
     batch_size: int = 2  # per process (paper: 2 per GPU)
     num_workers: int = 1
-    flip: bool = True  # read-time left-right flip, drawn from (seed, epoch, batch): resume-exact
+    optimizer: str = "sgd"  # sgd (paper, authors' code) | adam (a CPU-profile deviation: from scratch in minutes)
     grad_clip: float = 5.0  # gradient-norm clip (authors' code)
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -75,10 +78,13 @@ class StepConfig:
 
     def __post_init__(self) -> None:
         where = f"params {STEP_SECTIONS.get(self.step, self.step)}"
+        object.__setattr__(self, "fusion_widths", tuple(int(w) for w in self.fusion_widths))
         if self.step not in STEPS:
             raise ValueError(f"unknown step {self.step!r}; choose one of {', '.join(STEPS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"params train_common.precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"params train_common.optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:
             raise ValueError(f"params train_common.device {self.device!r}: choose one of {', '.join(DEVICES)}")
         for name in ("batch_size", "checkpoint_every", "log_every", "epochs"):

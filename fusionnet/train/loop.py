@@ -26,7 +26,8 @@ from fusionnet.model import LateFusionNet
 from fusionnet.train import data as tdata
 from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
-from fusionnet.train.files import write_atomic
+from fusionnet.precision import resolve_precision
+from fusionnet.train.files import file_sha256, write_atomic
 from fusionnet.train.forward import step_loss, step_module
 from fusionnet.train.freezing import set_train_mode, set_trainable
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
@@ -80,12 +81,14 @@ class _Trainer:
         self.device = ctx.device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("params train_common.precision fp16 needs device cuda; use bf16 (or fp32) on cpu")
+        self.precision, self.precision_reason = "fp32", ""
+        self.init_sha256 = file_sha256(self.init_checkpoint) if self.init_checkpoint else None
 
     # ------------------------------------------------------------------ setup
     def autocast(self):
-        if self.cfg.precision == "fp32":
+        if self.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _configure_torch(self) -> None:
@@ -93,14 +96,19 @@ class _Trainer:
             torch.set_num_threads(self.cfg.threads)
         if self.device.type == "cpu" and self.cfg.deterministic:
             torch.use_deterministic_algorithms(True)
+        self.precision, self.precision_reason = resolve_precision(self.cfg.precision, self.device)
+        if self.ctx.is_main:
+            print(f"{self.step} step: precision {self.precision} ({self.precision_reason})", flush=True)
         torch.manual_seed(self.cfg.seed)
 
     def _build_model(self) -> LateFusionNet:
         cfg = self.cfg
         if self.init_checkpoint is None:
-            return LateFusionNet(cfg.backbone, pretrained=cfg.pretrained, input_norm=cfg.input_norm)
+            return LateFusionNet(cfg.backbone, pretrained=cfg.pretrained, input_norm=cfg.input_norm,
+                                 fpn_width=cfg.fpn_width, fusion_widths=cfg.fusion_widths)
         model = fmodel.load(self.init_checkpoint)
-        want = {"backbone": cfg.backbone, "input_norm": cfg.input_norm}
+        want = {"backbone": cfg.backbone, "input_norm": cfg.input_norm, "fpn_width": cfg.fpn_width,
+                "fusion_widths": list(cfg.fusion_widths)}
         if {k: model.config.get(k) for k in want} != want:
             raise ValueError(f"{self.init_checkpoint}: model config {model.config} does not match params model {want}")
         return model
@@ -111,11 +119,20 @@ class _Trainer:
         if not self.resume:
             return None
         state = load_state(self.state_path)
-        if state.get("config") != self.cfg.resume_key():
+        if state.get("config") != self.resume_key():
             if self.ctx.is_main:
-                print(f"{self.state_path}: written with other settings; starting the {self.step} step afresh", flush=True)
+                old = state.get("config") or {}
+                changed = sorted(k for k in set(old) | set(self.resume_key()) if old.get(k) != self.resume_key().get(k))
+                print(f"{self.state_path}: written with other settings ({', '.join(changed)}); "
+                      f"starting the {self.step} step afresh", flush=True)
             return None
         return state
+
+    def resume_key(self) -> dict[str, Any]:
+        """What must match for a state.pt to be resumed or returned as finished: the step config, the
+        precision actually used, the init checkpoint's sha256, the data version and the process count."""
+        return {**self.cfg.resume_key(), "precision_used": self.precision, "init_sha256": self.init_sha256,
+                "data_version": self.data_version, "world_size": self.ctx.world_size}
 
     # ------------------------------------------------------------------ main
     def run(self) -> StepResult:
@@ -124,6 +141,7 @@ class _Trainer:
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         barrier(ctx)
+        self.data_version = tdata.data_version(self.shards_dir)
         state = self._load_resume_state()
         if state is not None and state["finished"] and (self.out_dir / MODEL_FILE).is_file():
             return self._result(state)
@@ -132,7 +150,10 @@ class _Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         trainable = set_trainable(model, self.step)
-        optimizer = torch.optim.SGD(trainable, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":  # betas (momentum, 0.999): train_common.momentum stays meaningful
+            optimizer = torch.optim.Adam(trainable, lr=cfg.base_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(trainable, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is None:
             state = self._fresh_state()
@@ -143,8 +164,8 @@ class _Trainer:
             restore_rng(state["rng"])
         self.model, self.optimizer, self.scaler, self.trainable, self.state = model, optimizer, scaler, trainable, state
 
-        self.train_set = tdata.open_split(self.shards_dir, "train")
-        self.warmup_set = tdata.open_split(self.shards_dir, "warmup") if cfg.warmup_epochs > 0 else None
+        self.train_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=False)
+        self.warmup_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=True) if cfg.warmup_epochs > 0 else None
         self.val_set = tdata.open_split(self.shards_dir, "val")
         self._check_sizes()
         nominal = len(tdata.epoch_indices(len(self.train_set), cfg.seed, 0, ctx.rank, ctx.world_size))
@@ -162,6 +183,8 @@ class _Trainer:
 
         if self.logger is not None:
             self.logger.log_params({**cfg.to_dict(), "world_size": ctx.world_size, "init_checkpoint": str(self.init_checkpoint),
+                                    "precision_used": self.precision, "precision_reason": self.precision_reason,
+                                    "init_sha256": str(self.init_sha256), "data_version": self.data_version,
                                     "iters_per_epoch": self.iters_per_epoch, "half_cycle_iters": self.half_cycle})
         if state["initial_val"] is None:
             state["initial_val"] = self._validate(epoch=0)
@@ -173,7 +196,7 @@ class _Trainer:
 
     def _fresh_state(self) -> dict[str, Any]:
         return {
-            "config": self.cfg.resume_key(), "step": self.step, "finished": False,
+            "config": self.resume_key(), "step": self.step, "finished": False,
             "epoch": 0, "batch_in_epoch": 0, "iteration": 0,
             "initial_val": None, "history": [], "loss_log": [],
             "totals": {"samples": 0, "wait_s": 0.0, "train_s": 0.0},
@@ -191,7 +214,7 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> None:
         cfg, ctx, state = self.cfg, self.ctx, self.state
         set_train_mode(self.model, self.step)
-        dataset = tdata.epoch_dataset(self.train_set, self.warmup_set, epoch < cfg.warmup_epochs)
+        dataset = self.warmup_set if epoch < cfg.warmup_epochs and self.warmup_set is not None else self.train_set
         indices = tdata.epoch_indices(len(dataset), cfg.seed, epoch, ctx.rank, ctx.world_size)
         n_batches = tdata.batches_in_epoch(len(indices), cfg.batch_size, cfg.max_iters_per_epoch)
         first = state["batch_in_epoch"]
@@ -224,8 +247,6 @@ class _Trainer:
     def _train_iteration(self, batch: dict, epoch: int, b: int) -> tuple[dict[str, float], float]:
         cfg = self.cfg
         image, alpha = batch["image"], batch["alpha"]
-        if cfg.flip:
-            image, alpha = tdata.flip_batch(image, alpha, cfg.seed, epoch, b, self.ctx.rank)
         image = image.to(self.device, non_blocking=True)
         alpha = alpha.to(self.device, non_blocking=True)
         if cfg.channels_last:
@@ -235,7 +256,8 @@ class _Trainer:
             group["lr"] = lr
         with self.autocast():
             output = self.module(image)
-        loss, terms = step_loss(self.step, output, alpha, cfg)
+        with torch.autocast(self.device.type, enabled=False):  # every loss in float32
+            loss, terms = step_loss(self.step, output, alpha, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
