@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	bash scripts/run_pipeline.sh
+	PROFILE=$(PROFILE) bash scripts/run_pipeline.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -7,6 +7,16 @@ if [ ! -f dvc.yaml ]; then
   echo "The DVC pipeline (dvc.yaml) is not there yet: see the open issues." >&2
   exit 0
 fi
+# PROFILE=photos (make run PROFILE=photos): params-photos.yaml becomes params.yaml, the file every DVC
+# stage reads; `git checkout params.yaml` goes back to the default profile.
+if [ -n "${PROFILE:-}" ] && [ "${PROFILE}" != "default" ]; then
+  if [ ! -f "params-${PROFILE}.yaml" ]; then
+    echo "PROFILE=${PROFILE}: no params-${PROFILE}.yaml (profiles: $(ls params-*.yaml | sed 's/params-//; s/.yaml//' | tr '\n' ' '))" >&2
+    exit 2
+  fi
+  cp "params-${PROFILE}.yaml" params.yaml
+  echo "profile ${PROFILE}: params-${PROFILE}.yaml copied to params.yaml (git checkout params.yaml restores the default)"
+fi
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
 if [ ! -d .dvc ]; then
   dvc init -q

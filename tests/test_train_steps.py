@@ -158,7 +158,7 @@ def test_resume_with_other_settings_starts_afresh(shards, tmp_path):
 
 def test_bad_inputs_are_named(shards, tmp_path):
     cfg = StepConfig.from_params(tiny_params(), "segmentation")
-    with pytest.raises(FileNotFoundError, match="nowhere/train"):
+    with pytest.raises(FileNotFoundError, match="nowhere/summary.json: missing"):
         run_step("segmentation", cfg, tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(ValueError, match="StepConfig for step 'segmentation'"):
         run_step("joint", cfg, shards, tmp_path / "out")
