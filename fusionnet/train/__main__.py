@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", choices=STEPS, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--shards", type=Path, default=Path("data/shards"), help="dir with train/, val/, warmup/")
+    parser.add_argument("--shards", type=Path, default=Path("data/shards"), help="dir with train/, val/, summary.json")
     parser.add_argument("--out", type=Path, required=True, help="step output dir, e.g. models/segmentation")
     parser.add_argument("--init", type=Path, default=None, help="previous step's model.safetensors")
     parser.add_argument("--device", choices=DEVICES, default=None, help="override train_common.device")

@@ -36,7 +36,7 @@ class StepConfig:
     Learning rate: triangular cyclical schedule from `base_lr` to `max_lr` and back, each half-cycle
     `half_cycle_epochs` epochs long (Smith 2017, paper Sec. 3.4). `max_iters_per_epoch` caps an epoch
     (None = the whole training set) so a CPU profile can run a short step. `warmup_epochs`: that many
-    first epochs of this step also draw from the resized warm-up set (shards/warmup, paper Sec. 4).
+    first epochs of this step also draw the resized whole training composites (paper Sec. 4 "warm-up").
     Joint step loss (paper Eq. 9): L_u + side_weight * (L_F + L_B) + sparsity_weight * L_s(gamma).
     """
 
