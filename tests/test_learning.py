@@ -40,7 +40,7 @@ def test_sparsity_gradient_is_finite_and_nonzero_at_0_and_1():
 
 def _cfg(step: str, **kw) -> StepConfig:
     base = dict(seed=0, backbone="densenet121", pretrained=False, fpn_width=16, fusion_widths=(32, 16, 16, 8, 32),
-                device="cpu", precision="fp32", channels_last=False, threads=2, batch_size=4, num_workers=0,
+                device="cpu", precision="fp32", channels_last=False, threads=1, batch_size=4, num_workers=0,
                 optimizer="adam", momentum=0.9, weight_decay=0.0, grad_clip=5.0, checkpoint_every=1000,
                 val_max_images=None, visual_count=0, warmup_epochs=0)
     return StepConfig(step=step, **{**base, **kw})
