@@ -35,6 +35,7 @@ import numpy as np
 from pipeline.provenance import load_params
 
 from fusionnet import report
+from fusionnet.hashing import file_sha256
 from fusionnet.evaluate import (
     ROW_BY_NAME,
     ROWS,
@@ -102,12 +103,7 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_file = file_sha256  # the library's one file hash (fusionnet.hashing)
 
 
 def branches_identical(a: Path, b: Path) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fusionnet.hashing import file_sha256
 from pipeline.env import PROJECT_DIR
 
 PIPELINE_RUN_ENV = "FUSIONNET_PIPELINE_RUN"
@@ -94,11 +95,7 @@ def content_sha256(directory: Path) -> str:
     """
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        file_digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(block)
-        digest.update(f"{path.relative_to(directory).as_posix()}\0{file_digest.hexdigest()}\n".encode())
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 

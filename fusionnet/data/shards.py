@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from fusionnet.data.crops import CropParams, CropSource, fit_longer_side, sample_crop_specs, transition_pixels
+from fusionnet.hashing import file_sha256
 
 __all__ = [
     "SCHEMA",
@@ -302,11 +303,7 @@ def shards_digest(out_dir: str | Path) -> str:
     out_dir = Path(out_dir)
     outer = hashlib.sha256()
     for path in sorted(out_dir.glob("*/*.parquet")):
-        inner = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                inner.update(chunk)
-        outer.update(f"{path.parent.name}/{path.name}:{inner.hexdigest()}\n".encode())
+        outer.update(f"{path.parent.name}/{path.name}:{file_sha256(path)}\n".encode())
     return outer.hexdigest()
 
 

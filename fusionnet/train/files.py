@@ -34,14 +34,3 @@ def write_atomic(path: Path, write: Callable[[Path], None], fsync: bool = False)
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes (init checkpoints in the resume key)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

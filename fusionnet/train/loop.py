@@ -27,7 +27,8 @@ from fusionnet.train import data as tdata
 from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
 from fusionnet.precision import resolve_precision
-from fusionnet.train.files import file_sha256, write_atomic
+from fusionnet.hashing import file_sha256
+from fusionnet.train.files import write_atomic
 from fusionnet.train.forward import step_loss, step_module
 from fusionnet.train.freezing import set_train_mode, set_trainable
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
