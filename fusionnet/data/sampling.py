@@ -56,8 +56,9 @@ def read_summary(shards_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (run the shard_crops stage)")
     summary = json.loads(path.read_text())
-    if "sampling" not in summary:
-        raise ValueError(f"{path}: no `sampling` section (written by an older shard_crops; re-run it)")
+    missing = [k for k in ("sampling", "data_version") if k not in summary]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} (written by an older shard_crops; re-run it)")
     return summary
 
 
@@ -71,6 +72,10 @@ class SampledCrops(Dataset):
 
     def __len__(self) -> int:
         return 2 * self.n if self.warmup else self.n
+
+    def with_warmup(self) -> "SampledCrops":
+        """The same rows and draws, with the warm-up images added to the index space."""
+        return SampledCrops(self.rows, self.sampling, self.seed, warmup=True)
 
     def rng(self, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(int(epoch), int(index))))

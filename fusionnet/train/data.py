@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fusionnet.data.dataset import ShardDataset
 from fusionnet.data.sampling import SampledCrops, Sampling, read_summary
-from fusionnet.data.shards import shards_digest
 
 SPLITS = ("train", "val")
 
@@ -44,8 +43,7 @@ def training_set(shards_dir: Path, seed: int, warmup: bool) -> SampledCrops:
 
 def data_version(shards_dir: Path) -> str:
     """The shards' data version (summary.json `data_version`, a sha256 over the shard files)."""
-    summary = read_summary(shards_dir)
-    return summary.get("data_version") or shards_digest(shards_dir)
+    return read_summary(shards_dir)["data_version"]
 
 
 def sample_size(dataset: SampledCrops) -> tuple[int, int]:

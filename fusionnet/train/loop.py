@@ -120,10 +120,11 @@ class _Trainer:
         if not self.resume:
             return None
         state = load_state(self.state_path)
-        if state.get("config") != self.resume_key():
+        key = self.resume_key()
+        if state.get("config") != key:
             if self.ctx.is_main:
                 old = state.get("config") or {}
-                changed = sorted(k for k in set(old) | set(self.resume_key()) if old.get(k) != self.resume_key().get(k))
+                changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
                 print(f"{self.state_path}: written with other settings ({', '.join(changed)}); "
                       f"starting the {self.step} step afresh", flush=True)
             return None
@@ -166,7 +167,7 @@ class _Trainer:
         self.model, self.optimizer, self.scaler, self.trainable, self.state = model, optimizer, scaler, trainable, state
 
         self.train_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=False)
-        self.warmup_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=True) if cfg.warmup_epochs > 0 else None
+        self.warmup_set = self.train_set.with_warmup() if cfg.warmup_epochs > 0 else None
         self.val_set = tdata.open_split(self.shards_dir, "val")
         self._check_sizes()
         nominal = len(tdata.epoch_indices(len(self.train_set), cfg.seed, 0, ctx.rank, ctx.world_size))
