@@ -179,15 +179,7 @@ def sample_crop_specs(
     """Draw `count` crops: centre uniform over transition pixels, size uniform over `sizes`,
     angle uniform in [-rotation_deg, rotation_deg] (0 when rotation_deg == 0), flip with p = 0.5."""
     candidates = transition_pixels(alpha)
-    width = alpha.shape[1]
-    specs = []
-    for _ in range(count):
-        flat = int(candidates[rng.integers(candidates.size)])
-        size = int(sizes[rng.integers(len(sizes))])
-        angle = float(rng.uniform(-rotation_deg, rotation_deg)) if rotation_deg > 0 else 0.0
-        flipped = bool(rng.random() < 0.5) if flip else False
-        specs.append(CropSpec(flat // width, flat % width, size, angle, flipped))
-    return specs
+    return [draw_crop_spec(candidates, alpha.shape[1], sizes, rotation_deg, flip, rng) for _ in range(count)]
 
 
 def draw_crop_spec(
@@ -200,12 +192,12 @@ def draw_crop_spec(
 ) -> CropSpec:
     """One crop as the paper draws it: centre uniform over `candidates` (flat transition-pixel indices
     of an image `width` wide), size uniform over `sizes`, angle uniform in [-rotation_deg,
-    rotation_deg], left-right flip with p = 0.5. Always consumes the same four draws from `rng`."""
+    rotation_deg] (no draw when 0), left-right flip with p = 0.5 (no draw when `flip` is off)."""
     flat = int(candidates[rng.integers(candidates.size)])
     size = int(sizes[rng.integers(len(sizes))])
-    angle = float(rng.uniform(-rotation_deg, rotation_deg))
-    flipped = bool(rng.random() < 0.5)
-    return CropSpec(flat // width, flat % width, size, angle if rotation_deg > 0 else 0.0, flipped and flip)
+    angle = float(rng.uniform(-rotation_deg, rotation_deg)) if rotation_deg > 0 else 0.0
+    flipped = bool(rng.random() < 0.5) if flip else False
+    return CropSpec(flat // width, flat % width, size, angle, flipped)
 
 
 def crop_margin(spec: CropSpec) -> int:
