@@ -59,6 +59,8 @@ class CropParams:
     max_side: composites are downscaled so their longer side is at most this before cropping (paper: 800).
     shard_rows: rows per Parquet shard.
     augment_val: apply rotation/flip to validation crops too (off: validation crops are plain).
+    val_whole: store each val composite whole, at working size (validation then scores what the test
+      scores: whole images at the evaluation scale); off: `per_image` plain crops of each.
     compression: Parquet codec of the shards ("none", "zstd", "lz4", "snappy").
     """
 
@@ -71,6 +73,7 @@ class CropParams:
     max_side: int = 800
     shard_rows: int = 256
     augment_val: bool = False
+    val_whole: bool = False
     compression: str = "none"
 
     def __post_init__(self) -> None:
