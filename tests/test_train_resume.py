@@ -6,6 +6,7 @@ subprocess after its first checkpoints, then a re-run, compared with an uninterr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ def resume_params() -> dict:
         "train_common": {
             "device": "cpu", "precision": "fp32", "channels_last": False, "threads": 1, "batch_size": 2,
             "num_workers": 0, "checkpoint_every": 1, "val_max_images": 1, "visual_count": 1,
+            "val_every": 2, "keep": "best",  # mid-epoch validations and the best weights survive a crash too
         },
         "train_seg": {**step, "warmup_epochs": 1},  # the resumed epoch mixes crops and warm-up images
         "train_fusion": step,
@@ -80,6 +82,8 @@ def test_resume_after_crash_gives_identical_weights(shards, tmp_path, step):
     assert resumed.iterations == reference.iterations == 6
     assert_same_weights(reference.model_path, resumed.model_path)
     assert [h["val_sad"] for h in resumed.history] == pytest.approx([h["val_sad"] for h in reference.history], abs=1e-9)
+    kept = [json.loads((d / "history.json").read_text())["kept"] for d in (tmp_path / "reference", tmp_path / "crashed")]
+    assert kept[0] == kept[1] and kept[0]["iteration"] in range(7)
     assert len(load_state(tmp_path / "crashed" / STATE_FILE)["loss_log"]) == 6
 
 

@@ -18,7 +18,8 @@ temp sibling and renames it into place when complete.
 
 Layout written by `build_shards(composites_dir, out_dir, ...)` (the `shard_crops` stage):
 out_dir/train/shard-*.parquet (train composites, kind "composite"), out_dir/val/shard-*.parquet
-(`per_image` plain crops of each val composite), out_dir/summary.json (row counts, bytes, the crop
+(`per_image` plain crops of each val composite, or with crops.val_whole the whole val composites,
+kind "composite"), out_dir/summary.json (row counts, bytes, the crop
 sampling settings the trainer reads, and `data_version`, a sha256 over the shard files).
 """
 
@@ -248,7 +249,8 @@ def _rng(seed: int, cid: str, stream: int) -> np.random.Generator:
 def rows_for_composite(
     composites_dir: str | Path, record: Mapping, params: CropParams, seed: int
 ) -> dict[str, list[dict]]:
-    """Rows of one composite: {"train": [its composite row]} or {"val": [per_image plain crops]}."""
+    """Rows of one composite: {"train": [its composite row]}; {"val": [per_image plain crops]}, or with
+    params.val_whole {"val": [its composite row]} (scored whole by validation)."""
     root = Path(composites_dir)
     image = _read_png(root / record["image_path"], "RGB")
     alpha = _read_png(root / record["alpha_path"], "L")
@@ -266,9 +268,9 @@ def rows_for_composite(
         "src_width": alpha.shape[1],
         "src_scale": scale,
     }
-    if split == "train":
+    if split == "train" or params.val_whole:
         transition = transition_pixels(alpha).astype(np.uint32)
-        return {"train": [dict(base, image=np.ascontiguousarray(image).tobytes(), alpha=np.ascontiguousarray(alpha).tobytes(),
+        return {split: [dict(base, image=np.ascontiguousarray(image).tobytes(), alpha=np.ascontiguousarray(alpha).tobytes(),
                                height=alpha.shape[0], width=alpha.shape[1], crop_y=0, crop_x=0, crop_size=0,
                                angle=0.0, flipped=False, kind="composite", transition=transition.tobytes())]}
     specs = sample_crop_specs(

@@ -15,13 +15,14 @@ STEP_SECTIONS = {"segmentation": "train_seg", "fusion": "train_fusion", "joint":
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("sgd", "adam")
+KEEPS = ("last", "best")
 
 # Keys each params section may hold -> StepConfig field names (identical names, grouped by section).
 MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths")
 COMMON_KEYS = (
     "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "num_workers",
     "optimizer", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
-    "val_max_images", "val_band_radius", "visual_count",
+    "val_max_images", "val_band_radius", "visual_count", "val_every", "keep",
 )
 STEP_KEYS = (
     "epochs", "max_iters_per_epoch", "base_lr", "max_lr", "half_cycle_epochs", "warmup_epochs",
@@ -65,6 +66,8 @@ class StepConfig:
     val_max_images: int | None = None  # score at most this many val crops (None = all)
     val_band_radius: int = 25  # the paper's "-25" transition band for val SAD/MSE
     visual_count: int = 4  # val crops shown in the per-epoch PNG grid
+    val_every: int | None = None  # also validate every this many iterations (None: at epoch ends only)
+    keep: str = "last"  # the step's model: "last" weights (paper) | "best" validated (early stopping)
     # step section
     epochs: int = 1
     max_iters_per_epoch: int | None = None
@@ -85,6 +88,10 @@ class StepConfig:
             raise ValueError(f"params train_common.precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"params train_common.optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"params train_common.keep {self.keep!r}: choose one of {', '.join(KEEPS)}")
+        if self.val_every is not None and int(self.val_every) < 1:
+            raise ValueError(f"params train_common.val_every must be >= 1 or null, got {self.val_every}")
         if self.device not in DEVICES:
             raise ValueError(f"params train_common.device {self.device!r}: choose one of {', '.join(DEVICES)}")
         for name in ("batch_size", "checkpoint_every", "log_every", "epochs"):

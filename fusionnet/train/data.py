@@ -9,7 +9,7 @@ Resume-exact data: the order of an epoch is a function of (seed, epoch) only (Di
 permutation, split disjointly across ranks), a resumed epoch skips the batches already consumed, and
 each sample is a function of (seed, epoch, index).
 
-Validation: the stored val crops; a capped subset is taken round-robin over the val foregrounds
+Validation: the stored val crops (or, with crops.val_whole, the whole val composites); a capped subset is taken round-robin over the val foregrounds
 (`val_indices`), so at the paper profile it is not the first foreground's crops only.
 """
 
@@ -102,6 +102,8 @@ def val_indices(fg_ids: list[str], max_images: int | None) -> list[int]:
 
 
 def val_loader(val: ShardDataset, batch_size: int, max_images: int | None) -> DataLoader:
-    """The val crops chosen by `val_indices` (all when max_images is None), in stored order."""
+    """The val rows chosen by `val_indices` (all when max_images is None), in stored order.
+    Whole composites (kind "composite", sizes differ) go one per batch."""
     chosen = val_indices(val.column("fg_id"), max_images)
-    return DataLoader(val, batch_size=batch_size, sampler=chosen, num_workers=0)
+    whole = "composite" in set(val.column("kind"))
+    return DataLoader(val, batch_size=1 if whole else batch_size, sampler=chosen, num_workers=0)

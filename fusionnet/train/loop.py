@@ -190,6 +190,7 @@ class _Trainer:
                                     "iters_per_epoch": self.iters_per_epoch, "half_cycle_iters": self.half_cycle})
         if state["initial_val"] is None:
             state["initial_val"] = self._validate(epoch=0)
+            self._note_val(state["initial_val"], epoch=0.0)
             self._checkpoint()
         while state["epoch"] < cfg.epochs:
             self._train_epoch(state["epoch"])
@@ -200,7 +201,7 @@ class _Trainer:
         return {
             "config": self.resume_key(), "step": self.step, "finished": False,
             "epoch": 0, "batch_in_epoch": 0, "iteration": 0,
-            "initial_val": None, "history": [], "loss_log": [],
+            "initial_val": None, "history": [], "loss_log": [], "validations": [], "best": None,
             "totals": {"samples": 0, "wait_s": 0.0, "train_s": 0.0},
             "epoch_acc": _zero_epoch_acc(),
         }
@@ -242,6 +243,8 @@ class _Trainer:
             state["loss_log"].append({"iteration": it, "epoch": epoch + 1, "lr": lr, **terms})
             if self.logger is not None and it % cfg.log_every == 0:
                 self.logger.log_metrics({**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr}, step=it)
+            if cfg.val_every and it % cfg.val_every == 0 and b + 1 < n_batches:  # epoch ends validate anyway
+                self._note_val(self._validate(epoch + 1, grid=False), epoch=epoch + (b + 1) / n_batches)
             if it % cfg.checkpoint_every == 0:
                 self._checkpoint()
         del batches, loader
@@ -278,6 +281,7 @@ class _Trainer:
         state, ctx = self.state, self.ctx
         acc = state["epoch_acc"]
         val = self._validate(epoch + 1)
+        self._note_val(val, epoch=float(epoch + 1))
         if ctx.is_main:
             row = {
                 "epoch": epoch + 1, **val,
@@ -302,22 +306,35 @@ class _Trainer:
         state["epoch_acc"] = _zero_epoch_acc()
         self._checkpoint()
 
-    def _validate(self, epoch: int) -> dict[str, float]:
+    def _note_val(self, val: dict[str, float], epoch: float) -> None:
+        """Record a validation; with keep "best", remember the weights of the lowest val SAD so far
+        (the init counts: a step that never beats it hands its init on unchanged, and says so)."""
+        state = self.state
+        row = {"iteration": state["iteration"], "epoch": epoch, "val_sad": val.get("val_sad", math.nan),
+               "val_mse": val.get("val_mse", math.nan)}
+        state["validations"].append(row)
+        best = state["best"]
+        if self.cfg.keep == "best" and math.isfinite(row["val_sad"]) and (best is None or row["val_sad"] < best["val_sad"]):
+            state["best"] = row
+            if self.ctx.is_main:
+                state["best_model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _validate(self, epoch: int, grid: bool = True) -> dict[str, float]:
         """Rank 0 scores the val split (others wait); returns {"val_sad", "val_mse", "val_images", "val_s"}."""
         scores: dict[str, float] = {}
         if self.ctx.is_main:
             t0 = time.perf_counter()
             loader = tdata.val_loader(self.val_set, self.cfg.batch_size, self.cfg.val_max_images)
             result = validate(self.model, loader, self.device, self.autocast, self.cfg.val_band_radius,
-                              self.cfg.visual_count, self.cfg.channels_last)
+                              self.cfg.visual_count if grid else 0, self.cfg.channels_last)
             scores = {**result.scores(), "val_s": time.perf_counter() - t0}
             name = f"plots/val_epoch_{epoch:03d}.png"
-            grid = save_val_grid(result.visuals, self.out_dir / name,
-                                 title=f"{self.step} step, epoch {epoch}: val SAD {result.val_sad:.3f}")
+            picture = save_val_grid(result.visuals, self.out_dir / name,
+                                    title=f"{self.step} step, epoch {epoch}: val SAD {result.val_sad:.3f}") if grid else None
             if self.logger is not None:
                 self.logger.log_metrics({"val/sad": result.val_sad, "val/mse": result.val_mse}, step=self.state["iteration"])
-                if grid is not None:
-                    self.logger.log_image(grid, name)
+                if picture is not None:
+                    self.logger.log_image(picture, name)
         scores = broadcast_object(scores, self.ctx)  # type: ignore[assignment]
         return scores
 
@@ -339,6 +356,7 @@ class _Trainer:
         doc = {
             "step": self.step, "finished": finished,
             "initial_val": state["initial_val"], "epochs": state["history"],
+            "validations": state["validations"], "keep": self.cfg.keep, "kept": self._kept(),
             "iterations": state["iteration"],
             "samples_per_s": totals["samples"] / totals["train_s"] if totals["train_s"] else math.nan,
             "data_wait_fraction": totals["wait_s"] / totals["train_s"] if totals["train_s"] else math.nan,
@@ -348,8 +366,25 @@ class _Trainer:
         text = json.dumps(doc, indent=2, allow_nan=True) + "\n"
         return write_atomic(self.out_dir / HISTORY_FILE, lambda tmp: tmp.write_text(text))
 
+    def _kept(self) -> dict[str, Any]:
+        """Which validated weights model.safetensors holds: the best (keep "best") or the last."""
+        state = self.state
+        if self.cfg.keep == "best" and state["best"] is not None:
+            return {**state["best"], "improved_on_init": state["best"]["iteration"] > 0}
+        last = state["validations"][-1] if state["validations"] else {}
+        return {**last, "improved_on_init": None}
+
     def _finish(self) -> StepResult:
         if self.ctx.is_main:
+            if self.cfg.keep == "best" and self.state.get("best_model") is not None:
+                self.model.load_state_dict(self.state["best_model"])  # early stopping on validation
+                kept = self._kept()
+                print(f"{self.step} step: keeping the weights of iteration {kept['iteration']} "
+                      f"(val SAD {kept['val_sad']:.4g}; {'better than' if kept['improved_on_init'] else 'no better than'} "
+                      f"its init's {self.state['initial_val'].get('val_sad', math.nan):.4g})", flush=True)
+                if self.logger is not None:
+                    self.logger.log_metrics({"kept/val_sad": kept["val_sad"], "kept/iteration": float(kept["iteration"])},
+                                            step=self.state["iteration"])
             fmodel.save(self.model, self.out_dir / MODEL_FILE, extra={"step": self.step, "iterations": self.state["iteration"]})
             self._write_history(finished=True)
             self.state["finished"] = True

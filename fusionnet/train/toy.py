@@ -47,18 +47,24 @@ def _row(image: np.ndarray, alpha: np.ndarray, i: int, kind: str) -> dict:
 def write_toy_shards(
     out_dir: str | Path, n_train: int = 16, n_val: int = 4, size: int = 64, composite_size: int | None = None,
     fixed: bool = False, seed: int = 0, shard_rows: int = 8, rotation_deg: float = 15.0,
+    whole_val: bool = False,
 ) -> Path:
     """Write out_dir/{train,val}/shard-*.parquet and summary.json of toy samples; returns out_dir.
 
     train: `n_train` composites of `composite_size` (default 1.5 x size) from which the trainer cuts
     fresh size x size crops, or with `fixed` `n_train` fixed size x size crops used as stored.
-    val: `n_val` size x size crops.
+    val: `n_val` size x size crops, or with `whole_val` `n_val` whole (size + 8) x (size + 24) composites
+    (not multiples of the network stride: validation pads them, as crops.val_whole shards need).
     """
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     side = size if fixed else (composite_size or size + size // 2)
     train = [_row(*toy_sample(rng, side), i, "crop" if fixed else "composite") for i in range(n_train)]
-    val = [_row(*toy_sample(rng, size), i, "crop") for i in range(n_val)]
+    if whole_val:
+        cut = lambda im, al: (np.ascontiguousarray(im[: size + 8]), np.ascontiguousarray(al[: size + 8]))  # noqa: E731
+        val = [_row(*cut(*toy_sample(rng, size + 24)), i, "composite") for i in range(n_val)]
+    else:
+        val = [_row(*toy_sample(rng, size), i, "crop") for i in range(n_val)]
     write_shards(train, out_dir / "train", shard_rows=shard_rows)
     write_shards(val, out_dir / "val", shard_rows=shard_rows)
     summary = {"train": {"rows": n_train}, "val": {"rows": n_val},

@@ -2,6 +2,8 @@
 
 Uses `fusionnet.metrics` (DIM's definitions). A val crop whose ground truth has no transition pixel
 has an empty band and is left out of both averages (its SAD would be a meaningless 0).
+Whole val composites (crops.val_whole, any size) are reflect-padded to the network's stride and the
+maps cropped back, as inference does.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from fusionnet.infer import pad_to_multiple
 from fusionnet.metrics import mse, sad, transition_band
 from fusionnet.model import LateFusionNet
 
@@ -51,10 +55,14 @@ def validate(
     try:
         for batch in loader:
             image = batch["image"].to(device)
+            height, width = image.shape[-2:]
+            padded = pad_to_multiple(image, LateFusionNet.stride)
             if channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
+                padded = padded.contiguous(memory_format=torch.channels_last)
             with autocast():
-                out = model(image)
+                out = model(padded)
+            if padded.shape[-2:] != image.shape[-2:]:
+                out = _CroppedOutput(out, height, width)
             pred = out.alpha.float().clamp(0, 1).cpu().numpy()[:, 0]
             gt = batch["alpha"].numpy()[:, 0].astype(np.float64)
             for p, g in zip(pred, gt):
@@ -68,7 +76,7 @@ def validate(
     finally:
         for m, mode in was_training.items():
             m.training = mode
-    visuals = {k: np.stack(v) for k, v in vis.items() if v}
+    visuals = {k: np.stack(_same_size(v)) for k, v in vis.items() if v}
     return ValResult(
         val_sad=float(np.mean(sads)) if sads else math.nan,
         val_mse=float(np.nanmean(mses)) if mses else math.nan,
@@ -88,3 +96,25 @@ def _collect(vis: dict[str, list[np.ndarray]], image: Tensor, gt: Tensor, out, t
     }
     for key, value in maps.items():
         vis[key].extend(value.float().cpu().numpy())
+
+
+class _CroppedOutput:
+    """The maps validation reads (alpha, fg_prob, bg_prob, blend_weight), cropped to (height, width)."""
+
+    def __init__(self, out, height: int, width: int) -> None:
+        for name in ("alpha", "fg_prob", "bg_prob", "blend_weight"):
+            setattr(self, name, getattr(out, name)[..., :height, :width])
+
+
+def _same_size(maps: list[np.ndarray]) -> list[np.ndarray]:
+    """Whole val composites differ in size: bring the grid's maps to the first one's size."""
+    shape = maps[0].shape[:2]
+    out = []
+    for m in maps:
+        if m.shape[:2] != shape:
+            t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))
+            t = t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]
+            t = nnf.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0]
+            m = (t.permute(1, 2, 0) if m.ndim == 3 else t[0]).numpy()
+        out.append(m)
+    return out
