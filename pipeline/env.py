@@ -41,3 +41,29 @@ def apply_offline_env(environ: MutableMapping[str, str] | None = None) -> None:
         env.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
         if "prefect" not in sys.modules:
             env.setdefault("PREFECT_HOME", str(PROJECT_DIR / ".prefect"))
+
+
+def wait_for_prefect_api(timeout_s: float = 90.0, environ: MutableMapping[str, str] | None = None) -> None:
+    """With PREFECT_API_URL set, wait until that server answers /health (e.g. the one `make run` starts
+    beside `dvc repro`, still booting when the first training stage begins); no-op without it.
+    Raises RuntimeError naming the URL if it does not answer within `timeout_s`."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    url = (os.environ if environ is None else environ).get("PREFECT_API_URL")
+    if not url:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"PREFECT_API_URL={url}: no Prefect server answered {url.rstrip('/')}/health within "
+                               f"{timeout_s:.0f} s (start one with `prefect server start`, or unset PREFECT_API_URL "
+                               "to let each stage start a temporary server)")
+        time.sleep(0.5)

@@ -23,4 +23,17 @@ if [ ! -d .dvc ]; then
   dvc config core.analytics false
   dvc remote add -d -f local "$(pwd)/.dvc-remote" >/dev/null
 fi
+# One local Prefect server for the whole run, started beside `dvc repro` (the training stages wait
+# for it): each stage would otherwise boot and stop a temporary server of its own (~10 s each), and
+# while the run lasts its UI shows the flows. FUSIONNET_SHARED_PREFECT=0, or a PREFECT_API_URL of
+# your own, skips this.
+if [ -z "${PREFECT_API_URL:-}" ] && [ "${FUSIONNET_SHARED_PREFECT:-1}" = 1 ]; then
+  port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "${PREFECT_HOME:-.prefect}"
+  prefect server start --host 127.0.0.1 --port "$port" >"${PREFECT_HOME:-.prefect}/server.log" 2>&1 &
+  server_pid=$!
+  trap 'kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
+  export PREFECT_API_URL="http://127.0.0.1:${port}/api"
+  echo "Prefect server for this run: http://127.0.0.1:${port} (log: ${PREFECT_HOME:-.prefect}/server.log)"
+fi
 dvc repro "$@"

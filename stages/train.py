@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.env import wait_for_prefect_api
 from pipeline.flows import STEPS, train_one_step
 
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=Path, default=None, help="previous step's model.safetensors")
     parser.add_argument("--nproc", type=int, default=None, help="processes (default: one per visible GPU)")
     args = parser.parse_args(argv)
+    wait_for_prefect_api()
     model_path = train_one_step(
         step=args.step,
         params_path=str(args.params),
