@@ -1,4 +1,4 @@
-"""DVC stage `shard_crops`: composites -> Parquet shards (train composites, val crops).
+"""DVC stage `shard_crops`: composites -> Parquet shards (train composites; val crops or whole val composites).
 
 Reads params `seed` and `crops`; writes data/shards/{train,val}/shard-*.parquet and
 data/shards/summary.json (see fusionnet.data.shards). The training crops and warm-up images are cut
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print(json.dumps(summary))
     mib = (summary["train"]["bytes"] + summary["val"]["bytes"]) / 2**20
-    print(f"shard_crops: {summary['train']['rows']} train composites, {summary['val']['rows']} val crops, "
+    print(f"shard_crops: {summary['train']['rows']} train composites, {summary['val']['rows']} val "
+          f"{'composites (whole)' if crop_params.val_whole else 'crops'}, "
           f"{mib:.1f} MiB in {elapsed:.1f} s -> {args.out}", file=sys.stderr)
     return 0
 
