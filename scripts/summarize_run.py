@@ -33,13 +33,15 @@ def val_curves(histories: dict, target: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    offset, last = 0, (0, histories["segmentation"]["initial_val"]["val_sad"])
+    offset = 0
     for step, h in histories.items():
-        xs = [last[0]] + [offset + e["iterations"] for e in h["epochs"]]
-        ys = [last[1]] + [e["val_sad"] for e in h["epochs"]]
-        ax.plot(xs, ys, marker="o", label=step)
-        offset, last = offset + h["iterations"], (xs[-1], ys[-1])
-    ax.set_xlabel("iteration (all steps)"), ax.set_ylabel("val SAD-25 per crop"), ax.legend(), ax.grid(alpha=0.3)
+        points = h.get("validations") or [{"iteration": 0, **h["initial_val"]}] + h["epochs"]
+        ax.plot([offset + v["iteration"] for v in points], [v["val_sad"] for v in points], marker="o", ms=3, label=step)
+        kept = h.get("kept") or {}
+        if "iteration" in kept:
+            ax.plot([offset + kept["iteration"]], [kept["val_sad"]], marker="*", ms=11, color="black")
+        offset += h["iterations"]
+    ax.set_xlabel("iteration (all steps)"), ax.set_ylabel("val SAD-25 per image (* kept)"), ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)
@@ -49,16 +51,20 @@ def main() -> int:
     profile = sys.argv[sys.argv.index("--profile") + 1] if "--profile" in sys.argv else "default"
     histories = {s: json.loads((ROOT / "models" / s / "history.json").read_text()) for s in STEPS}
     untrained = histories["segmentation"]["initial_val"]
-    print("Validation (-25 band of val crops, mean per crop): SAD/1000, MSE")
-    print(f"| model | val SAD | val MSE | iterations | train s | samples/s | data wait |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| untrained | {untrained['val_sad']:.3f} | {untrained['val_mse']:.4f} | | | | |")
+    print("Validation (-25 band of the val images, mean per image): SAD/1000, MSE; kept = the weights the step hands on")
+    print("| model | val SAD | val MSE | kept at iteration | improves on the step before | iterations | train s | samples/s | data wait |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    print(f"| untrained | {untrained['val_sad']:.3f} | {untrained['val_mse']:.4f} | | | | | | |")
+    before = untrained["val_sad"]
     for step, h in histories.items():
-        last = h["epochs"][-1]
+        kept = h.get("kept") or {**h["epochs"][-1], "iteration": h["iterations"]}
+        better = "yes" if kept["val_sad"] < before else "NO"
         print(
-            f"| after {step} | {last['val_sad']:.3f} | {last['val_mse']:.4f} | {h['iterations']} | "
+            f"| after {step} | {kept['val_sad']:.3f} | {kept['val_mse']:.4f} | {kept['iteration']} of {h['iterations']} | "
+            f"{better} ({before:.3f} -> {kept['val_sad']:.3f}) | {h['iterations']} | "
             f"{h['train_s']:.0f} | {h['samples_per_s']:.2f} | {100 * h['data_wait_fraction']:.1f}% |"
         )
+        before = kept["val_sad"]
     table = (ROOT / "reports" / "table.md").read_text().split("## Provenance")[0]
     print()
     print(table.strip())
