@@ -4,11 +4,13 @@
    for the paper's setting (800 px working size) and the CPU default.
 2. Fresh training samples per second from the DataLoader, cut in its workers as the trainer cuts them
    (a crop of 512 or 800 centred on a transition pixel, rotated in [-15, 15], flipped, resized to 512;
-   warm-up images too), for 0, 1 and 2 workers, and per worker core (target: >= 100 samples/s with 2
-   workers on the 2-core CPU; divide a GPU step's samples/s by the per-core figure to size its workers).
+   warm-up images too), for 0, 1 and 2 workers (`--workers`), and per worker core (target: >= 100
+   samples/s with 2 workers on the 2-core CPU; divide a GPU step's samples/s by the per-core figure to
+   size its workers). Each crop or warm-up image is one OpenCV affine warp (`fusionnet.data.crops`).
 
-Synthetic composites (800x600, soft-edged shapes over noise) are generated in a temp directory.
-Usage: python benchmarks/bench_data.py [--composites 32] [--epochs 3] [--batch-size 8]
+Synthetic composites (800x600, soft-edged shapes over noise) are generated in a temp directory. The
+figures are wall-clock: other jobs on the machine lower them (each line prints the load average).
+Usage: python benchmarks/bench_data.py [--composites 32] [--epochs 3] [--batch-size 8] [--workers 0 1 2]
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--composites", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers to measure")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_data-"))
@@ -104,7 +107,7 @@ def main() -> None:
         paper_zstd = CropParams(**{**paper.__dict__, "compression": "zstd"})
         bench_write(composites, tmp / "paper", paper, 2, "paper: 800 px, uncompressed")
         bench_write(composites, tmp / "paper-zstd", paper_zstd, 2, "paper: 800 px, zstd")
-        for workers in (0, 1, 2):
+        for workers in args.workers:
             bench_read(tmp / "paper", workers, args.epochs, args.batch_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Crop geometry: mirrored windows, centring on transition pixels, rotation against a slow reference."""
+"""Crop geometry: mirrored windows, centring on transition pixels, rotation, resize and flip against a
+slow reference, antialiasing where a crop shrinks by more than 1.5x."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from scipy import ndimage
 from fusionnet.data.crops import (
     CropParams,
     CropSpec,
-    extract_window,
     fit_longer_side,
-    reflect_indices,
     sample_crop_specs,
     take_crop,
     transition_pixels,
@@ -67,23 +66,13 @@ def make_composites_dir(
     return root
 
 
-def test_reflect_indices_match_numpy_reflect_padding():
-    for n in (2, 3, 7):
-        pad = 3 * n + 2  # wider than the axis: numpy reflects repeatedly
-        reference = np.pad(np.arange(n), pad, mode="reflect")
-        assert np.array_equal(reflect_indices(np.arange(-pad, n + pad), n), reference)
-    assert np.array_equal(reflect_indices(np.array([-3, 0, 5]), 1), [0, 0, 0])
-
-
-@pytest.mark.parametrize("top,left,height,width", [(2, 3, 5, 6), (-4, -2, 9, 5), (5, 7, 8, 9), (-20, -30, 50, 60)])
-def test_extract_window_equals_padded_slice(top, left, height, width):
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
-    pad = 64
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    reference = padded[top + pad : top + pad + height, left + pad : left + pad + width]
-    assert np.array_equal(extract_window(image, top, left, height, width), reference)
-    assert np.array_equal(extract_window(image[..., 0], top, left, height, width), reference[..., 0])
+def mirrored_window(array: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """array[top:top+height, left:left+width], mirrored outside it as numpy "reflect" padding does
+    (d c b | a b c d | c b a, repeated for windows wider than the array): the crops' border semantics."""
+    h, w = array.shape[:2]
+    pad_y, pad_x = max(0, -top, top + height - h), max(0, -left, left + width - w)
+    padded = np.pad(array, ((pad_y, pad_y), (pad_x, pad_x)) + ((0, 0),) * (array.ndim - 2), mode="reflect")
+    return padded[top + pad_y : top + pad_y + height, left + pad_x : left + pad_x + width]
 
 
 def test_transition_pixels_and_fallbacks():
@@ -104,18 +93,25 @@ def test_unrotated_crop_is_the_exact_window_centred_on_the_pixel():
         img, alp = take_crop(image, alpha, CropSpec(cy, cx, size), out_size=size)
         top, left = CropSpec(cy, cx, size).top_left
         assert (top, left) == (cy - size // 2, cx - size // 2)
-        assert np.array_equal(img, extract_window(image, top, left, size, size))
-        assert np.array_equal(alp, extract_window(alpha, top, left, size, size))
+        assert np.array_equal(img, mirrored_window(image, top, left, size, size))
+        assert np.array_equal(alp, mirrored_window(alpha, top, left, size, size))
         assert alp[size // 2, size // 2] == alpha[cy, cx] and np.array_equal(img[size // 2, size // 2], image[cy, cx])
+    # inside the image: the plain array slice, bit for bit
+    img, alp = take_crop(image, alpha, CropSpec(14, 19, 10), out_size=10)
+    assert np.array_equal(img, image[9:19, 14:24]) and np.array_equal(alp, alpha[9:19, 14:24])
     img, alp = take_crop(image, alpha, CropSpec(15, 20, 12, flipped=True), out_size=12)
-    assert np.array_equal(alp, extract_window(alpha, 9, 14, 12, 12)[:, ::-1])
+    assert np.array_equal(alp, mirrored_window(alpha, 9, 14, 12, 12)[:, ::-1])
+    assert np.array_equal(img, image[9:21, 14:26][:, ::-1])
 
 
-def rotated_crop_reference(array: np.ndarray, spec: CropSpec) -> np.ndarray:
-    """Slow reference: bilinear sample of the mirrored image at the rotated offsets of every crop pixel."""
+def crop_reference(array: np.ndarray, spec: CropSpec, out_size: int | None = None) -> np.ndarray:
+    """Slow reference: bilinear sample of the mirrored image at the rotated offsets of every crop pixel,
+    resized to out_size (output pixel centres onto crop pixel centres) and flipped left-right."""
+    n = out_size or spec.size
     theta = math.radians(spec.angle)
-    offsets = np.arange(spec.size) - spec.size // 2
-    oy, ox = np.meshgrid(offsets, offsets, indexing="ij")
+    cols = np.arange(n)[::-1] if spec.flipped else np.arange(n)
+    offsets = (np.arange(n) + 0.5) * spec.size / n - 0.5 - spec.size // 2  # crop pixels from the centre pixel
+    oy, ox = np.meshgrid(offsets, offsets[cols], indexing="ij")
     # content turns counter-clockwise as displayed (y down): output offset (ox, oy) reads source (dx, dy)
     dx = ox * math.cos(theta) - oy * math.sin(theta)
     dy = ox * math.sin(theta) + oy * math.cos(theta)
@@ -123,7 +119,7 @@ def rotated_crop_reference(array: np.ndarray, spec: CropSpec) -> np.ndarray:
     channels = array[..., None] if array.ndim == 2 else array
     out = [ndimage.map_coordinates(channels[..., c].astype(float), coords, order=1, mode="mirror")
            for c in range(channels.shape[-1])]
-    return np.stack(out, axis=-1).reshape(array.shape[:0] + (spec.size, spec.size) + array.shape[2:])
+    return np.stack(out, axis=-1).reshape((n, n) + array.shape[2:])
 
 
 @pytest.mark.parametrize("angle", [-15.0, -4.5, 7.0, 15.0, 90.0])
@@ -135,10 +131,65 @@ def test_rotated_crop_matches_slow_reference(angle, cy, cx, size):
     spec = CropSpec(cy, cx, size, angle)
     img, alp = take_crop(image, alpha, spec, out_size=size)
     assert img.shape == (size, size, 3) and alp.shape == (size, size) and img.dtype == np.uint8
-    assert np.abs(img.astype(float) - rotated_crop_reference(image, spec)).max() <= 1.01
-    assert np.abs(alp.astype(float) - rotated_crop_reference(alpha, spec)).max() <= 1.01
+    assert np.abs(img.astype(float) - crop_reference(image, spec)).max() <= 1.01
+    assert np.abs(alp.astype(float) - crop_reference(alpha, spec)).max() <= 1.01
     # rotation is about the centre pixel, which keeps its exact value
     assert alp[size // 2, size // 2] == alpha[cy, cx]
+
+
+@pytest.mark.parametrize("size,out_size", [(24, 16), (12, 16), (17, 16), (20, 20)])
+@pytest.mark.parametrize("angle,flipped", [(0.0, True), (-9.0, False), (12.5, True)])
+def test_resized_flipped_crop_matches_slow_reference(size, out_size, angle, flipped):
+    """Rotation, resize (shrinking at most 1.5x: one bilinear warp) and flip are one map, as the reference."""
+    rng = np.random.default_rng(6)
+    image = ndimage.uniform_filter(rng.integers(0, 256, (40, 50, 3)).astype(float), (3, 3, 1)).astype(np.uint8)
+    alpha = soft_disc_alpha(40, 50, 18, 22, 12)
+    for cy, cx in [(18, 22), (3, 46)]:  # inside, and leaving the image (mirrored)
+        spec = CropSpec(cy, cx, size, angle, flipped)
+        img, alp = take_crop(image, alpha, spec, out_size)
+        assert img.shape == (out_size, out_size, 3) and alp.shape == (out_size, out_size)
+        assert np.abs(img.astype(float) - crop_reference(image, spec, out_size)).max() <= 1.01
+        assert np.abs(alp.astype(float) - crop_reference(alpha, spec, out_size)).max() <= 1.01
+
+
+@pytest.mark.parametrize("size", [15, 16])
+@pytest.mark.parametrize("angle", [-13.0, 3.0, 11.0])
+def test_rotating_a_symmetric_pattern_about_its_centre_pixel_keeps_it(size, angle):
+    """A cone centred on a pixel is unchanged by a small rotation about that pixel (up to bilinear error),
+    and its tip keeps its exact value; rotating about a point half a pixel off lowers the tip to 251-254."""
+    yy, xx = np.mgrid[0:41, 0:41]
+    cone = np.clip(255 - 20 * np.hypot(yy - 20.0, xx - 20.0), 0, 255).round().astype(np.uint8)
+    image = np.repeat(cone[..., None], 3, axis=2)
+    straight = take_crop(image, cone, CropSpec(20, 20, size), size)[1]
+    img, alp = take_crop(image, cone, CropSpec(20, 20, size, angle), size)
+    assert alp[size // 2, size // 2] == 255 and np.array_equal(img[..., 0], alp)
+    assert np.abs(alp.astype(int) - straight.astype(int)).max() <= 2
+    # enlarged 2x, the centre pixel's centre lands at 2 (s//2) + 0.5: pixels c and c + 1 on either side
+    moved = take_crop(image, cone, CropSpec(20, 20, size, angle), size * 2)[1].astype(int)
+    c = 2 * (size // 2)
+    assert abs(moved[c, c] - moved[c + 1, c + 1]) <= 1 and abs(moved[c, c + 1] - moved[c + 1, c]) <= 1
+    assert moved[c, c] > moved[c - 1, c - 1] and moved[c + 1, c + 1] > moved[c + 2, c + 2]
+
+
+def test_crop_shrunk_more_than_1_5x_is_antialiased_and_still_mirrored():
+    """A 1-px checkerboard shrunk 3x averages to grey (a bare bilinear warp would sample single pixels);
+    the blur before the warp keeps the border semantics: a crop leaving the image equals the same crop
+    of the explicitly mirror-padded image."""
+    board = ((np.indices((60, 60)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    image = np.repeat(board[..., None], 3, axis=2)
+    for spec in (CropSpec(30, 30, 24), CropSpec(29, 31, 24, 10.0, True), CropSpec(2, 57, 24, -7.0)):
+        img, alp = take_crop(image, board, spec, 8)
+        assert np.abs(alp.astype(int) - 128).max() <= 20, alp
+        assert np.array_equal(img[..., 1], alp)
+    rng = np.random.default_rng(8)
+    image = ndimage.uniform_filter(rng.integers(0, 256, (40, 50, 3)).astype(float), (3, 3, 1)).astype(np.uint8)
+    alpha = soft_disc_alpha(40, 50, 5, 45, 12)
+    pad = 40
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect"), np.pad(alpha, pad, mode="reflect")
+    for cy, cx, size, angle in [(5, 45, 40, 12.0), (0, 0, 32, -15.0), (39, 10, 48, 0.0)]:
+        img, alp = take_crop(image, alpha, CropSpec(cy, cx, size, angle, True), 16)
+        ref_img, ref_alp = take_crop(*padded, CropSpec(cy + pad, cx + pad, size, angle, True), 16)
+        assert np.abs(img.astype(int) - ref_img).max() <= 1 and np.abs(alp.astype(int) - ref_alp).max() <= 1
 
 
 def test_resize_to_out_size_and_warmup():
@@ -195,9 +246,11 @@ def test_sharded_and_sampled_crops_are_centred_on_transition_pixels(tmp_path):
         assert 0 < source[cy, cx] < 255, row["cid"]
         assert row["kind"] == "crop" and row["src_scale"] == 1.0
         assert row["angle"] == 0.0 and not row["flipped"]
-        window = extract_window(source, row["crop_y"], row["crop_x"], size, size)
-        expected = np.asarray(Image.fromarray(window).resize((16, 16), Image.BILINEAR)) if size != 16 else window
-        assert np.array_equal(row_arrays(row)[1], expected)
+        if size == 16:
+            assert np.array_equal(row_arrays(row)[1], mirrored_window(source, row["crop_y"], row["crop_x"], 16, 16))
+        else:  # resized 24 -> 16
+            expected = crop_reference(source, CropSpec(cy, cx, size), out_size=16)
+            assert np.abs(row_arrays(row)[1] - expected).max() <= 1.01
     assert len(rows) == 12
     # train crops are drawn at read time: every drawn 16 px crop keeps its transition centre value
     sampled = SampledCrops(ShardDataset(tmp_path / "shards" / "train"), Sampling(sizes=(16,), out_size=16,
