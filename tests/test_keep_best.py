@@ -118,3 +118,14 @@ def test_keep_and_val_every_are_checked():
         StepConfig.from_params(params(keep="first"), "segmentation")
     with pytest.raises(ValueError, match="val_every must be >= 1"):
         StepConfig.from_params(params(val_every=0), "segmentation")
+
+
+def test_whole_composites_get_the_test_band_at_working_size(shards, tmp_path):
+    """A composite shrunk by src_scale 0.4 to working size: the test's 25 px band is 10 px there."""
+    rows = [r for path in sorted((shards / "val").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+    for r in rows:
+        r["src_scale"] = 0.4
+    write_shards(rows, tmp_path / "val", shard_rows=8)
+    assert tdata.val_band_radii(ShardDataset(tmp_path / "val"), 25) == [10, 10, 10]
+    crops = write_toy_shards(tmp_path / "crops", n_train=4, n_val=2, size=64)
+    assert tdata.val_band_radii(ShardDataset(crops / "val"), 25) == [25, 25]  # crops keep the radius

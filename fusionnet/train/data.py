@@ -26,12 +26,20 @@ from fusionnet.data.sampling import SampledCrops, Sampling, read_summary
 SPLITS = ("train", "val")
 
 
-def open_split(shards_dir: Path, split: str) -> ShardDataset:
+def open_split(shards_dir: Path, split: str, return_index: bool = False) -> ShardDataset:
     """The ShardDataset of one split, with an error naming the missing directory."""
     folder = Path(shards_dir) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: missing shard directory (run the shard_crops stage; expected {'/'.join(SPLITS)})")
-    return ShardDataset(folder)
+    return ShardDataset(folder, return_index=return_index)
+
+
+def val_band_radii(val: ShardDataset, band_radius: int) -> list[int]:
+    """Per val row, the "-25" band radius in its own pixels: a whole composite, shrunk to working size
+    by src_scale, gets band_radius * src_scale (the band the test draws at full size); a crop keeps
+    band_radius."""
+    kinds, scales = val.column("kind"), val.column("src_scale")
+    return [max(1, round(band_radius * float(sc))) if k == "composite" else band_radius for k, sc in zip(kinds, scales)]
 
 
 def training_set(shards_dir: Path, seed: int, warmup: bool) -> SampledCrops:

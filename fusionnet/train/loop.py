@@ -168,7 +168,8 @@ class _Trainer:
 
         self.train_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=False)
         self.warmup_set = self.train_set.with_warmup() if cfg.warmup_epochs > 0 else None
-        self.val_set = tdata.open_split(self.shards_dir, "val")
+        self.val_set = tdata.open_split(self.shards_dir, "val", return_index=True)
+        self.val_radii = tdata.val_band_radii(self.val_set, cfg.val_band_radius)
         self._check_sizes()
         nominal = len(tdata.epoch_indices(len(self.train_set), cfg.seed, 0, ctx.rank, ctx.world_size))
         self.iters_per_epoch = tdata.batches_in_epoch(nominal, cfg.batch_size, cfg.max_iters_per_epoch)
@@ -325,7 +326,7 @@ class _Trainer:
         if self.ctx.is_main:
             t0 = time.perf_counter()
             loader = tdata.val_loader(self.val_set, self.cfg.batch_size, self.cfg.val_max_images)
-            result = validate(self.model, loader, self.device, self.autocast, self.cfg.val_band_radius,
+            result = validate(self.model, loader, self.device, self.autocast, self.val_radii,
                               self.cfg.visual_count if grid else 0, self.cfg.channels_last)
             scores = {**result.scores(), "val_s": time.perf_counter() - t0}
             name = f"plots/val_epoch_{epoch:03d}.png"

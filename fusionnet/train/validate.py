@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +42,12 @@ def validate(
     loader: DataLoader,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
-    band_radius: int = 25,
+    band_radius: int | Sequence[int] = 25,
     visual_count: int = 0,
     channels_last: bool = False,
 ) -> ValResult:
-    """Score `model` (eval mode) on every batch of `loader`; restores the caller's train/eval mode."""
+    """Score `model` (eval mode) on every batch of `loader`; restores the caller's train/eval mode.
+    band_radius: one radius, or one per dataset row (batches then carry "index", see val_band_radii)."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     sads: list[float] = []
@@ -65,8 +66,9 @@ def validate(
                 out = _CroppedOutput(out, height, width)
             pred = out.alpha.float().clamp(0, 1).cpu().numpy()[:, 0]
             gt = batch["alpha"].numpy()[:, 0].astype(np.float64)
-            for p, g in zip(pred, gt):
-                band = transition_band(g, band_radius)
+            indices = batch["index"].tolist() if "index" in batch else [None] * len(gt)
+            for p, g, i in zip(pred, gt, indices):
+                band = transition_band(g, band_radius if isinstance(band_radius, int) else band_radius[i])
                 if band.any():
                     sads.append(sad(p.astype(np.float64), g, band))
                     mses.append(mse(p.astype(np.float64), g, band))
