@@ -185,7 +185,7 @@ def test_build_shards_bad_input_names_the_file_and_leaves_nothing(tmp_path):
 def test_shard_crops_stage_runs_end_to_end(tmp_path):
     composites = make_composites_dir(tmp_path / "data" / "composites", {"train": 2, "val": 1, "test": 1})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["crops"].update(sizes=[16, 24], out_size=16, per_image=2, warmup_size=24, shard_rows=3)
+    params["crops"].update(sizes=[16, 24], out_size=16, per_image=2, warmup_size=24, shard_rows=3, val_whole=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run(
         [sys.executable, str(ROOT / "stages" / "shard_crops.py"), "--params", "params.yaml",
@@ -198,6 +198,20 @@ def test_shard_crops_stage_runs_end_to_end(tmp_path):
     assert summary["sampling"]["warmup_size"] == 24
     sample = ShardDataset(tmp_path / "data" / "shards" / "val")[0]
     assert sample["image"].shape == (3, 16, 16)
+    # val_whole: the val composite is stored whole, at working size, like a training composite
+    params["crops"]["val_whole"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "shard_crops.py"), "--params", "params.yaml",
+         "--composites", "data/composites", "--out", "data/shards"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 val composites (whole)" in result.stderr
+    val = ShardDataset(tmp_path / "data" / "shards" / "val")
+    assert len(val) == 1 and val.column("kind") == ["composite"]
+    train = ShardDataset(tmp_path / "data" / "shards" / "train")
+    assert val[0]["image"].shape == train[0]["image"].shape  # same working size as the training composites
     # a bad params key fails with the key named
     params["crops"]["sizez"] = [3]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
