@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fusionnet import model as fmodel
 from fusionnet.model import LateFusionNet
 from fusionnet.train import data as tdata
+from fusionnet.train import selection
 from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
 from fusionnet.precision import resolve_precision
@@ -308,17 +309,7 @@ class _Trainer:
         self._checkpoint()
 
     def _note_val(self, val: dict[str, float], epoch: float) -> None:
-        """Record a validation; with keep "best", remember the weights of the lowest val SAD so far
-        (the init counts: a step that never beats it hands its init on unchanged, and says so)."""
-        state = self.state
-        row = {"iteration": state["iteration"], "epoch": epoch, "val_sad": val.get("val_sad", math.nan),
-               "val_mse": val.get("val_mse", math.nan)}
-        state["validations"].append(row)
-        best = state["best"]
-        if self.cfg.keep == "best" and math.isfinite(row["val_sad"]) and (best is None or row["val_sad"] < best["val_sad"]):
-            state["best"] = row
-            if self.ctx.is_main:
-                state["best_model"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        selection.note_validation(self.state, val, epoch, self.cfg.keep, self.model, self.ctx.is_main)
 
     def _validate(self, epoch: int, grid: bool = True) -> dict[str, float]:
         """Rank 0 scores the val split (others wait); returns {"val_sad", "val_mse", "val_images", "val_s"}."""
@@ -357,7 +348,7 @@ class _Trainer:
         doc = {
             "step": self.step, "finished": finished,
             "initial_val": state["initial_val"], "epochs": state["history"],
-            "validations": state["validations"], "keep": self.cfg.keep, "kept": self._kept(),
+            "validations": state["validations"], "keep": self.cfg.keep, "kept": selection.kept(state, self.cfg.keep),
             "iterations": state["iteration"],
             "samples_per_s": totals["samples"] / totals["train_s"] if totals["train_s"] else math.nan,
             "data_wait_fraction": totals["wait_s"] / totals["train_s"] if totals["train_s"] else math.nan,
@@ -367,24 +358,14 @@ class _Trainer:
         text = json.dumps(doc, indent=2, allow_nan=True) + "\n"
         return write_atomic(self.out_dir / HISTORY_FILE, lambda tmp: tmp.write_text(text))
 
-    def _kept(self) -> dict[str, Any]:
-        """Which validated weights model.safetensors holds: the best (keep "best") or the last."""
-        state = self.state
-        if self.cfg.keep == "best" and state["best"] is not None:
-            return {**state["best"], "improved_on_init": state["best"]["iteration"] > 0}
-        last = state["validations"][-1] if state["validations"] else {}
-        return {**last, "improved_on_init": None}
-
     def _finish(self) -> StepResult:
         if self.ctx.is_main:
             if self.cfg.keep == "best" and self.state.get("best_model") is not None:
                 self.model.load_state_dict(self.state["best_model"])  # early stopping on validation
-                kept = self._kept()
-                print(f"{self.step} step: keeping the weights of iteration {kept['iteration']} "
-                      f"(val SAD {kept['val_sad']:.4g}; {'better than' if kept['improved_on_init'] else 'no better than'} "
-                      f"its init's {self.state['initial_val'].get('val_sad', math.nan):.4g})", flush=True)
+                print(selection.describe(self.step, self.state), flush=True)
                 if self.logger is not None:
-                    self.logger.log_metrics({"kept/val_sad": kept["val_sad"], "kept/iteration": float(kept["iteration"])},
+                    row = selection.kept(self.state, "best")
+                    self.logger.log_metrics({"kept/val_sad": row["val_sad"], "kept/iteration": float(row["iteration"])},
                                             step=self.state["iteration"])
             fmodel.save(self.model, self.out_dir / MODEL_FILE, extra={"step": self.step, "iterations": self.state["iteration"]})
             self._write_history(finished=True)
