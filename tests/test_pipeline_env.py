@@ -33,7 +33,8 @@ def test_waits_for_a_server_that_comes_up_later():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = HTTPServer(("127.0.0.1", port), _Health)
-    starter = threading.Timer(1.0, lambda: threading.Thread(target=server.serve_forever, daemon=True).start())
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    starter = threading.Timer(1.0, serving.start)
     starter.start()
     try:
         t0 = time.monotonic()
@@ -41,7 +42,9 @@ def test_waits_for_a_server_that_comes_up_later():
         assert 0.9 < time.monotonic() - t0 < 15
     finally:
         starter.cancel()
-        server.shutdown()
+        starter.join()
+        if serving.is_alive():  # shutdown() waits for serve_forever: only ask a server that serves
+            server.shutdown()
         server.server_close()
 
 
