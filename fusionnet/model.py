@@ -5,8 +5,8 @@ Structure and widths follow ../shared/docs/method-notes.md ("Network"):
 - encoder: a torchvision DenseNet; skip taps r1 (stem, 1/2), r2..r4 (dense blocks 1-3 before their
   transition, 1/4..1/16) and the bottleneck (dense block 4 + final BN, no ReLU, 1/32);
 - two decoders of identical structure, no weight sharing: foreground (F) and background (B);
-  five nearest-x2 up blocks (concat skip, 1x1 conv to max(skip, 128), BN, ReLU), then an FPN of width 128
-  with a 1x1-conv + sigmoid head on the 1/8, 1/4, 1/2 and 1/1 levels (the four side outputs);
+  five nearest-x2 up blocks (concat skip, 1x1 conv to max(skip, 128), BN, ReLU; optionally capped at
+  `decoder_max_width`, a CPU-profile deviation), then an FPN of width 128 with a 1x1-conv + sigmoid head on the 1/8, 1/4, 1/2 and 1/1 levels (the four side outputs);
 - fusion network: 3x3 conv + BN on the RGB image, concat with the last 128-ch F and B features (384 ch),
   five 3x3 conv + BN + ReLU (256, 128, 128, 64, 256), 1x1 conv, sigmoid -> blending weight beta;
 - alpha = beta * F + (1 - beta) * (1 - B)   (paper Eq. 2).
@@ -172,17 +172,19 @@ class Decoder(nn.Module):
 
     Returns the four side-output logits (1/8, 1/4, 1/2, 1/1), float32 even under autocast, and the
     full-resolution `width`-ch feature (paper: 128) that feeds the fusion network.
+    Up-block widths: max(skip channels, width) as the authors' code (DenseNet-121: 1024, 512, 256, 64);
+    `max_width` caps them (not below `width`): they are most of a 128 px training step's compute.
     """
 
     NUM_SIDES = 4
 
-    def __init__(self, encoder_channels: list[int], width: int = FPN_WIDTH):
+    def __init__(self, encoder_channels: list[int], width: int = FPN_WIDTH, max_width: int | None = None):
         super().__init__()
         skips = encoder_channels[:-1][::-1]  # r4, r3, r2, r1
         in_ch = encoder_channels[-1]
         blocks, outs = [], []
         for skip_ch in skips:
-            out_ch = max(skip_ch, width)
+            out_ch = max(skip_ch, width) if max_width is None else max(min(skip_ch, max_width), width)
             blocks.append(UpBlock(in_ch, skip_ch, out_ch))
             outs.append(out_ch)
             in_ch = out_ch
@@ -252,23 +254,30 @@ class LateFusionNet(nn.Module):
     fpn_width / fusion_widths: the decoders' FPN width and the fusion convolutions' widths (paper:
     128 and 256-128-128-64-256). Narrower ones are a CPU-profile deviation: at full resolution these
     layers, not the encoder, are most of the network's compute.
+    decoder_max_width: cap on the decoders' up-block widths (None: the authors' max(skip, fpn_width)).
     """
 
     stride = 32
 
     def __init__(self, backbone: str = "densenet201", pretrained: bool = False, input_norm: str = "imagenet",
-                 fpn_width: int = FPN_WIDTH, fusion_widths: tuple[int, ...] | list[int] = FUSION_WIDTHS):
+                 fpn_width: int = FPN_WIDTH, fusion_widths: tuple[int, ...] | list[int] = FUSION_WIDTHS,
+                 decoder_max_width: int | None = None):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
         if int(fpn_width) < 1:
             raise ValueError(f"fpn_width must be >= 1, got {fpn_width}")
+        if decoder_max_width is not None and int(decoder_max_width) < 1:
+            raise ValueError(f"decoder_max_width must be >= 1 or None, got {decoder_max_width}")
         fusion_widths = tuple(int(w) for w in fusion_widths)
+        cap = None if decoder_max_width is None else int(decoder_max_width)
         self.config = {"backbone": backbone, "input_norm": input_norm, "fpn_width": int(fpn_width),
                        "fusion_widths": list(fusion_widths)}
+        if cap is not None:  # absent = the authors' widths, so older model files keep their config
+            self.config["decoder_max_width"] = cap
         self.encoder = DenseNetEncoder(backbone, pretrained)
-        self.fg_decoder = Decoder(self.encoder.out_channels, int(fpn_width))
-        self.bg_decoder = Decoder(self.encoder.out_channels, int(fpn_width))
+        self.fg_decoder = Decoder(self.encoder.out_channels, int(fpn_width), cap)
+        self.bg_decoder = Decoder(self.encoder.out_channels, int(fpn_width), cap)
         self.fusion = FusionNet(int(fpn_width), fusion_widths)
         if input_norm == "imagenet":
             mean, scale = torch.tensor(IMAGENET_MEAN), 1.0 / torch.tensor(IMAGENET_STD)

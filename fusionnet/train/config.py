@@ -18,7 +18,7 @@ OPTIMIZERS = ("sgd", "adam")
 KEEPS = ("last", "best")
 
 # Keys each params section may hold -> StepConfig field names (identical names, grouped by section).
-MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths")
+MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths", "decoder_max_width")
 COMMON_KEYS = (
     "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "num_workers",
     "optimizer", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
@@ -49,6 +49,7 @@ class StepConfig:
     input_norm: str = "imagenet"
     fpn_width: int = 128  # paper / authors' code: 128
     fusion_widths: tuple[int, ...] = (256, 128, 128, 64, 256)  # authors' code
+    decoder_max_width: int | None = None  # cap on the decoders' up-block widths (None: authors' max(skip, 128))
     # train_common
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
     precision: str = "fp32"  # fp32 | bf16 (cpu or cuda autocast) | fp16 (cuda autocast + GradScaler) | auto (measured)
