@@ -182,3 +182,32 @@ def test_checkpoint_is_not_pickle(small_model, tmp_path):
     path = fm.save(small_model, tmp_path / "m.safetensors")
     head = Path(path).read_bytes()[:16]
     assert not head.startswith(b"\x80") and not head.startswith(b"PK"), "pickle/zip checkpoint"
+
+
+def _up_widths(decoder) -> list[int]:
+    return [block.proj[0].out_channels for block in decoder.up_blocks]
+
+
+def test_decoder_max_width_caps_the_up_blocks_only():
+    """Authors' widths: max(skip, fpn_width); the cap lowers the wide ones, never below fpn_width."""
+    authors = LateFusionNet("densenet121", fpn_width=32)
+    assert _up_widths(authors.fg_decoder) == [1024, 512, 256, 64, 32]
+    assert "decoder_max_width" not in authors.config  # older model files load as the authors' widths
+    capped = LateFusionNet("densenet121", fpn_width=32, decoder_max_width=128)
+    assert _up_widths(capped.fg_decoder) == _up_widths(capped.bg_decoder) == [128, 128, 128, 64, 32]
+    assert _up_widths(LateFusionNet("densenet121", fpn_width=32, decoder_max_width=16).fg_decoder) == [32] * 5
+    assert count_parameters(capped) < count_parameters(authors) - 4_000_000
+    assert capped(torch.rand(1, 3, 64, 64)).alpha.shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="decoder_max_width"):
+        LateFusionNet("densenet121", decoder_max_width=0)
+
+
+def test_decoder_max_width_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = LateFusionNet("densenet121", fpn_width=32, decoder_max_width=128).eval()
+    loaded = fm.load(fm.save(model, tmp_path / "m.safetensors")).eval()
+    assert loaded.config["decoder_max_width"] == 128
+    assert _up_widths(loaded.fg_decoder) == [128, 128, 128, 64, 32]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x).alpha, loaded(x).alpha)

@@ -172,3 +172,7 @@ def test_bad_inputs_are_named(shards, tmp_path):
     fmodel.save(fmodel.LateFusionNet("densenet121", input_norm="authors"), wrong)
     with pytest.raises(ValueError, match="does not match params model"):
         run_step("fusion", StepConfig.from_params(tiny_params(), "fusion"), shards, tmp_path / "out2", init_checkpoint=wrong)
+    capped = tmp_path / "capped.safetensors"  # same but for the decoder width cap: still a different network
+    fmodel.save(fmodel.LateFusionNet("densenet121", decoder_max_width=64), capped)
+    with pytest.raises(ValueError, match="does not match params model"):
+        run_step("fusion", StepConfig.from_params(tiny_params(), "fusion"), shards, tmp_path / "out3", init_checkpoint=capped)
