@@ -6,7 +6,8 @@ Structure and widths follow ../shared/docs/method-notes.md ("Network"):
   transition, 1/4..1/16) and the bottleneck (dense block 4 + final BN, no ReLU, 1/32);
 - two decoders of identical structure, no weight sharing: foreground (F) and background (B);
   five nearest-x2 up blocks (concat skip, 1x1 conv to max(skip, 128), BN, ReLU; optionally capped at
-  `decoder_max_width`, a CPU-profile deviation), then an FPN of width 128 with a 1x1-conv + sigmoid head on the 1/8, 1/4, 1/2 and 1/1 levels (the four side outputs);
+  `decoder_max_width`, a CPU-profile deviation), then an FPN of width 128 with a 1x1-conv + sigmoid
+  head on the 1/8, 1/4, 1/2 and 1/1 levels (the four side outputs);
 - fusion network: 3x3 conv + BN on the RGB image, concat with the last 128-ch F and B features (384 ch),
   five 3x3 conv + BN + ReLU (256, 128, 128, 64, 256), 1x1 conv, sigmoid -> blending weight beta;
 - alpha = beta * F + (1 - beta) * (1 - B)   (paper Eq. 2).
@@ -267,10 +268,10 @@ class LateFusionNet(nn.Module):
             raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
         if int(fpn_width) < 1:
             raise ValueError(f"fpn_width must be >= 1, got {fpn_width}")
-        if decoder_max_width is not None and int(decoder_max_width) < 1:
+        cap = None if decoder_max_width is None else int(decoder_max_width)
+        if cap is not None and cap < 1:
             raise ValueError(f"decoder_max_width must be >= 1 or None, got {decoder_max_width}")
         fusion_widths = tuple(int(w) for w in fusion_widths)
-        cap = None if decoder_max_width is None else int(decoder_max_width)
         self.config = {"backbone": backbone, "input_norm": input_norm, "fpn_width": int(fpn_width),
                        "fusion_widths": list(fusion_widths)}
         if cap is not None:  # absent = the authors' widths, so older model files keep their config

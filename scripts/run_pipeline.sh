@@ -23,6 +23,12 @@ if [ ! -d .dvc ]; then
   dvc config core.analytics false
   dvc remote add -d -f local "$(pwd)/.dvc-remote" >/dev/null
 fi
+# On exit, whatever this script started in the background stops (the Prefect server on SIGINT).
+cleanup() {
+  if [ -n "${warm_pid:-}" ]; then kill "$warm_pid" 2>/dev/null || true; fi
+  if [ -n "${server_pid:-}" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
 # One local Prefect server for the whole run, started beside `dvc repro` (the training stages wait
 # for it): each stage would otherwise boot and stop a temporary server of its own (~10 s each), and
 # while the run lasts its UI shows the flows. FUSIONNET_SHARED_PREFECT=0, or a PREFECT_API_URL of
@@ -32,7 +38,6 @@ if [ -z "${PREFECT_API_URL:-}" ] && [ "${FUSIONNET_SHARED_PREFECT:-1}" = 1 ]; th
   mkdir -p "${PREFECT_HOME:-.prefect}"
   prefect server start --host 127.0.0.1 --port "$port" >"${PREFECT_HOME:-.prefect}/server.log" 2>&1 &
   server_pid=$!
-  trap 'kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
   export PREFECT_API_URL="http://127.0.0.1:${port}/api"
   echo "Prefect server for this run: http://127.0.0.1:${port} (log: ${PREFECT_HOME:-.prefect}/server.log)"
 fi
@@ -41,9 +46,4 @@ fi
 # so `evaluate` finds it compiled (an import then takes ~4 s).
 nice -n 10 python -c "import pymatting" >/dev/null 2>&1 &
 warm_pid=$!
-cleanup() {
-  kill "$warm_pid" 2>/dev/null || true
-  if [ -n "${server_pid:-}" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
 dvc repro "$@"
