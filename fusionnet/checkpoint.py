@@ -35,6 +35,23 @@ def _umask() -> int:
     return mask
 
 
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's metadata in sorted key order, in place (same length).
+
+    safetensors writes metadata in its Rust HashMap's order, which changes from process to process,
+    so the same weights would give files with different bytes (and different DVC md5s).
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for a reordering; keep the file as written if it does
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))  # the format allows trailing spaces in the header
+
+
 def save(model: "LateFusionNet", path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
     """Write `model`'s weights and config to `path` (safetensors), atomically."""
     path = Path(path)
@@ -46,6 +63,7 @@ def save(model: "LateFusionNet", path: str | os.PathLike, extra: dict[str, str] 
     tmp = atomic_write_path(path)
     try:
         save_file(state, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
         os.replace(tmp, path)
     finally:

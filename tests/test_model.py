@@ -211,3 +211,20 @@ def test_decoder_max_width_survives_save_and_load(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x).alpha, loaded(x).alpha)
+
+
+def test_the_same_weights_give_the_same_file_bytes(small_model, tmp_path):
+    """A model file's bytes depend only on weights, config and extras (DVC md5s compare across runs and
+    machines); safetensors alone writes the metadata in a per-map random order."""
+    import subprocess
+    import sys
+
+    extra = {"step": "joint", "iterations": 7, "kept_iteration": 5, "data_version": "abc"}
+    paths = [fm.save(small_model, tmp_path / f"m{i}.safetensors", extra=extra) for i in range(3)]
+    script = ("import sys, torch; from fusionnet import model as m; net = m.load(sys.argv[1]);"
+              "m.save(net, sys.argv[2], extra=dict(a.split('=', 1) for a in sys.argv[3:]))")
+    subprocess.run([sys.executable, "-c", script, str(paths[0]), str(tmp_path / "other-process.safetensors"),
+                    *(f"{k}={v}" for k, v in extra.items())], check=True, timeout=120)
+    contents = {p.read_bytes() for p in [*paths, tmp_path / "other-process.safetensors"]}
+    assert len(contents) == 1
+    assert fm.load(paths[0]).config == small_model.config
