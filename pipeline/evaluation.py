@@ -1,7 +1,7 @@
 """The `evaluate` step of the pipeline: checkpoints -> Tables 1/2 rows, claims, pictures -> files + MLflow.
 
-Used by the DVC stage (stages/evaluate.py) and, as a Prefect task, by the training flow's hook
-(`pipeline.evaluation:evaluate_hook`). Writes, atomically:
+Run as the Prefect tasks of pipeline.tasks (tune-refinement, evaluate) by the DVC stage
+(stages/evaluate.py) and by the training flow. Writes, atomically:
 
 - metrics/evaluate.json   {row: {"band"|"full": {sad, mse, grad, conn}}}    (test composites)
 - metrics/claims.json     {"composites"|"photos": {source: implicit-trimap IoU/recall, bracketing}}
@@ -245,6 +245,27 @@ def photo_exclusions(photos: list[Path], foregrounds: str | os.PathLike, base_di
 # ----------------------------------------------------------------------------- the run
 
 
+def tune_refinement(
+    params: Mapping[str, Any], joint_checkpoint: Path, composites: Path, predictor: Any = None
+) -> dict[str, Any]:
+    """The guided filter's radius and eps (paper Sec. 3.5) chosen on the validation composites.
+
+    Returns {"radius", "eps", "metric", "grid", "val_images", "seconds"}; with no validation
+    composites, the grid's first point (val_images 0). predictor: the joint model's, if built.
+    """
+    t0 = time.perf_counter()
+    config = EvalConfig.from_params(params)
+    val = load_composites(composites, "val", limit=config.gf_max_val_images)
+    if not val:
+        return {"radius": config.gf_radii[0], "eps": config.gf_eps[0], "val_images": 0,
+                "seconds": round(time.perf_counter() - t0, 2)}
+    predictor = predictor or make_predictor(Path(joint_checkpoint), config)
+    gf = tune_guided_filter(val, predictor, config.gf_radii, config.gf_eps, config.gf_metric)
+    gf["val_images"] = len(val)
+    gf["seconds"] = round(time.perf_counter() - t0, 2)
+    return gf
+
+
 def run_evaluation(
     params: Mapping[str, Any],
     checkpoints: Mapping[str, Path],
@@ -253,8 +274,12 @@ def run_evaluation(
     reports_dir: Path = Path("reports"),
     base_dir: Path = Path("."),
     foregrounds: Path | None = None,
+    guided_filter: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, write every output file, and return the record (what the files hold, plus paths).
+
+    guided_filter: the refinement already tuned (`tune_refinement`: radius, eps, ...) for the
+    "refined" rows; tuned here when None.
 
     checkpoints: source -> model file for the sources the configured rows need (missing ones
     drop their rows, with a note). base_dir: what a relative photos root (and a relative source
@@ -295,15 +320,12 @@ def run_evaluation(
                   and r.source in (*checkpoints, *NO_CHECKPOINT)]
     if "refined" in (*rows, *photo_rows) and "joint" in predictors:
         t0 = time.perf_counter()
-        val = load_composites(composites, "val", limit=config.gf_max_val_images)
-        if val:
-            gf = tune_guided_filter(val, predictors["joint"], config.gf_radii, config.gf_eps, config.gf_metric)
-            gf["val_images"] = len(val)
-        else:
-            gf = {"radius": config.gf_radii[0], "eps": config.gf_eps[0], "val_images": 0}
+        gf = dict(guided_filter) if guided_filter else tune_refinement(params, checkpoints["joint"], composites,
+                                                                      predictors["joint"])
+        if gf.get("val_images") == 0:
             notes.append("no validation composites: guided filter uses the first grid point")
         settings = RowSettings(gf["radius"], gf["eps"], config.closed_form_max_side)
-        timings["tune_guided_filter"] = time.perf_counter() - t0
+        timings["tune_guided_filter"] = gf.get("seconds", time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     test = load_composites(composites, "test")
@@ -463,43 +485,14 @@ def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_
     return run_id
 
 
-def checkpoints_beside(model_path: Path) -> dict[str, Path]:
-    """models/<step>/model.safetensors for the three steps, from the joint model's path."""
-    models = Path(model_path).resolve().parent.parent
-    found = {s: models / s / Path(model_path).name for s in SOURCES}
-    return {s: p for s, p in found.items() if p.is_file()}
-
-
 def evaluate_hook(
     model_path: Path, parent_run_id: str, params_path: str = "params.yaml", project_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Prefect hook of pipeline.flows.train (`evaluate="pipeline.evaluation:evaluate_hook"`).
-
-    Runs the evaluation, then the registration, as two Prefect tasks of the training flow, both
-    logged as child runs of `parent_run_id`. The segmentation and fusion checkpoints are the
-    siblings of `model_path` (models/<step>/model.safetensors); outputs go where the DVC stages
-    put them, under `project_dir` (default: this checkout).
-    """
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
+    """Hook form of the downstream tasks (`train(evaluate="pipeline.evaluation:evaluate_hook")`):
+    pipeline.tasks.evaluate_and_register over `project_dir` (default: this checkout), with the
+    models beside `model_path` (models/<step>/model.safetensors)."""
     from pipeline.env import PROJECT_DIR
-    from pipeline.registry import register_pipeline_model
+    from pipeline.tasks import evaluate_and_register
 
     root = Path(project_dir or PROJECT_DIR)
-    params = load_params(root / params_path)
-
-    @task(name="evaluate", cache_policy=NO_CACHE)
-    def evaluate_task() -> dict[str, Any]:
-        record = run_evaluation(params, checkpoints_beside(model_path), root / "data" / "composites",
-                                root / "metrics", root / "reports", root, root / "data" / "foregrounds")
-        log_evaluation(record, params, parent_run_id)
-        return record
-
-    @task(name="register", cache_policy=NO_CACHE)
-    def register_task() -> dict[str, Any]:
-        return register_pipeline_model(params, Path(model_path), root / "metrics", root / "reports",
-                                       root / "models" / "registered.json", parent_run_id)
-
-    record = evaluate_task()
-    return {"evaluation": record["details"], "registration": register_task()}
+    return evaluate_and_register(root, root / params_path, Path(model_path).resolve().parent.parent, parent_run_id)

@@ -1,162 +1,44 @@
-"""Prefect flows: the paper's three training steps (Sec. 3.4: segmentation, fusion, joint) as tasks.
+"""Prefect flow `train`: the pipeline from the shards to a registered model.
 
-`train` runs segmentation -> fusion -> joint (or a contiguous part of it), each step as a task
-that runs the step in a subprocess (`python -m pipeline.step_main`, or `torch.distributed.run`
-with one process per GPU). A crash (non-zero exit, a signal, an OOM kill) fails the task, which
-Prefect retries once; the step then resumes from its out_dir/state.pt. The flow returns the final
-model path and calls the optional `evaluate` hook with it (the downstream evaluation).
-`train_one_step` is the same for one step; each DVC training stage runs it in-process.
+    train-segmentation -> train-fusion -> train-joint [-> tune-refinement -> evaluate -> register]
+
+runs segmentation -> fusion -> joint (or a contiguous part of it), each step a task of
+pipeline.steps (a subprocess, retried once, resuming from its state.pt), then with
+`downstream=True` the tasks of pipeline.tasks. This is the flow the deployment serves
+(pipeline.deploy); a DVC stage that dispatches one step triggers it with steps=[step]
+(pipeline.dispatch). The flow returns the final model path and calls the optional `evaluate` hook.
 
 Each flow run is one MLflow parent run (pipeline.tracking.parent_run), each step one child run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
-import os
-import subprocess
-import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+import yaml
+from prefect import flow, get_run_logger
 
+from pipeline import datasync, handoff
 from pipeline.provenance import load_params
-from pipeline.tracking import failed_status, get_client, parent_run, start_step_run
-
-STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here
-NPROC_ENV = "FUSIONNET_NPROC_PER_NODE"
-
-
-class StepCrashed(RuntimeError):
-    """A training step's process exited with a non-zero code (or was killed by a signal)."""
-
-
-def processes_per_node(explicit: int | None = None) -> int:
-    """Processes for the step: `explicit`, else FUSIONNET_NPROC_PER_NODE, else one per visible GPU (>= 1)."""
-    if explicit:
-        return int(explicit)
-    if os.environ.get(NPROC_ENV):
-        return int(os.environ[NPROC_ENV])
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # counted without initialising CUDA in this process
-        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
-    import torch
-
-    return max(1, torch.cuda.device_count())
-
-
-def step_command(
-    step: str,
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    mlflow_run_id: str | None,
-    result_path: Path,
-    nproc: int,
-) -> list[str]:
-    """argv that trains one step: plain python for one process, torch.distributed.run for several."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["-m", "pipeline.step_main", "--step", step, "--params", str(params_path)]
-    cmd += ["--shards", str(shards_dir), "--out", str(out_dir), "--result", str(result_path)]
-    if init_checkpoint is not None:
-        cmd += ["--init", str(init_checkpoint)]
-    if mlflow_run_id is not None:
-        cmd += ["--mlflow-run-id", mlflow_run_id]
-    return cmd
-
-
-@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="train-{step}")
-def train_step_task(
-    step: str,
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    mlflow_run_id: str | None,
-    nproc: int,
-) -> dict[str, Any]:
-    """Train `step` in a subprocess; returns its StepResult as a dict (model_path, history, ...)."""
-    logger = get_run_logger()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result_path = out_dir / "result.json"
-    result_path.unlink(missing_ok=True)  # a stale result must not pass for this attempt's
-    cmd = step_command(step, params_path, shards_dir, out_dir, init_checkpoint, mlflow_run_id, result_path, nproc)
-    resuming = (out_dir / "state.pt").is_file()
-    logger.info("%s step %s: %s", "resuming" if resuming else "starting", step, " ".join(cmd))
-    code = subprocess.run(cmd, check=False).returncode
-    if code != 0:
-        raise StepCrashed(f"step {step!r}: {' '.join(cmd[:3])}... exited with code {code}")
-    if not result_path.is_file():
-        raise StepCrashed(f"step {step!r}: exited 0 but wrote no {result_path}")
-    return json.loads(result_path.read_text())
-
-
-def _log_step_summary(client: Any, run_id: str, result: dict[str, Any], out_dir: Path) -> None:
-    """Throughput, iterations, initial (untrained) val scores on the child run; history.json as artifact.
-
-    The per-iteration and per-epoch curves were logged by the step itself through MlflowTrainLogger.
-    """
-    metrics = {f"summary/{k}": result.get(k) for k in ("samples_per_s", "data_wait_fraction", "iterations", "train_s")}
-    metrics.update({f"initial/{k}": v for k, v in (result.get("initial_val") or {}).items()})
-    for name, value in metrics.items():
-        if isinstance(value, (int, float)):
-            client.log_metric(run_id, name, float(value), step=int(result.get("iterations") or 0))
-    client.set_tag(run_id, "fusionnet.model_path", str(result.get("model_path", "")))
-    history = out_dir / "history.json"
-    if history.is_file():
-        client.log_artifact(run_id, str(history))
-
-
-def discard_state_of_other_init(out_dir: Path, init_checkpoint: Path | None) -> bool:
-    """Remove out_dir/state.pt if it was not trained from `init_checkpoint` (returns whether it did).
-
-    The library resumes a state.pt whose settings match, but cannot tell that the previous step
-    was retrained since: without this, a re-run flow would keep a fusion step built on an old
-    segmentation model. The init model's sha256 is recorded beside the state. (DVC deletes a
-    stage's outputs before running it, so this matters for Prefect runs outside DVC.)
-    """
-    marker = out_dir / "init.sha256"
-    digest = hashlib.sha256(init_checkpoint.read_bytes()).hexdigest() if init_checkpoint else "none"
-    state = out_dir / "state.pt"
-    stale = state.is_file() and (not marker.is_file() or marker.read_text().strip() != digest)
-    if stale:
-        state.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(digest + "\n")
-    return stale
-
-
-def run_tracked_step(
-    step: str,
-    params: dict[str, Any],
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    parent_run_id: str,
-    nproc: int,
-) -> Path:
-    """One step as a child run of `parent_run_id`: the task (retried once), then its summary."""
-    discard_state_of_other_init(out_dir, init_checkpoint)  # before the first attempt: retries resume
-    client = get_client()
-    child = start_step_run(client, parent_run_id, step, params, shards_dir)
-    try:
-        result = train_step_task(step, params_path, shards_dir, out_dir, init_checkpoint, child, nproc)
-        _log_step_summary(client, child, result, out_dir)
-    except BaseException as exc:
-        client.set_terminated(child, status=failed_status(exc))
-        raise
-    client.set_terminated(child, status="FINISHED")
-    return Path(result["model_path"])
+from pipeline.steps import (  # noqa: F401  (re-exported: the step machinery's public names)
+    NPROC_ENV,
+    STEPS,
+    StepCrashed,
+    _current_flow_run_id,
+    discard_state_of_other_init,
+    processes_per_node,
+    run_tracked_step,
+    step_command,
+    train_one_step,
+    train_step_task,
+)
+from pipeline.tasks import evaluate_and_register
+from pipeline.tracking import get_client, parent_run
 
 
 def resolve_hook(spec: str) -> Callable[..., Any]:
@@ -184,6 +66,13 @@ def train(
     steps: list[str] | None = None,
     nproc_per_node: int | None = None,
     evaluate: str | None = None,
+    params: dict[str, Any] | None = None,
+    data_md5: str | None = None,
+    init_sha256: str | None = None,
+    parent_run_id: str | None = None,
+    hand_back: bool = False,
+    heartbeat_s: float | None = None,
+    downstream: bool = False,
 ) -> str:
     """Train segmentation -> fusion -> joint into models_dir/<step>/; returns the final model path.
 
@@ -191,43 +80,39 @@ def train(
     initialises from models_dir/<previous step>/model.safetensors.
     evaluate: 'package.module:function', called as fn(model_path=Path, parent_run_id=str) after
     training, inside the parent MLflow run (the hook for the evaluation flow).
+    downstream: after the steps, the tasks tune-refinement -> evaluate -> register
+    (pipeline.tasks) over the project that holds models_dir (its data/, metrics/, reports/);
+    with steps=["joint"] this re-evaluates and re-registers without retraining the first two.
+
+    Set by a dispatching DVC stage (pipeline.dispatch), for a worker that may not share its files:
+    params: the params.yaml content itself (params_path is then ignored); data_md5: DVC's md5 of
+    shards_dir, pulled from the DVC remote when this worker's copy differs (pipeline.datasync);
+    init_sha256: the sha256 the first step's init model must have, fetched from MLflow when the
+    local file differs; parent_run_id: the MLflow parent run to log under; hand_back: log each
+    step's outputs to its child run; heartbeat_s: label the flow run alive every so many seconds.
     """
     steps = _check_steps(steps or STEPS)
-    params_file, shards, models = Path(params_path).resolve(), Path(shards_dir).resolve(), Path(models_dir).resolve()
-    params = load_params(params_file)
-    nproc = processes_per_node(nproc_per_node)
-    first = STEPS.index(steps[0])
-    init = models / STEPS[first - 1] / "model.safetensors" if first > 0 else None
-    if init is not None and not init.is_file():
-        raise FileNotFoundError(f"{init}: step {steps[0]!r} starts from the previous step's model; train it first")
-    with parent_run(params, shards) as parent_id:
-        for step in steps:
-            init = run_tracked_step(step, params, params_file, shards, models / step, init, parent_id, nproc)
-        if evaluate:
-            resolve_hook(evaluate)(model_path=init, parent_run_id=parent_id)
-    return str(init)
-
-
-@flow(name="fusionnet-train-step")
-def train_one_step(
-    step: str,
-    params_path: str = "params.yaml",
-    shards_dir: str = "data/shards",
-    out_dir: str | None = None,
-    init_checkpoint: str | None = None,
-    nproc_per_node: int | None = None,
-) -> str:
-    """Train one step into out_dir (default models/<step>); returns its model path. Used by DVC."""
-    if step not in STEPS:
-        raise ValueError(f"step {step!r}: expected one of {list(STEPS)}")
-    params_file, shards = Path(params_path).resolve(), Path(shards_dir).resolve()
-    params = load_params(params_file)
-    out = Path(out_dir or Path("models") / step).resolve()
-    init = Path(init_checkpoint).resolve() if init_checkpoint else None
-    if init is not None and not init.is_file():
-        raise FileNotFoundError(f"{init}: init checkpoint for step {step!r} not found")
-    with parent_run(params, shards) as parent_id:
+    with handoff.Heartbeat(_current_flow_run_id(), heartbeat_s), tempfile.TemporaryDirectory() as tmp:
+        if params is not None:  # the dispatcher's params, not whatever params.yaml this checkout has
+            params_path = str(Path(tmp) / "params.yaml")
+            Path(params_path).write_text(yaml.safe_dump(params, sort_keys=False))
+        params_file, shards, models = Path(params_path).resolve(), Path(shards_dir).resolve(), Path(models_dir).resolve()
+        loaded = load_params(params_file)
+        if data_md5:
+            datasync.ensure_version(shards, data_md5, datasync.dvc_root_of(shards), log=get_run_logger().info)
         nproc = processes_per_node(nproc_per_node)
-        model = run_tracked_step(step, params, params_file, shards, out, init, parent_id, nproc)
-    return str(model)
-
+        first = STEPS.index(steps[0])
+        init = models / STEPS[first - 1] / "model.safetensors" if first > 0 else None
+        if init is not None and init_sha256:
+            handoff.ensure_init_model(init, init_sha256, get_client(), log=get_run_logger().info)
+        if init is not None and not init.is_file():
+            raise FileNotFoundError(f"{init}: step {steps[0]!r} starts from the previous step's model; train it first")
+        with parent_run(loaded, shards, run_id=parent_run_id) as parent_id:
+            for step in steps:
+                init = run_tracked_step(step, loaded, params_file, shards, models / step, init, parent_id, nproc,
+                                        hand_back=hand_back)
+            if downstream:
+                evaluate_and_register(models.parent, params_file, models, parent_id)
+            if evaluate:
+                resolve_hook(evaluate)(model_path=init, parent_run_id=parent_id)
+    return str(init)

@@ -106,12 +106,15 @@ def _find_parent(client: MlflowClient, exp_id: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def resolve_parent_run(client: MlflowClient, params: Mapping[str, Any], shards_dir: Path | None) -> str:
+def resolve_parent_run(
+    client: MlflowClient, params: Mapping[str, Any], shards_dir: Path | None, explicit: str | None = None
+) -> str:
     """The parent run of the current pipeline run, created if needed (see pipeline.provenance).
 
-    FUSIONNET_PARENT_RUN_ID wins; else the run tagged with this pipeline run's key; else a new one.
+    `explicit` (a dispatching stage's parent), then FUSIONNET_PARENT_RUN_ID win; else the run
+    tagged with this pipeline run's key; else a new one.
     """
-    explicit = os.environ.get(PARENT_RUN_ENV)
+    explicit = explicit or os.environ.get(PARENT_RUN_ENV)
     if explicit:
         client.get_run(explicit)  # a clear MlflowException if the id is wrong
         return explicit
@@ -135,14 +138,16 @@ def failed_status(exc: BaseException) -> str:
 
 
 @contextmanager
-def parent_run(params: Mapping[str, Any], shards_dir: Path | None = None) -> Iterator[str]:
+def parent_run(
+    params: Mapping[str, Any], shards_dir: Path | None = None, run_id: str | None = None
+) -> Iterator[str]:
     """Enter the pipeline's parent run; yields its id, exported as FUSIONNET_PARENT_RUN_ID meanwhile.
 
     The run is RUNNING inside the block and FINISHED (FAILED on an exception) after it; a later
     stage of the same pipeline run re-enters it, so its final status is its last stage's.
     """
     client = get_client()
-    run_id = resolve_parent_run(client, params, shards_dir)
+    run_id = resolve_parent_run(client, params, shards_dir, explicit=run_id)
     client.update_run(run_id, status="RUNNING")
     previous = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run_id  # step subprocesses and the evaluation hook inherit it

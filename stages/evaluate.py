@@ -3,7 +3,9 @@
 Reads params `evaluate` and data/foregrounds/manifest.parquet (a real photo that is the source of a
 train or val foreground is not scored); writes metrics/{evaluate,claims,photos,details}.json,
 reports/table.md, reports/per_image*.csv and reports/pictures/, and logs them to MLflow as child run
-"evaluate" of the pipeline's parent run (pipeline.evaluation).
+"evaluate" of the pipeline's parent run. Runs the Prefect tasks `tune-refinement` and `evaluate`
+(pipeline.tasks), the same the `train` flow runs after its steps; --no-mlflow calls their code
+without Prefect or MLflow.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (offline switches first)
-from pipeline.evaluation import log_evaluation, run_evaluation
+from pipeline.env import wait_for_prefect_api
 from pipeline.provenance import load_params
 from pipeline.registry import pipeline_parent
+from pipeline.tasks import evaluate_task, tune_refinement_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,15 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params)
     checkpoints = {"segmentation": args.segmentation, "fusion": args.fusion, "joint": args.joint}
-    base_dir = args.params.resolve().parent  # a relative photos root is relative to params.yaml
-    inputs = (params, checkpoints, args.composites, args.metrics, args.reports, base_dir, args.foregrounds)
+    files = (args.composites, args.metrics, args.reports, args.foregrounds)
     if args.no_mlflow:
-        record = run_evaluation(*inputs)
+        gf = tune_refinement_task.fn(args.params, args.joint, args.composites)
+        record = evaluate_task.fn(args.params, checkpoints, *files, gf, None)
     else:
+        wait_for_prefect_api()
         with pipeline_parent(params) as parent:  # a failed evaluation marks the pipeline run FAILED
-            record = run_evaluation(*inputs)
-            run_id = log_evaluation(record, params, parent)
-        print(f"evaluate: logged MLflow run {run_id} (parent {parent})", file=sys.stderr)
+            gf = tune_refinement_task(args.params, args.joint, args.composites)
+            record = evaluate_task(args.params, checkpoints, *files, gf, parent)
+        print(f"evaluate: logged MLflow run {record['run_id']} (parent {parent})", file=sys.stderr)
     for note in record["notes"]:
         print(f"evaluate: note: {note}", file=sys.stderr)
     held_out = record["photos"].get("held_out")

@@ -4,6 +4,7 @@ Reads params `register` (and the evaluation's metrics/ and reports/table.md); wr
 models/registered.json (name, version, alias, uri, the decision and why). The new version is
 compared with the champion only when both were evaluated on the same test set (details.json's
 test_set.version, stored as tag fusionnet.test_set); otherwise it becomes challenger and says so.
+Runs the Prefect task `register` (pipeline.tasks), the same the `train` flow runs last.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pipeline  # noqa: F401  (offline switches first)
-from pipeline.provenance import load_params
-from pipeline.registry import register_pipeline_model
+from pipeline.env import wait_for_prefect_api
+from pipeline.registration import register_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models/registered.json"))
     args = parser.parse_args(argv)
 
-    result = register_pipeline_model(load_params(args.params), args.model, args.metrics, args.reports, args.out)
+    wait_for_prefect_api()
+    result = register_task(args.params, args.model, args.metrics, args.reports, args.out, None)
     print(json.dumps(result, indent=2))
     print(f"register: {result['name']} v{result['version']} -> @{result['alias']}: {result['reason']}", file=sys.stderr)
     if result["champion_version"] not in (None, result["version"]) and not result["compared"]:

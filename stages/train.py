@@ -4,7 +4,9 @@ Reads params: seed, model, train_common and the step's own section (train_seg | 
 train_joint); input data/shards and, after segmentation, the previous step's model.
 Writes --out (model.safetensors, state.pt, history.json, plots/). Without PREFECT_API_URL the
 flow runs against Prefect's temporary local server on 127.0.0.1; MLflow logs one child run
-under the pipeline run's parent (see docs/orchestration.md).
+under the pipeline run's parent (see docs/orchestration.md). With `orchestration.dispatch:
+deployment` the step runs on a worker of that deployment instead (pipeline.dispatch) and its
+outputs come back into --out, verified by sha256.
 Usage: python stages/train.py --step segmentation --params params.yaml --shards data/shards \
            --out models/segmentation [--init models/segmentation/model.safetensors]
 """
@@ -15,8 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.dispatch import DispatchSettings, dispatch_step
 from pipeline.env import wait_for_prefect_api
-from pipeline.flows import STEPS, train_one_step
+from pipeline.steps import STEPS, train_one_step
+from pipeline.provenance import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", type=Path, default=None, help="previous step's model.safetensors")
     parser.add_argument("--nproc", type=int, default=None, help="processes (default: one per visible GPU)")
     args = parser.parse_args(argv)
+    settings = DispatchSettings.from_params(load_params(args.params), str(args.params))
     wait_for_prefect_api()
+    if settings.dispatch == "deployment":
+        model_path = dispatch_step(args.step, args.params, args.shards, args.out, args.init, settings)
+        print(f"train {args.step}: {model_path}")
+        return 0
     model_path = train_one_step(
         step=args.step,
         params_path=str(args.params),

@@ -322,23 +322,27 @@ def test_dvc_stages_log_evaluate_and_register_under_one_parent(tmp_path):
 
 
 @pytest.mark.slow
-def test_prefect_hook_evaluates_and_registers_as_tasks(tmp_path):
-    """pipeline.flows.train's `evaluate` hook, inside a Prefect flow on a temporary local server."""
+def test_train_flow_with_steps_joint_retrains_only_joint_then_tunes_evaluates_and_registers(tmp_path):
+    """pipeline.flows.train(steps=["joint"], downstream=True) on a temporary local Prefect server:
+    the task graph train-joint -> tune-refinement -> evaluate -> register, the first two steps'
+    models untouched, the evaluation and the registration under the flow's MLflow parent run."""
+    import yaml
+
+    from fusionnet.hashing import file_sha256
+    from fusionnet.train.toy import write_toy_shards
+    from tests.test_prefect_deployment import tiny_params
+
     project = tiny_project(tmp_path)
+    write_toy_shards(project / "data" / "shards", n_train=4, n_val=2, size=64)
+    params = {**yaml.safe_load(tiny_params(tmp_path / "train.yaml", iters=1).read_text()),
+              **yaml.safe_load((project / "params.yaml").read_text())}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = {s: file_sha256(project / "models" / s / "model.safetensors") for s in ("segmentation", "fusion", "joint")}
     script = f"""
 import json
-from pathlib import Path
-from prefect import flow
-from pipeline.evaluation import evaluate_hook
-from pipeline.tracking import parent_run
-
-@flow(name="hook-test")
-def run():
-    with parent_run({{}}, None) as parent:
-        return evaluate_hook(model_path=Path("{project}/models/joint/model.safetensors"), parent_run_id=parent,
-                             params_path="params.yaml", project_dir=Path("{project}"))
-
-print(json.dumps(run()["registration"]))
+from pipeline.flows import train
+print(json.dumps(train(params_path="{project}/params.yaml", shards_dir="{project}/data/shards",
+                       models_dir="{project}/models", steps=["joint"], downstream=True)))
 """
     with registry_env(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -346,15 +350,20 @@ print(json.dumps(run()["registration"]))
         done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        registration = json.loads(done.stdout.strip().splitlines()[-1])
-        assert registration["alias"] == "champion"
-        # both ran as Prefect tasks of the flow run
-        assert re.search(r"Task run 'evaluate-\w+' - Finished in state Completed", done.stderr)
-        assert re.search(r"Task run 'register-\w+' - Finished in state Completed", done.stderr)
+        finished = re.findall(r"Task run '([a-z-]+)-\w+' - Finished in state Completed", done.stderr)
+        assert finished == ["train", "tune-refinement", "evaluate", "register"], done.stderr[-3000:]
+        assert "Task run 'train-joint'" in done.stderr
+        after = {s: file_sha256(project / "models" / s / "model.safetensors") for s in before}
+        assert after["segmentation"] == before["segmentation"] and after["fusion"] == before["fusion"]
+        assert after["joint"] != before["joint"]  # retrained from the fusion model
+        registered = json.loads((project / "models" / "registered.json").read_text())
+        assert registered["alias"] == "champion" and registered["sha256"] == after["joint"]
+        details = json.loads((project / "metrics" / "details.json").read_text())
+        assert registered["settings"]["radius"] == details["guided_filter"]["radius"]
         from pipeline.registry import get_client
 
         runs = runs_by_name(get_client())
-        assert runs["evaluate"].data.tags["mlflow.parentRunId"] == runs["register"].data.tags["mlflow.parentRunId"]
-        assert (project / "metrics" / "evaluate.json").is_file() and (project / "reports" / "table.md").is_file()
+        parent = runs["joint"].data.tags["mlflow.parentRunId"]
+        assert runs["evaluate"].data.tags["mlflow.parentRunId"] == parent == runs["register"].data.tags["mlflow.parentRunId"]
         held_out = json.loads((project / "metrics" / "photos.json").read_text())["held_out"]
-        assert held_out["scored"] == ["GT02"] and held_out["manifest"] == str(project / "data/foregrounds/manifest.parquet")
+        assert held_out["scored"] == ["GT02"]

@@ -1,0 +1,306 @@
+"""`dvc repro` with `orchestration.dispatch: deployment`: the training stages run on a real Prefect
+process worker (real `prefect server start` on 127.0.0.1), outputs come back by sha256, the data
+version travels by DVC md5; a killed worker's run is resumed by another; a worker with other data
+fails the stage. Plus the pieces (settings, hand-back through MLflow, data push/pull) alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+import pipeline  # noqa: F401  (offline switches first)
+from fusionnet.train.state import load_state
+from fusionnet.train.toy import write_toy_shards
+from pipeline import datasync, handoff
+from pipeline.dispatch import DispatchSettings
+from tests.test_mlflow_tracking import free_port, wait_http
+from tests.test_prefect_deployment import base_env, tiny_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GIT_ID = ["-c", "user.email=test@example.invalid", "-c", "user.name=test"]
+
+
+# ---------------------------------------------------------------------------------- fast checks
+def test_settings_default_to_local_and_reject_typos_and_bad_values():
+    assert DispatchSettings.from_params({}).dispatch == "local"
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert DispatchSettings.from_params(shipped) == DispatchSettings()  # the shipped profile stays local
+    for section, message in (({"dispatch": "cluster"}, "expected one of"), ({"dispatch_mode": "local"}, "unknown"),
+                             ({"deployment": "gpu"}, "<flow>/<deployment>"), ({"poll_s": 0}, "poll_s"),
+                             ({"heartbeat_s": 10, "stale_s": 5}, "stale_s")):
+        with pytest.raises(ValueError, match=message):
+            DispatchSettings.from_params({"orchestration": section}, "p.yaml")
+
+
+def test_outputs_handed_back_through_mlflow_are_verified_and_found_by_content(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("handoff", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    out = tmp_path / "worker" / "segmentation"
+    (out / "plots").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "plots" / "curve.png").write_bytes(b"png")
+    (out / "state.pt").write_bytes(b"resume state")
+    manifest = handoff.upload_outputs(client, run_id, out)
+    assert set(manifest) == {"model.safetensors", "plots/curve.png"}  # not the resume state
+
+    back = tmp_path / "driver" / "segmentation"
+    assert handoff.download_outputs(client, run_id, back) == manifest
+    assert (back / "plots" / "curve.png").read_bytes() == b"png" and not (back / "state.pt").exists()
+    sha = handoff.file_sha256(out / "model.safetensors")
+    init = tmp_path / "other-worker" / "segmentation" / "model.safetensors"
+    assert handoff.ensure_init_model(init, sha, client, log=lambda _: None) == "fetched"
+    assert init.read_bytes() == b"weights"
+    assert handoff.ensure_init_model(init, sha, client, log=lambda _: None) == "present"
+    with pytest.raises(handoff.HandoffError, match="neither on this worker"):
+        handoff.ensure_init_model(init, "0" * 64, client)
+
+    # a corrupted transfer leaves nothing that looks complete
+    artifact = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "outputs" / "model.safetensors"
+    artifact.write_bytes(b"tampered")
+    with pytest.raises(handoff.HandoffError, match="model.safetensors"):
+        handoff.download_outputs(client, run_id, tmp_path / "driver2" / "segmentation")
+    assert not (tmp_path / "driver2" / "segmentation").exists()
+
+
+def _dvc_project(path: Path, remote: Path | None, shards_seed: int = 0, n_train: int = 4) -> Path:
+    write_toy_shards(path / "data" / "shards", n_train=n_train, n_val=2, size=32, seed=shards_seed)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    dvc = [str(BIN / "dvc")]
+    subprocess.run(dvc + ["init", "-q"], cwd=path, check=True, env=env)
+    if remote is not None:
+        subprocess.run(dvc + ["remote", "add", "-d", "store", str(remote)], cwd=path, check=True, env=env,
+                       capture_output=True)
+    subprocess.run(dvc + ["add", "-q", "data/shards"], cwd=path, check=True, env=env)
+    return path
+
+
+def test_a_data_version_is_pushed_by_md5_and_pulled_into_a_checkout_without_it(tmp_path):
+    driver = _dvc_project(tmp_path / "driver", tmp_path / "remote")
+    md5 = yaml.safe_load((driver / "data" / "shards.dvc").read_text())["outs"][0]["md5"]
+    assert datasync.local_md5(driver / "data" / "shards", driver) == md5  # what dvc.lock / .dvc record
+    assert datasync.push_version(driver / "data" / "shards", md5, driver) > 0
+
+    worker = _dvc_project(tmp_path / "worker", tmp_path / "remote", shards_seed=1)  # other data
+    assert datasync.local_md5(worker / "data" / "shards", worker) != md5
+    assert datasync.ensure_version(worker / "data" / "shards", md5, worker, log=lambda _: None) == "pulled"
+    assert datasync.local_md5(worker / "data" / "shards", worker) == md5
+    files = [p.relative_to(driver) for p in (driver / "data" / "shards").rglob("*") if p.is_file()]
+    assert files and all((worker / f).read_bytes() == (driver / f).read_bytes() for f in files)
+
+    lonely = _dvc_project(tmp_path / "lonely", None, shards_seed=2)  # no remote to pull from
+    with pytest.raises(datasync.DataVersionError, match=f"the step needs {md5}.*no default DVC remote"):
+        datasync.ensure_version(lonely / "data" / "shards", md5, lonely)
+
+
+# ---------------------------------------------------------------------------------- real server + workers
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 for this module's tests; yields (api url, base env)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = base_env(home)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env.update(PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-ui"], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"{api}/health", timeout=90, proc=server)
+        yield api, env
+    finally:
+        _stop(server, signal.SIGINT)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """SIGINT (Prefect workers and servers ignore SIGTERM), then kill the process tree."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_tree(proc.pid)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _scratch_project(path: Path, remote: Path | None, orchestration: dict, iters: int = 1,
+                     checkpoint_every: int = 1) -> Path:
+    """A git + DVC checkout: the real dvc.yaml training stages (code deps dropped), stages/train.py,
+    pipeline/ (the deployment's entrypoint is loaded from the worker's checkout), toy shards
+    (`dvc add`), tiny params with an `orchestration` section."""
+    (path / "stages").mkdir(parents=True)
+    shutil.copy(ROOT / "stages" / "train.py", path / "stages" / "train.py")
+    shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    stages = {name: stage for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+              if name.startswith("train_")}
+    for stage in stages.values():
+        stage["deps"] = [d for d in stage["deps"] if d.startswith(("data/", "models/", "stages/"))]
+    (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    params = yaml.safe_load(tiny_params(path / "params.yaml", iters=iters, checkpoint_every=checkpoint_every).read_text())
+    params["orchestration"] = orchestration
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _dvc_project(path, remote, n_train=2 * iters + 2)  # batch 2: `iters` iterations in the one epoch
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(["git", *GIT_ID, "commit", "-qm", "scratch project"], cwd=path, check=True)
+    return path
+
+
+def _deploy_and_start_worker(env: dict, project_dir: Path, name: str, log_path: Path) -> subprocess.Popen:
+    subprocess.run([sys.executable, "-m", "pipeline.deploy", "--pool", name, "--name", name,
+                    "--project-dir", str(project_dir)], env=env, cwd=project_dir, check=True, timeout=120,
+                   capture_output=True)
+    return _start_worker(env, project_dir, name, f"{name}-w1", log_path)
+
+
+def _start_worker(env: dict, project_dir: Path, pool: str, name: str, log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name],
+                            env=env, cwd=project_dir, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def _dvc(project: Path, env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _dispatch(name: str, **more) -> dict:
+    return {"dispatch": "deployment", "deployment": f"fusionnet-train/{name}", "poll_s": 0.5, "heartbeat_s": 2,
+            "stale_s": 30, **more}
+
+
+def _step_outs(project: Path) -> dict[str, list[str]]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {stage: [o["path"] for o in lock[stage]["outs"]] for stage in ("train_seg", "train_fusion", "train_joint")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_dvc_repro_dispatches_the_three_steps_to_a_worker_without_a_shared_filesystem(prefect_api, tmp_path):
+    """The worker's checkout is a clone without the data: it pulls the shards' DVC version from the
+    remote the stage pushed it to; each step's outputs come back through MLflow, verified by sha256;
+    the models equal those of a local `dvc repro` of the same params."""
+    api, env = prefect_api
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    driver = _scratch_project(tmp_path / "driver", tmp_path / "remote", _dispatch("nfs-less"))
+    worker_dir = tmp_path / "worker-machine"
+    subprocess.run(["git", "clone", "-q", str(driver), str(worker_dir)], check=True)
+    assert not (worker_dir / "data" / "shards").exists()
+    worker = _deploy_and_start_worker(env, worker_dir, "nfs-less", tmp_path / "worker.log")
+    try:
+        started = time.monotonic()
+        repro = _dvc(driver, env, "repro")
+        dispatch_s = time.monotonic() - started
+    finally:
+        _stop(worker)
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert repro.returncode == 0, repro.stdout[-4000:] + repro.stderr[-2000:] + worker_log[-4000:]
+    out = repro.stdout
+    for step in ("segmentation", "fusion", "joint"):
+        assert f"step {step} outputs fetched from MLflow run" in out, out[-3000:]
+    assert out.count(": Completed on worker nfs-less-w1") == 3, out[-3000:]
+    assert "objects pushed to the DVC remote" in out
+    assert "pulling from the DVC remote" in worker_log and "pulled" in worker_log
+    assert (worker_dir / "data" / "shards" / "summary.json").is_file()
+    assert not (driver / "models" / "segmentation" / "state.pt").exists()  # the resume state stays on the worker
+
+    local = _scratch_project(tmp_path / "local", None, {"dispatch": "local"})
+    started = time.monotonic()
+    done = _dvc(local, env, "repro")
+    local_s = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert _step_outs(driver) == _step_outs(local)
+    for step in ("segmentation", "fusion", "joint"):
+        assert handoff.file_sha256(driver / "models" / step / "model.safetensors") == \
+            handoff.file_sha256(local / "models" / step / "model.safetensors"), step
+    print(f"dispatch repro {dispatch_s:.0f} s, local repro {local_s:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_worker_killed_mid_step_is_replaced_and_the_step_resumes(prefect_api, tmp_path):
+    """Workers sharing the project dir: the machine running the step dies (worker, flow and step
+    processes SIGKILLed); the stage sees the heartbeat stop, reschedules the flow run, a second
+    worker takes it and the step resumes from its last state.pt; the stage succeeds."""
+    api, env = prefect_api
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    project = _scratch_project(tmp_path / "shared", None, _dispatch("shared", heartbeat_s=1, stale_s=8),
+                               iters=12, checkpoint_every=2)
+    first = _deploy_and_start_worker(env, project, "shared", tmp_path / "w1.log")
+    second = None
+    repro = subprocess.Popen([str(BIN / "dvc"), "repro", "train_seg"], cwd=project, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = project / "models" / "segmentation" / "state.pt"
+    try:
+        deadline, killed_at = time.monotonic() + 240, None
+        while killed_at is None and time.monotonic() < deadline and repro.poll() is None:
+            if state.is_file() and load_state(state)["iteration"] >= 4:
+                killed_at = load_state(state)["iteration"]
+                _kill_tree(first.pid)  # the whole machine: worker, flow run process, step process
+            time.sleep(0.2)
+        assert killed_at is not None, "the step never reached iteration 4"
+        second = _start_worker(env, project, "shared", "shared-w2", tmp_path / "w2.log")
+        output, _ = repro.communicate(timeout=300)
+    finally:
+        if repro.poll() is None:
+            repro.kill()
+        for worker in (first, second):
+            if worker is not None:
+                _stop(worker)
+    w2_log = (tmp_path / "w2.log").read_text()
+    assert repro.returncode == 0, output[-4000:] + w2_log[-3000:]
+    assert "silent for over 8 s: rescheduling" in output and "Completed on worker shared-w2" in output
+    assert "resuming step segmentation" in w2_log
+    history = json.loads((project / "models" / "segmentation" / "history.json").read_text())
+    assert history["iterations"] == 12
+    assert "step segmentation outputs in place (shared project dir)" in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_with_other_data_and_no_remote_fails_the_stage_and_trains_nothing(prefect_api, tmp_path):
+    api, env = prefect_api
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    driver = _scratch_project(tmp_path / "driver", None, _dispatch("stale"))
+    worker_dir = tmp_path / "worker-machine"
+    subprocess.run(["git", "clone", "-q", str(driver), str(worker_dir)], check=True)
+    write_toy_shards(worker_dir / "data" / "shards", n_train=4, n_val=2, size=32, seed=7)  # another version
+    worker = _deploy_and_start_worker(env, worker_dir, "stale", tmp_path / "worker.log")
+    try:
+        repro = _dvc(driver, env, "repro", "train_seg", timeout=240)
+    finally:
+        _stop(worker)
+    md5 = yaml.safe_load((driver / "data" / "shards.dvc").read_text())["outs"][0]["md5"]
+    text = repro.stdout + repro.stderr
+    assert repro.returncode != 0
+    assert "ended Failed" in text and f"the step needs {md5}" in text and "no default DVC remote" in text, text[-3000:]
+    assert not (driver / "models" / "segmentation" / "model.safetensors").exists()
+    assert not (worker_dir / "models" / "segmentation" / "state.pt").exists()  # it never started training
