@@ -1,7 +1,8 @@
 """The `train` flow's deployment: local source, a process work pool, GPU job variables.
 
     python -m pipeline.deploy --pool gpu [--gpus 0,1] [--nproc 2] [--project-dir /shared/fusionnet] \
-        [--env MLFLOW_TRACKING_URI=http://mlflow-host:5000]
+        [--env MLFLOW_TRACKING_URI=http://mlflow-host:5000] \
+        [--nnodes 2 --rdzv-endpoint node0.cluster:29400 --rdzv-id job-42]
 
 registers deployment "fusionnet-train/<name>" on the server at PREFECT_API_URL. Its flow runs
 start in --project-dir (a pull step `set_working_directory`; every worker machine must have the
@@ -10,6 +11,13 @@ checkout at that path, e.g. a shared filesystem, and `pip install -e .[pipeline]
 (CUDA_VISIBLE_DEVICES picks the GPUs, FUSIONNET_NPROC_PER_NODE the torchrun process count;
 unset, a run uses every GPU the worker sees, one process each) and `working_dir`; both can be
 overridden per run with `prefect deployment run ... --job-variable env='{...}'`.
+
+Several nodes: --nnodes K, --rdzv-endpoint HOST:PORT and --rdzv-id JOB become FUSIONNET_NNODES,
+FUSIONNET_RDZV_ENDPOINT and FUSIONNET_RDZV_ID in `env` (pipeline/launch.py reads them). Start K
+flow runs of the deployment, one on a worker of each node, with the same three values; each
+node's step launcher joins the c10d rendezvous and the K nodes train as one DDP group. Give every
+training job its own id, per run: `--job-variable env='{"FUSIONNET_RDZV_ID": "job-43"}'` (the
+worker merges a run's `env` key by key into the deployment's).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
 from pipeline.env import OFFLINE_ENV, PROJECT_DIR
-from pipeline.flows import NPROC_ENV, train
+from pipeline.flows import train
+from pipeline.launch import NNODES_ENV, NPROC_ENV, RDZV_ENDPOINT_ENV, RDZV_ID_ENV, Rendezvous
 
 ENTRYPOINT = "pipeline/flows.py:train"
 DEFAULT_POOL = "gpu"
@@ -53,13 +62,21 @@ def job_variables(
     nproc: int | None = None,
     project_dir: Path = PROJECT_DIR,
     extra_env: dict[str, str] | None = None,
+    nnodes: int | None = None,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
 ) -> dict[str, Any]:
-    """Process-worker job variables: offline env, GPU selection, the flow run's working directory."""
+    """Process-worker job variables: offline env, GPU selection, multi-node rendezvous, the flow run's
+    working directory. Raises ValueError for nnodes > 1 without a HOST:PORT endpoint or a job id."""
     env = {**OFFLINE_ENV, **(extra_env or {})}
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
     if nproc is not None:
         env[NPROC_ENV] = str(nproc)
+    for key, value in ((NNODES_ENV, nnodes), (RDZV_ENDPOINT_ENV, rdzv_endpoint), (RDZV_ID_ENV, rdzv_id)):
+        if value is not None:
+            env[key] = str(value)
+    Rendezvous.from_env(env)  # a bad combination fails at deploy time, not when the nodes start
     return {"env": env, "working_dir": str(project_dir)}
 
 
@@ -72,6 +89,9 @@ def deploy(
     parameters: dict[str, Any] | None = None,
     create_pool: bool = True,
     extra_env: dict[str, str] | None = None,
+    nnodes: int | None = None,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
 ) -> UUID:
     """Register the deployment (creating the process pool if missing); returns its id."""
     if create_pool:
@@ -82,7 +102,7 @@ def deploy(
     deployment = source_flow.to_deployment(
         name=name,
         work_pool_name=pool,
-        job_variables=job_variables(gpus, nproc, Path(project_dir).resolve(), extra_env),
+        job_variables=job_variables(gpus, nproc, Path(project_dir).resolve(), extra_env, nnodes, rdzv_endpoint, rdzv_id),
         parameters=parameters or {},
     )
     return deployment.apply()
@@ -95,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project-dir", type=Path, default=PROJECT_DIR, help="checkout path on the workers")
     parser.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES for the runs, e.g. 0,1")
     parser.add_argument("--nproc", type=int, default=None, help="processes per step (torchrun)")
+    parser.add_argument("--nnodes", type=int, default=None, help="nodes training together (torchrun rendezvous)")
+    parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous store (with --nnodes > 1)")
+    parser.add_argument("--rdzv-id", default=None, metavar="JOB", help="rendezvous job id, the same on every node")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="more env for the runs, e.g. MLFLOW_TRACKING_URI=http://mlflow-host:5000 (repeatable)")
     args = parser.parse_args(argv)
@@ -102,7 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"--env {bad[0]!r}: expected KEY=VALUE")
     extra_env = dict(item.split("=", 1) for item in args.env)
-    deployment_id = deploy(args.pool, args.name, args.project_dir, args.gpus, args.nproc, extra_env=extra_env)
+    rendezvous = {"nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint, "rdzv_id": args.rdzv_id}
+    try:
+        job_variables(extra_env=extra_env, **rendezvous)
+    except ValueError as exc:
+        parser.error(str(exc))
+    deployment_id = deploy(args.pool, args.name, args.project_dir, args.gpus, args.nproc, extra_env=extra_env, **rendezvous)
     print(f"deployment fusionnet-train/{args.name} ({deployment_id}) on pool {args.pool!r}")
     print(f"start a worker:  prefect worker start --pool {args.pool}")
     print(f"run it:          prefect deployment run fusionnet-train/{args.name}")
