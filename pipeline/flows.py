@@ -109,8 +109,12 @@ def train(
             raise FileNotFoundError(f"{init}: step {steps[0]!r} starts from the previous step's model; train it first")
         with parent_run(loaded, shards, run_id=parent_run_id) as parent_id:
             for step in steps:
-                init = run_tracked_step(step, loaded, params_file, shards, models / step, init, parent_id, nproc,
-                                        hand_back=hand_back)
+                outcome = run_tracked_step(step, loaded, params_file, shards, models / step, init, parent_id, nproc,
+                                           hand_back=hand_back)
+                init = outcome.model_path
+            if outcome.node_role == "follower":  # the leader node's flow run evaluates and registers
+                get_run_logger().info("follower node of a multi-node run: no downstream tasks here")
+                return str(init)
             if downstream:
                 evaluate_and_register(models.parent, params_file, models, parent_id)
             if evaluate:

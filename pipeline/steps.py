@@ -16,61 +16,22 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import handoff
+from pipeline.launch import NPROC_ENV, Rendezvous, processes_per_node, step_command  # noqa: F401  (re-exported)
 from pipeline.provenance import load_params
 from pipeline.tracking import failed_status, get_client, parent_run, start_step_run
 
 STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here
-NPROC_ENV = "FUSIONNET_NPROC_PER_NODE"
-
-
 class StepCrashed(RuntimeError):
     """A training step's process exited with a non-zero code (or was killed by a signal)."""
-
-
-def processes_per_node(explicit: int | None = None) -> int:
-    """Processes for the step: `explicit`, else FUSIONNET_NPROC_PER_NODE, else one per visible GPU (>= 1)."""
-    if explicit:
-        return int(explicit)
-    if os.environ.get(NPROC_ENV):
-        return int(os.environ[NPROC_ENV])
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # counted without initialising CUDA in this process
-        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
-    import torch
-
-    return max(1, torch.cuda.device_count())
-
-
-def step_command(
-    step: str,
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    mlflow_run_id: str | None,
-    result_path: Path,
-    nproc: int,
-) -> list[str]:
-    """argv that trains one step: plain python for one process, torch.distributed.run for several."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["-m", "pipeline.step_main", "--step", step, "--params", str(params_path)]
-    cmd += ["--shards", str(shards_dir), "--out", str(out_dir), "--result", str(result_path)]
-    if init_checkpoint is not None:
-        cmd += ["--init", str(init_checkpoint)]
-    if mlflow_run_id is not None:
-        cmd += ["--mlflow-run-id", mlflow_run_id]
-    return cmd
 
 
 @task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="train-{step}")
@@ -86,17 +47,27 @@ def train_step_task(
     """Train `step` in a subprocess; returns its StepResult as a dict (model_path, history, ...)."""
     logger = get_run_logger()
     out_dir.mkdir(parents=True, exist_ok=True)
-    result_path = out_dir / "result.json"
-    result_path.unlink(missing_ok=True)  # a stale result must not pass for this attempt's
-    cmd = step_command(step, params_path, shards_dir, out_dir, init_checkpoint, mlflow_run_id, result_path, nproc)
-    resuming = (out_dir / "state.pt").is_file()
-    logger.info("%s step %s: %s", "resuming" if resuming else "starting", step, " ".join(cmd))
-    code = subprocess.run(cmd, check=False).returncode
-    if code != 0:
-        raise StepCrashed(f"step {step!r}: {' '.join(cmd[:3])}... exited with code {code}")
-    if not result_path.is_file():
-        raise StepCrashed(f"step {step!r}: exited 0 but wrote no {result_path}")
-    return json.loads(result_path.read_text())
+    rendezvous = Rendezvous.from_env()  # several nodes: this node's launcher joins the job's rendezvous
+    # a fresh path per attempt (a stale result must not pass for this one's), and per node (nodes
+    # sharing out_dir each write their own)
+    with tempfile.TemporaryDirectory(prefix="fusionnet-result-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = step_command(step, params_path, shards_dir, out_dir, init_checkpoint, mlflow_run_id, result_path, nproc,
+                           rendezvous)
+        resuming = (out_dir / "state.pt").is_file()
+        logger.info("%s step %s: %s", "resuming" if resuming else "starting", step, " ".join(cmd))
+        code = subprocess.run(cmd, check=False).returncode
+        if code != 0:
+            raise StepCrashed(f"step {step!r}: {' '.join(cmd[:3])}... exited with code {code}")
+        if not result_path.is_file():
+            raise StepCrashed(f"step {step!r}: exited 0 but wrote no result")
+        text = result_path.read_text()
+    result = json.loads(text)
+    if result.get("node_role", "leader") == "leader":  # the step directory's result.json (a DVC output)
+        tmp = out_dir / ".result.json.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / "result.json")
+    return result
 
 
 def _log_step_summary(client: Any, run_id: str, result: dict[str, Any], out_dir: Path) -> None:
@@ -134,6 +105,11 @@ def discard_state_of_other_init(out_dir: Path, init_checkpoint: Path | None) -> 
     return stale
 
 
+class StepOutcome(NamedTuple):
+    model_path: Path
+    node_role: str  # "leader" (the node with global rank 0; every single-node run) | "follower"
+
+
 def run_tracked_step(
     step: str,
     params: dict[str, Any],
@@ -144,11 +120,12 @@ def run_tracked_step(
     parent_run_id: str,
     nproc: int,
     hand_back: bool = False,
-) -> Path:
+) -> StepOutcome:
     """One step as a child run of `parent_run_id`: the task (retried once), then its summary.
 
     hand_back: also log the step's outputs to the child run (pipeline.handoff), for a dispatching
-    DVC stage on a machine that does not share this one's filesystem.
+    DVC stage on a machine that does not share this one's filesystem. On a follower node of a
+    multi-node step (rank 0 ran elsewhere and logged the curves) the child run only records that.
     """
     discard_state_of_other_init(out_dir, init_checkpoint)  # before the first attempt: retries resume
     client = get_client()
@@ -158,14 +135,17 @@ def run_tracked_step(
         client.set_tag(child, handoff.TAG_FLOW_RUN, flow_run_id)
     try:
         result = train_step_task(step, params_path, shards_dir, out_dir, init_checkpoint, child, nproc)
-        _log_step_summary(client, child, result, out_dir)
-        if hand_back:
-            handoff.upload_outputs(client, child, out_dir)
+        role = result.get("node_role", "leader")
+        client.set_tag(child, "fusionnet.node_role", role)
+        if role == "leader":
+            _log_step_summary(client, child, result, out_dir)
+            if hand_back:
+                handoff.upload_outputs(client, child, out_dir)
     except BaseException as exc:
         client.set_terminated(child, status=failed_status(exc))
         raise
     client.set_terminated(child, status="FINISHED")
-    return Path(result["model_path"])
+    return StepOutcome(Path(result["model_path"]), role)
 
 
 def _current_flow_run_id() -> str | None:
@@ -194,6 +174,6 @@ def train_one_step(
         raise FileNotFoundError(f"{init}: init checkpoint for step {step!r} not found")
     with parent_run(params, shards) as parent_id:
         nproc = processes_per_node(nproc_per_node)
-        model = run_tracked_step(step, params, params_file, shards, out, init, parent_id, nproc)
+        model = run_tracked_step(step, params, params_file, shards, out, init, parent_id, nproc).model_path
     return str(model)
 
