@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nnodes", type=int, default=None, help="nodes training together (torchrun rendezvous)")
     parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous store (with --nnodes > 1)")
     parser.add_argument("--rdzv-id", default=None, metavar="JOB", help="rendezvous job id, the same on every node")
+    parser.add_argument("--no-downstream", action="store_true",
+                        help="runs stop after training (default: tune-refinement, evaluate, register follow)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="more env for the runs, e.g. MLFLOW_TRACKING_URI=http://mlflow-host:5000 (repeatable)")
     args = parser.parse_args(argv)
@@ -130,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         job_variables(extra_env=extra_env, **rendezvous)
     except ValueError as exc:
         parser.error(str(exc))
-    deployment_id = deploy(args.pool, args.name, args.project_dir, args.gpus, args.nproc, extra_env=extra_env, **rendezvous)
+    parameters = {"downstream": not args.no_downstream}  # a run's default: the whole graph down to register
+    deployment_id = deploy(args.pool, args.name, args.project_dir, args.gpus, args.nproc, parameters=parameters,
+                           extra_env=extra_env, **rendezvous)
     print(f"deployment fusionnet-train/{args.name} ({deployment_id}) on pool {args.pool!r}")
     print(f"start a worker:  prefect worker start --pool {args.pool}")
     print(f"run it:          prefect deployment run fusionnet-train/{args.name}")

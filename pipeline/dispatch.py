@@ -201,6 +201,7 @@ def dispatch_step(
         "shards_dir": os.path.relpath(shards_dir, root), "models_dir": os.path.relpath(out_dir.parent, root),
         "init_sha256": _sha256(init_checkpoint) if init_checkpoint else None,
         "hand_back": True, "heartbeat_s": settings.heartbeat_s,
+        "downstream": False,  # DVC runs evaluate and register as its own stages
     }
     mlflow_client = get_client()
     with parent_run(params, shards_dir) as parent_id:

@@ -304,3 +304,122 @@ def test_a_worker_with_other_data_and_no_remote_fails_the_stage_and_trains_nothi
     assert "ended Failed" in text and f"the step needs {md5}" in text and "no default DVC remote" in text, text[-3000:]
     assert not (driver / "models" / "segmentation" / "model.safetensors").exists()
     assert not (worker_dir / "models" / "segmentation" / "state.pt").exists()  # it never started training
+
+
+def _flow_runs(api: str, deployment: str) -> list[dict]:
+    import httpx
+
+    flow, name = deployment.split("/")
+    deployment_id = httpx.get(f"{api}/deployments/name/{flow}/{name}").json()["id"]
+    body = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return httpx.post(f"{api}/flow_runs/filter", json=body).json()
+
+
+def _wait_final(api: str, deployment: str, count: int, timeout: float) -> list[dict]:
+    """The deployment's `count` flow runs once all are final (polled with backoff)."""
+    deadline, pause = time.monotonic() + timeout, 0.5
+    while time.monotonic() < deadline:
+        runs = _flow_runs(api, deployment)
+        if len(runs) == count and all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return runs
+        time.sleep(pause)
+        pause = min(pause * 1.5, 5)
+    raise TimeoutError(f"{deployment}: {count} flow runs not final after {timeout} s: {_flow_runs(api, deployment)}")
+
+
+def _task_runs(api: str, flow_run_id: str) -> list[dict]:
+    import httpx
+
+    query = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    return httpx.post(f"{api}/task_runs/filter", json=query).json()
+
+
+def _trigger(env: dict, cwd: Path, deployment: str, *params: str) -> None:
+    args = [x for p in params for x in ("--param", p)]
+    subprocess.run([str(BIN / "prefect"), "deployment", "run", deployment, *args], env=env, cwd=cwd, check=True,
+                   capture_output=True, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_a_deployment_run_with_steps_joint_retrains_only_joint_then_tunes_evaluates_and_registers(prefect_api, tmp_path):
+    """The deployed `train` flow, run by a process worker with steps=["joint"]: the task graph
+    train-joint -> tune-refinement -> evaluate -> register; the first two steps' models untouched;
+    the evaluation and the registration under the flow's MLflow parent run."""
+    from fusionnet.hashing import file_sha256
+    from tests.test_registry import runs_by_name, tiny_project
+
+    api, env = prefect_api
+    project = tiny_project(tmp_path / "project")
+    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    write_toy_shards(project / "data" / "shards", n_train=4, n_val=2, size=64)
+    params = {**yaml.safe_load(tiny_params(tmp_path / "train.yaml", iters=1).read_text()),
+              **yaml.safe_load((project / "params.yaml").read_text())}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = {s: file_sha256(project / "models" / s / "model.safetensors") for s in ("segmentation", "fusion", "joint")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).create_experiment("fusionnet-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    env = {**env, "MLFLOW_TRACKING_URI": uri, "FUSIONNET_MLFLOW_EXPERIMENT": "fusionnet-test",
+           "FUSIONNET_MODEL_CACHE": str(tmp_path / "cache"), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    worker = _deploy_and_start_worker(env, project, "joint-only", tmp_path / "worker.log")
+    try:
+        _trigger(env, project, "fusionnet-train/joint-only", 'steps=["joint"]')
+        (run,) = _wait_final(api, "fusionnet-train/joint-only", 1, timeout=400)
+    finally:
+        _stop(worker)
+    log = (tmp_path / "worker.log").read_text()
+    assert run["state"]["type"] == "COMPLETED", log[-4000:]
+    assert run["parameters"].get("downstream") is True  # the deployment's default: the whole graph
+    names = [t["name"] for t in _task_runs(api, run["id"])]
+    assert names[0] == "train-joint" and [n.rsplit("-", 1)[0] for n in names[1:]] == ["tune-refinement", "evaluate",
+                                                                                     "register"], names
+    after = {s: file_sha256(project / "models" / s / "model.safetensors") for s in before}
+    assert after["segmentation"] == before["segmentation"] and after["fusion"] == before["fusion"]
+    assert after["joint"] != before["joint"]  # retrained from the fusion model
+    registered = json.loads((project / "models" / "registered.json").read_text())
+    assert registered["alias"] == "champion" and registered["sha256"] == after["joint"]
+    details = json.loads((project / "metrics" / "details.json").read_text())
+    assert registered["settings"]["radius"] == details["guided_filter"]["radius"]
+    runs = runs_by_name(MlflowClient(uri))
+    parent = runs["joint"].data.tags["mlflow.parentRunId"]
+    assert runs["evaluate"].data.tags["mlflow.parentRunId"] == parent == runs["register"].data.tags["mlflow.parentRunId"]
+    assert json.loads((project / "metrics" / "photos.json").read_text())["held_out"]["scored"] == ["GT02"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nodes_each_with_its_worker_train_one_step_together(prefect_api, tmp_path):
+    """A deployment with --nnodes 2 and a c10d rendezvous on 127.0.0.1: two flow runs, taken by two
+    workers (one run each), join one DDP group of world size 2; the leader node logs and hands
+    back, the follower records its role; both finish COMPLETED."""
+    from mlflow import MlflowClient
+
+    api, env = prefect_api
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**env, "MLFLOW_TRACKING_URI": uri}
+    project = _scratch_project(tmp_path / "shared", None, {"dispatch": "local"}, iters=2)
+    subprocess.run([sys.executable, "-m", "pipeline.deploy", "--pool", "two-nodes", "--name", "two-nodes",
+                    "--project-dir", str(project), "--no-downstream", "--nnodes", "2",
+                    "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "job-1"],
+                   env=env, cwd=project, check=True, timeout=120, capture_output=True)
+    workers = [subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "two-nodes", "--name", f"node-{n}",
+                                 "--limit", "1"], env=env, cwd=project, stdout=open(tmp_path / f"node-{n}.log", "w"),
+                                stderr=subprocess.STDOUT) for n in "ab"]
+    try:
+        for _ in range(2):
+            _trigger(env, project, "fusionnet-train/two-nodes", 'steps=["segmentation"]')
+        runs = _wait_final(api, "fusionnet-train/two-nodes", 2, timeout=300)
+    finally:
+        for worker in workers:
+            _stop(worker)
+    logs = "".join((tmp_path / f"node-{n}.log").read_text() for n in "ab")
+    assert all(r["state"]["type"] == "COMPLETED" for r in runs), logs[-5000:]
+    assert sorted(r["labels"]["prefect.worker.name"] for r in runs) == ["node-a", "node-b"]
+    client = MlflowClient(uri)
+    steps = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`fusionnet.kind` = 'step'")
+    assert sorted(r.data.tags["fusionnet.node_role"] for r in steps) == ["follower", "leader"]
+    (leader,) = [r for r in steps if r.data.tags["fusionnet.node_role"] == "leader"]
+    assert leader.data.params["world_size"] == "2"
+    assert json.loads((project / "models" / "segmentation" / "result.json").read_text())["nnodes"] == 2

@@ -209,7 +209,7 @@ def test_deployment_run_on_a_process_worker_trains_all_three_steps(tmp_path):
     try:
         wait_http(f"{api}/health", timeout=90, proc=server)
         deploy = [sys.executable, "-m", "pipeline.deploy", "--pool", "test-gpu", "--name", "test", "--gpus", "",
-                  "--nproc", "2", "--env", "FUSIONNET_MLFLOW_EXPERIMENT=deployed-runs"]
+                  "--nproc", "2", "--no-downstream", "--env", "FUSIONNET_MLFLOW_EXPERIMENT=deployed-runs"]
         subprocess.run(deploy, env=env, cwd=tmp_path, check=True, timeout=120)
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "test-gpu", "--name", "w1"],
                                   env=env, cwd=tmp_path, stdout=logs["worker"], stderr=subprocess.STDOUT)
