@@ -97,12 +97,14 @@ def _worker(flow_run: Any) -> str:
 
 
 def _alive_age(flow_run: Any, now: float) -> float:
-    """Seconds since the flow process last labelled itself alive (since it started running, if never)."""
+    """Seconds since the flow process last showed it lives: its latest heartbeat label or, if later,
+    the moment the run entered its current state (a rescheduled run still carries the dead attempt's
+    last beat until its new flow process beats)."""
     beat = (flow_run.labels or {}).get(handoff.ALIVE_LABEL)
+    since = flow_run.state.timestamp.timestamp() if flow_run.state.timestamp else now
     if beat is not None:
-        return now - float(beat)
-    started = flow_run.start_time.timestamp() if flow_run.start_time else now
-    return now - started
+        since = max(since, float(beat))
+    return now - since
 
 
 def watch(flow_run_id: Any, settings: DispatchSettings, client: Any) -> Any:

@@ -423,3 +423,19 @@ def test_two_nodes_each_with_its_worker_train_one_step_together(prefect_api, tmp
     (leader,) = [r for r in steps if r.data.tags["fusionnet.node_role"] == "leader"]
     assert leader.data.params["world_size"] == "2"
     assert json.loads((project / "models" / "segmentation" / "result.json").read_text())["nnodes"] == 2
+
+
+def test_a_worker_counts_as_gone_only_after_stale_s_without_a_sign_of_life():
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from pipeline.dispatch import _alive_age
+
+    def run(state_at: float, beat: float | None):
+        state = SimpleNamespace(timestamp=datetime.fromtimestamp(state_at, timezone.utc))
+        return SimpleNamespace(state=state, labels={} if beat is None else {handoff.ALIVE_LABEL: str(beat)})
+
+    assert _alive_age(run(100.0, None), 130.0) == pytest.approx(30)  # running, no beat yet
+    assert _alive_age(run(100.0, 125.0), 130.0) == pytest.approx(5)  # beating
+    # rescheduled and running again: the dead attempt's old beat does not make it stale at once
+    assert _alive_age(run(128.0, 50.0), 130.0) == pytest.approx(2)
