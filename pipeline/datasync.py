@@ -72,7 +72,10 @@ def _objects(repo, md5: str) -> list:
 
 def default_remote(project_dir: Path) -> str | None:
     """Name of the project's default DVC remote, or None when none is configured."""
-    repo = _repo(project_dir)
+    return _remote_of(_repo(project_dir))
+
+
+def _remote_of(repo) -> str | None:
     return repo.config.get("core", {}).get("remote")
 
 
@@ -82,7 +85,7 @@ def push_version(path: Path, md5: str, project_dir: Path) -> int:
     Raises DataVersionError when no remote is configured or the version is not in the cache.
     """
     repo = _repo(project_dir)
-    if not default_remote(project_dir):
+    if not _remote_of(repo):
         raise DataVersionError(f"{project_dir}: no default DVC remote (dvc remote add -d NAME URL) to push {path} to")
     try:
         objs = _objects(repo, md5)
@@ -101,7 +104,7 @@ def pull_version(path: Path, md5: str, project_dir: Path) -> None:
     from dvc_data.hashfile.tree import Tree
 
     repo = _repo(project_dir)
-    remote = default_remote(project_dir)
+    remote = _remote_of(repo)
     if not remote:
         raise DataVersionError(f"{project_dir}: no default DVC remote to pull {path} version {md5} from")
     try:

@@ -24,7 +24,6 @@ state and message, and removes what would look like a finished step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
+from fusionnet.hashing import file_sha256
 from pipeline import datasync, handoff
 from pipeline.provenance import load_params
 from pipeline.tracking import TAG_STEP, get_client, parent_run
@@ -80,10 +80,6 @@ class DispatchSettings:
 
 def _say(text: str) -> None:
     print(f"[dispatch] {text}", flush=True)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _clear_outputs(out_dir: Path) -> None:
@@ -201,7 +197,7 @@ def dispatch_step(
     parameters = {
         "params": params, "steps": [step], "data_md5": md5,
         "shards_dir": os.path.relpath(shards_dir, root), "models_dir": os.path.relpath(out_dir.parent, root),
-        "init_sha256": _sha256(init_checkpoint) if init_checkpoint else None,
+        "init_sha256": file_sha256(init_checkpoint) if init_checkpoint else None,
         "hand_back": True, "heartbeat_s": settings.heartbeat_s,
         "downstream": False,  # DVC runs evaluate and register as its own stages
     }

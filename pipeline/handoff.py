@@ -12,7 +12,6 @@ process lives; the dispatching stage reads it to tell a dead worker from a slow 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from fusionnet.hashing import file_sha256
 
 ARTIFACT_DIR = "outputs"
 MANIFEST = "manifest.json"
@@ -32,14 +33,6 @@ ALIVE_LABEL = "fusionnet.alive"
 
 class HandoffError(RuntimeError):
     """An output or input of a dispatched step is missing or does not match its recorded sha256."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_of(out_dir: Path) -> dict[str, str]:

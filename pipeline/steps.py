@@ -12,7 +12,6 @@ Each step is one MLflow child run under the pipeline's parent run (pipeline.trac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
+from fusionnet.hashing import file_sha256
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -30,6 +30,8 @@ from pipeline.provenance import load_params
 from pipeline.tracking import failed_status, get_client, parent_run, start_step_run
 
 STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here
+
+
 class StepCrashed(RuntimeError):
     """A training step's process exited with a non-zero code (or was killed by a signal)."""
 
@@ -95,7 +97,7 @@ def discard_state_of_other_init(out_dir: Path, init_checkpoint: Path | None) -> 
     stage's outputs before running it, so this matters for Prefect runs outside DVC.)
     """
     marker = out_dir / "init.sha256"
-    digest = hashlib.sha256(init_checkpoint.read_bytes()).hexdigest() if init_checkpoint else "none"
+    digest = file_sha256(init_checkpoint) if init_checkpoint else "none"
     state = out_dir / "state.pt"
     stale = state.is_file() and (not marker.is_file() or marker.read_text().strip() != digest)
     if stale:
