@@ -1,6 +1,7 @@
 """The `fusionnet` command line.
 
     fusionnet matte INPUT... --model CHECKPOINT --out DIR [--save alpha rgba composite trimap]
+    fusionnet serve [MODEL] [--host 127.0.0.1] [--port 8000]
     fusionnet pull [models:/late-fusion-matting@champion] --out DIR
     fusionnet --version
 
@@ -142,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar (default: on for more than one file when stderr is a terminal)",
     )
     matte.set_defaults(handler=run_matte)
+
+    from fusionnet import server  # stdlib-only at import; torch is loaded when the server starts
+
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP server: POST /matte, GET /health, GET / (a page to try it)",
+        description="Serve a model over HTTP on 127.0.0.1 (unless --host): POST /matte answers a PNG.",
+    )
+    server.add_arguments(serve)
+    serve.set_defaults(handler=server.run)
 
     pull = commands.add_parser(
         "pull",

@@ -20,6 +20,7 @@ sibling and only then renamed into place, so a failure never leaves a partial ou
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import threading
@@ -110,14 +111,46 @@ def load_image(
             return _decode(path, im, max_side, max_pixels)
     except ImageLoadError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"refused as a possible decompression bomb ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageLoadError(path, "not an image file PIL can read (unknown or damaged header)") from exc
-    except MemoryError as exc:
-        raise ImageLoadError(path, "not enough memory to decode this image; lower --max-pixels") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
-        raise ImageLoadError(path, f"cannot decode image data, the file is truncated or corrupt ({exc})") from exc
+    except _DECODE_ERRORS as exc:
+        raise _load_error(path, exc) from exc
+
+
+def load_image_bytes(
+    data: bytes | bytearray | memoryview,
+    name: str = "<bytes>",
+    *,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> LoadedImage:
+    """`load_image` for an encoded file held in memory (stdin, an HTTP body, a pyfunc cell).
+
+    Same decoding, limits and errors; `name` stands for the path in `ImageLoadError` messages.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageLoadError(name, f"expected the bytes of an image file, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    try:
+        with _open_within_limit(io.BytesIO(data), max_pixels) as im:
+            return _decode(Path(name), im, max_side, max_pixels)
+    except ImageLoadError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise _load_error(name, exc) from exc
+
+
+_DECODE_ERRORS = (Image.DecompressionBombError, MemoryError, OSError, SyntaxError, ValueError, EOFError, zlib.error)
+
+
+def _load_error(name: str | os.PathLike, exc: BaseException) -> ImageLoadError:
+    """The ImageLoadError that stands for one of `_DECODE_ERRORS` raised while decoding."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageLoadError(name, f"refused as a possible decompression bomb ({exc})")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageLoadError(name, "not an image file PIL can read (unknown or damaged header)")
+    if isinstance(exc, MemoryError):
+        return ImageLoadError(name, "not enough memory to decode this image; lower --max-pixels")
+    return ImageLoadError(name, f"cannot decode image data, the file is truncated or corrupt ({exc})")
 
 
 def _check_file(path: Path) -> None:
@@ -136,7 +169,7 @@ def _check_file(path: Path) -> None:
 
 
 @contextmanager
-def _open_within_limit(path: Path, max_pixels: int) -> Iterator[Image.Image]:
+def _open_within_limit(path: Path | io.BytesIO, max_pixels: int) -> Iterator[Image.Image]:
     # PIL refuses images over 2x MAX_IMAGE_PIXELS at open; set it to our limit only for this open
     # (we check the exact limit ourselves below), and silence its warning between 1x and 2x.
     with _PIL_LIMIT_LOCK:

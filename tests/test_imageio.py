@@ -14,6 +14,7 @@ from fusionnet.imageio import (
     ImageLoadError,
     fit_within,
     load_image,
+    load_image_bytes,
     to_uint8,
     write_pngs_atomic,
 )
@@ -242,3 +243,38 @@ def test_write_pngs_atomic_rename_failure_removes_what_it_placed(tmp_path, rgb_u
     with pytest.raises(IsADirectoryError, match="second.png: output path is a directory"):
         write_pngs_atomic({tmp_path / "first.png": rgb_u8, tmp_path / "second.png": rgb_u8})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["second.png"]
+
+
+# --------------------------------------------------------------------------------------------- bytes
+
+
+def test_bytes_decode_like_files(tmp_path, rgb_u8):
+    path = save(tmp_path, "x.png", Image.fromarray(rgb_u8))
+    from_bytes = load_image_bytes(open(path, "rb").read(), "upload.png", max_side=18)
+    from_file = load_image(path, max_side=18)
+    assert from_bytes.size == (12, 18)
+    np.testing.assert_array_equal(from_bytes.rgb, from_file.rgb)
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"", "empty file (0 bytes)"),
+        (b"this is not an image", "not an image file PIL can read"),
+        ("text", "expected the bytes of an image file, got str"),
+    ],
+)
+def test_bad_bytes_name_the_source(data, problem):
+    with pytest.raises(ImageLoadError) as info:
+        load_image_bytes(data, "<stdin>")
+    assert str(info.value).startswith("<stdin>: ") and problem in info.value.problem
+
+
+def test_truncated_bytes_and_pixel_limit(rgb_u8):
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(rgb_u8, (8, 8, 1))).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
+        load_image_bytes(data[: len(data) // 2], "body")
+    with pytest.raises(ImageLoadError, match="over the limit"):
+        load_image_bytes(data, "body", max_pixels=50_000)
