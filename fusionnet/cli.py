@@ -44,17 +44,13 @@ from fusionnet.infer import (
     PRECISIONS,
     MatteResult,
 )
+from fusionnet.render import OUTPUT_KINDS, Background, render_outputs
 
-OUTPUT_KINDS = ("alpha", "rgba", "composite", "trimap")
 DEFAULT_BACKGROUND = "white"
 EXIT_OK, EXIT_FILE_FAILED, EXIT_USAGE = 0, 1, 2
 
-Background = tuple[int, int, int] | np.ndarray  # an RGB colour, or an (H,W,3) float image in [0,1]
-
-
 class UsageError(Exception):
     """A problem with the command as a whole (exit 2), not with one input file."""
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -62,20 +58,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
-
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not (0.0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -165,10 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(handler=run_pull)
     return parser
 
-
 MODEL_PULLER_GROUP = "fusionnet.model_pullers"
 DEFAULT_PULL_URI = "models:/late-fusion-matting@champion"
-
 
 def run_pull(args: argparse.Namespace) -> int:
     """`fusionnet pull`: hand the URI to the puller plugin registered for its scheme."""
@@ -188,7 +179,6 @@ def run_pull(args: argparse.Namespace) -> int:
     print(f"{args.uri} -> {folder}")
     return EXIT_OK
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -201,11 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-
 # ---------------------------------------------------------------------------------------------
 # fusionnet matte
 # ---------------------------------------------------------------------------------------------
-
 
 def assign_output_stems(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[str]]:
     """Pair each distinct input with a unique output stem; returns (pairs, notes for stderr).
@@ -240,7 +228,6 @@ def assign_output_stems(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], 
         pairs.append((path, stem))
     return pairs, notes
 
-
 def parse_background(value: str, max_side: int, max_pixels: int) -> Background:
     """A colour name/spec as an RGB tuple, or an existing image file as `(H,W,3)` float in [0,1]."""
     from PIL import ImageColor
@@ -257,47 +244,6 @@ def parse_background(value: str, max_side: int, max_pixels: int) -> Background:
             f"--background {value!r}: neither an image file nor a colour (e.g. white, '#00ff00')"
         ) from None
 
-
-def fit_background(background: Background, size: tuple[int, int]) -> np.ndarray:
-    """`(H,W,3)` float32 background: a flat colour, or the image scaled to cover and centre-cropped."""
-    height, width = size
-    if isinstance(background, tuple):
-        return np.broadcast_to(np.asarray(background, np.float32) / 255.0, (height, width, 3))
-    import torch
-
-    from fusionnet.infer import resize_maps
-
-    bh, bw = background.shape[:2]
-    scale = max(height / bh, width / bw)
-    cover = (max(height, round(bh * scale)), max(width, round(bw * scale)))
-    x = resize_maps(torch.from_numpy(background).permute(2, 0, 1)[None], cover)[0].permute(1, 2, 0)
-    top, left = (cover[0] - height) // 2, (cover[1] - width) // 2
-    return x[top : top + height, left : left + width].clamp(0.0, 1.0).numpy()
-
-
-def render_outputs(
-    image: np.ndarray, result: MatteResult, kinds: Sequence[str], background: Background
-) -> dict[str, np.ndarray]:
-    """The uint8 arrays to write for one image, keyed by output kind."""
-    from fusionnet.refine import estimate_foreground, implicit_trimap
-
-    outputs: dict[str, np.ndarray] = {}
-    alpha = result.alpha
-    if "alpha" in kinds:
-        outputs["alpha"] = to_uint8(alpha)
-    if "rgba" in kinds or "composite" in kinds:
-        foreground = estimate_foreground(image, alpha)
-        if "rgba" in kinds:
-            outputs["rgba"] = np.dstack([to_uint8(foreground), to_uint8(alpha)])
-        if "composite" in kinds:
-            a = alpha[:, :, None]
-            composite = a * foreground + (1.0 - a) * fit_background(background, alpha.shape)
-            outputs["composite"] = to_uint8(composite)
-    if "trimap" in kinds:
-        outputs["trimap"] = implicit_trimap(result.fg_prob, result.bg_prob)
-    return outputs
-
-
 def _render_and_write(
     image: np.ndarray, result: MatteResult, args: argparse.Namespace, background: Background, stem: str
 ) -> str | None:
@@ -311,7 +257,6 @@ def _render_and_write(
     except (OSError, ValueError, MemoryError) as exc:
         return f"cannot write outputs ({type(exc).__name__}: {exc})"
     return None
-
 
 def run_matte(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -367,7 +312,6 @@ def run_matte(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(f"matted {done} of {len(pairs)} images ({failed} failed) in {elapsed:.1f} s; outputs in {args.out}")
     return EXIT_FILE_FAILED if failed else EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main())
