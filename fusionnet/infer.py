@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -241,21 +241,40 @@ class Matter:
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> MatteResult:
         """Matte `image`, `(H,W,3)` float in [0,1] (uint8 0..255 also accepted), of any size >= 1x1."""
-        rgb = _as_float_image(image)
-        size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        network_size = fit_within(size, self.max_side)
-        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(self.device)
-        x = resize_maps(x, network_size).clamp_(0.0, 1.0)
-        maps = resize_maps(self.run_network(x), size).clamp_(0.0, 1.0)
-        raw_alpha, fg_prob, bg_prob = (m.cpu().numpy() for m in maps[0])
-        alpha = raw_alpha
-        if self.refine and self.radius > 0:
-            from fusionnet.refine import guided_filter
+        return self.matte_batch([image])[0]
 
-            alpha = guided_filter(rgb, raw_alpha, self.radius, self.eps)
-        return MatteResult(
-            alpha=alpha, raw_alpha=raw_alpha, fg_prob=fg_prob, bg_prob=bg_prob, network_size=network_size
-        )
+    @torch.inference_mode()
+    def matte_batch(self, images: Sequence[np.ndarray]) -> list[MatteResult]:
+        """Matte same-size images (e.g. video frames) in one network call; one MatteResult each.
+
+        Each image is `(H,W,3)` float in [0,1] or uint8, all of one size. Same steps as calling this
+        Matter on each image (the network sees an `(N,3,h,w)` batch): equal up to float rounding.
+        """
+        rgbs = [_as_float_image(image) for image in images]
+        if not rgbs:
+            return []
+        size = (int(rgbs[0].shape[0]), int(rgbs[0].shape[1]))
+        for rgb in rgbs[1:]:
+            if rgb.shape[:2] != size:
+                raise ValueError(f"matte_batch needs images of one size, got {size} and {rgb.shape[:2]}")
+        network_size = fit_within(size, self.max_side)
+        # contiguous NCHW, as a single image's permuted view is taken: a channels-last batch rounds differently
+        x = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        x = resize_maps(x, network_size).clamp_(0.0, 1.0)
+        maps = resize_maps(self.run_network(x), size).clamp_(0.0, 1.0).cpu().numpy()
+        results = []
+        for rgb, (raw_alpha, fg_prob, bg_prob) in zip(rgbs, maps):
+            alpha = raw_alpha
+            if self.refine and self.radius > 0:
+                from fusionnet.refine import guided_filter
+
+                alpha = guided_filter(rgb, raw_alpha, self.radius, self.eps)
+            results.append(
+                MatteResult(
+                    alpha=alpha, raw_alpha=raw_alpha, fg_prob=fg_prob, bg_prob=bg_prob, network_size=network_size
+                )
+            )
+        return results
 
 
 def _prepare_model(model: LateFusionNet, device: torch.device, precision: str) -> LateFusionNet:
