@@ -3,6 +3,7 @@
 Per iteration: read a batch (order fixed by (seed, epoch)), triangular cyclical LR, forward under
 autocast, the step's loss, backward, gradient-norm clip, SGD step; loss terms and LR to the logger.
 Per epoch: validation SAD/MSE, samples/s, data-wait share, a PNG grid and the loss curves.
+Console (rank 0): a bar or a few plain lines per epoch, one summary line (fusionnet.train.progress).
 state.pt is written atomically every `checkpoint_every` iterations and at every epoch end; a step
 killed at any moment continues from its last state.pt when run again and, on CPU with a fixed seed,
 ends with the same weights as an uninterrupted run.
@@ -32,6 +33,7 @@ from fusionnet.hashing import file_sha256
 from fusionnet.train.files import write_atomic
 from fusionnet.train.forward import step_loss, step_module
 from fusionnet.train.freezing import set_train_mode, set_trainable
+from fusionnet.train.progress import StepProgress
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
 from fusionnet.train.state import STATE_FILE, capture_rng, load_state, restore_rng, save_state
 from fusionnet.train.tracking import StepResult, TrainLogger
@@ -87,6 +89,7 @@ class _Trainer:
             raise ValueError("params train_common.precision fp16 needs device cuda; use bf16 (or fp32) on cpu")
         self.precision, self.precision_reason = "fp32", ""
         self.init_sha256 = file_sha256(self.init_checkpoint) if self.init_checkpoint else None
+        self.progress = StepProgress(step, ctx.is_main)  # a bad FUSIONNET_PROGRESS fails before any work
 
     # ------------------------------------------------------------------ setup
     def autocast(self):
@@ -231,29 +234,31 @@ class _Trainer:
         loader = tdata.epoch_loader(dataset, indices, cfg.batch_size, first, n_batches, cfg.num_workers,
                                     cfg.seed, epoch, pin_memory=self.device.type == "cuda")
         batches = iter(loader)
-        for b in range(first, n_batches):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            t1 = time.perf_counter()
-            terms, lr = self._train_iteration(batch, epoch, b)
-            t2 = time.perf_counter()
-            samples = cfg.batch_size * ctx.world_size
-            for acc in (state["totals"], state["epoch_acc"]):
-                acc["samples"] += samples
-                acc["wait_s"] += t1 - t0
-                acc["train_s"] += t2 - t0
-            state["epoch_acc"]["loss_sum"] += terms["loss"]
-            state["epoch_acc"]["loss_count"] += 1
-            state["batch_in_epoch"] = b + 1
-            state["iteration"] += 1
-            it = state["iteration"]
-            state["loss_log"].append({"iteration": it, "epoch": epoch + 1, "lr": lr, **terms})
-            if self.logger is not None and it % cfg.log_every == 0:
-                self.logger.log_metrics({**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr}, step=it)
-            if cfg.val_every and it % cfg.val_every == 0 and b + 1 < n_batches:  # epoch ends validate anyway
-                self._note_val(self._validate(epoch + 1, grid=False), epoch=epoch + (b + 1) / n_batches)
-            if it % cfg.checkpoint_every == 0:
-                self._checkpoint()
+        with self.progress.epoch(epoch + 1, cfg.epochs, n_batches, first) as shown:
+            for b in range(first, n_batches):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t1 = time.perf_counter()
+                terms, lr = self._train_iteration(batch, epoch, b)
+                t2 = time.perf_counter()
+                samples = cfg.batch_size * ctx.world_size
+                for acc in (state["totals"], state["epoch_acc"]):
+                    acc["samples"] += samples
+                    acc["wait_s"] += t1 - t0
+                    acc["train_s"] += t2 - t0
+                state["epoch_acc"]["loss_sum"] += terms["loss"]
+                state["epoch_acc"]["loss_count"] += 1
+                state["batch_in_epoch"] = b + 1
+                state["iteration"] += 1
+                it = state["iteration"]
+                state["loss_log"].append({"iteration": it, "epoch": epoch + 1, "lr": lr, **terms})
+                shown.update(terms["loss"], lr)
+                if self.logger is not None and it % cfg.log_every == 0:
+                    self.logger.log_metrics({**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr}, step=it)
+                if cfg.val_every and it % cfg.val_every == 0 and b + 1 < n_batches:  # epoch ends validate anyway
+                    self._note_val(self._validate(epoch + 1, grid=False), epoch=epoch + (b + 1) / n_batches)
+                if it % cfg.checkpoint_every == 0:
+                    self._checkpoint()
         del batches, loader
 
     def _train_iteration(self, batch: dict, epoch: int, b: int) -> tuple[dict[str, float], float]:
@@ -300,6 +305,8 @@ class _Trainer:
                 "epoch_s": acc["train_s"],
             }
             state["history"].append(row)
+            self.progress.summary(epoch + 1, self.cfg.epochs, row["train_loss"], val.get("val_sad"), acc["train_s"],
+                                  val.get("val_s"), int(acc["loss_count"]))
             if self.logger is not None:
                 metrics = {f"epoch/{k}": float(v) for k, v in row.items() if k not in ("epoch", "iterations")}
                 self.logger.log_metrics({**metrics, "epoch": float(epoch + 1)}, step=state["iteration"])

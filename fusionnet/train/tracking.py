@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from tqdm import tqdm
+
 
 class TrainLogger(Protocol):
     def log_params(self, params: dict) -> None: ...
@@ -21,21 +23,33 @@ class TrainLogger(Protocol):
 
 
 class PrintLogger:
-    """A TrainLogger that prints one line per call (the CLI's default)."""
+    """A TrainLogger that prints one line per call (the CLI's default), through tqdm.write so that a
+    progress bar on the terminal stays intact.
 
-    def __init__(self, stream: TextIO | None = None, prefix: str = ""):
+    iterations: also print the per-iteration calls (only "train/..." keys); off by default since the
+    step's progress bar or plain lines (fusionnet.train.progress) already show the loss and lr.
+    """
+
+    def __init__(self, stream: TextIO | None = None, prefix: str = "", iterations: bool = False):
         self.stream = stream or sys.stdout
         self.prefix = prefix
+        self.iterations = iterations
 
     def log_params(self, params: dict) -> None:
-        print(f"{self.prefix}params {params}", file=self.stream, flush=True)
+        self._print(f"{self.prefix}params {params}")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.iterations and metrics and all(k.startswith("train/") for k in metrics):
+            return
         text = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-        print(f"{self.prefix}[{step}] {text}", file=self.stream, flush=True)
+        self._print(f"{self.prefix}[{step}] {text}")
 
     def log_image(self, png_path: Path, artifact_name: str) -> None:
-        print(f"{self.prefix}image {artifact_name} -> {png_path}", file=self.stream, flush=True)
+        self._print(f"{self.prefix}image {artifact_name} -> {png_path}")
+
+    def _print(self, line: str) -> None:
+        tqdm.write(line, file=self.stream)
+        self.stream.flush()
 
 
 def _fmt(value: float) -> str:
