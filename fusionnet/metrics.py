@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "GRADIENT_SIGMA",
@@ -35,8 +35,11 @@ __all__ = [
 GRADIENT_SIGMA = 1.4  # DIM's compute_gradient_loss.m
 _RANGE_TOL = 1e-6  # float noise allowed outside [0, 1] before an input counts as out of range
 _PHI_THRESHOLD = np.float32(0.15)  # Rhemann et al.: distances below 0.15 count as fully connected
-_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)  # bwconncomp(..., 4)
 _SCALE = 1000.0  # the paper's tables report SAD, Gradient, Connectivity in thousands
+
+# Evaluation scores images in worker processes next to a torch process: OpenCV's own thread pool would
+# oversubscribe the cores (and does not survive fork), so it runs in the calling thread, as in data.crops.
+cv2.setNumThreads(1)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -165,18 +168,16 @@ def gaussian_gradient(image: np.ndarray, sigma: float = GRADIENT_SIGMA) -> tuple
 
     MATLAB runs imfilter(IM, hx, 'replicate', 'conv'): a true convolution with replicated
     borders, so gx > 0 where the image increases along columns. hx is an outer product, so it is
-    applied as two 1-D convolutions (identical result, replicate padding is separable too);
-    ||outer(g, dg)|| = ||g|| ||dg||, so normalising each 1-D kernel normalises hx.
+    applied as two 1-D filters in one cv2.sepFilter2D (identical result, replicate padding is
+    separable too); ||outer(g, dg)|| = ||g|| ||dg||, so normalising each 1-D kernel normalises hx.
     Returns two (H,W) float64 arrays.
     """
     gauss, dgauss = _gaussian_derivative_1d(sigma)
     gauss = gauss / np.linalg.norm(gauss)
-    dgauss = dgauss / np.linalg.norm(dgauss)
-    img = np.asarray(image, dtype=np.float64)
-    smooth_rows = ndimage.convolve1d(img, gauss, axis=0, mode="nearest")
-    smooth_cols = ndimage.convolve1d(img, gauss, axis=1, mode="nearest")
-    gx = ndimage.convolve1d(smooth_rows, dgauss, axis=1, mode="nearest")
-    gy = ndimage.convolve1d(smooth_cols, dgauss, axis=0, mode="nearest")
+    dgauss_flipped = np.ascontiguousarray(dgauss[::-1] / np.linalg.norm(dgauss))  # OpenCV correlates
+    img = np.ascontiguousarray(image, dtype=np.float64)
+    gx = cv2.sepFilter2D(img, cv2.CV_64F, dgauss_flipped, gauss, borderType=cv2.BORDER_REPLICATE)
+    gy = cv2.sepFilter2D(img, cv2.CV_64F, gauss, dgauss_flipped, borderType=cv2.BORDER_REPLICATE)
     return gx, gy
 
 
@@ -222,10 +223,11 @@ def _largest_component(binary: np.ndarray) -> np.ndarray:
     The background label 0 is never a candidate (the port bug). Ties go to the component whose
     first pixel comes first in column-major order, as MATLAB's max over bwconncomp's list does.
     """
-    labels, count = ndimage.label(binary, structure=_FOUR_CONNECTED)
-    if count == 0:
+    count, labels = cv2.connectedComponents(np.ascontiguousarray(binary, dtype=np.uint8), connectivity=4,
+                                            ltype=cv2.CV_32S)  # bwconncomp(..., 4); count includes label 0
+    if count == 1:
         return np.zeros(binary.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    sizes = np.bincount(labels.ravel(), minlength=count)[1:]
     best = np.flatnonzero(sizes == sizes.max()) + 1
     if best.size == 1:
         return labels == best[0]
@@ -296,7 +298,8 @@ def transition_band(alpha: object, radius: int = 25) -> np.ndarray:
     (alpha = k/255) that is 1 <= k <= 254. The dilation uses a Euclidean disk (every pixel within
     distance <= radius of a transition pixel), the isotropic reading of "25 pixels dilation";
     DIM-style trimap generators use OpenCV elliptic kernels (close to this disk) or squares
-    (larger bands, reaching radius * sqrt(2) along diagonals).
+    (larger bands, reaching radius * sqrt(2) along diagonals). Computed with OpenCV's exact Euclidean
+    distance transform (cv2.DIST_MASK_PRECISE, Felzenszwalb's algorithm, float32 distances).
     alpha: (H,W) float in [0,1]; radius: int >= 0 (0 = the transition pixels alone).
     Returns (H,W) bool; all False when alpha has no transition pixel.
     """
@@ -307,4 +310,6 @@ def transition_band(alpha: object, radius: int = 25) -> np.ndarray:
     if radius == 0 or not core.any():
         return core
     # distance of each pixel to the nearest transition pixel; <= radius is a disk dilation
-    return ndimage.distance_transform_edt(~core) <= radius
+    distance = cv2.distanceTransform(np.ascontiguousarray(~core, dtype=np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    # squared distances are integers, so d^2 <= r^2 is d < sqrt(r^2 + 0.5): safe from float32 rounding
+    return distance < math.sqrt(radius * radius + 0.5)
