@@ -223,11 +223,13 @@ def _largest_component(binary: np.ndarray) -> np.ndarray:
     The background label 0 is never a candidate (the port bug). Ties go to the component whose
     first pixel comes first in column-major order, as MATLAB's max over bwconncomp's list does.
     """
-    count, labels = cv2.connectedComponents(np.ascontiguousarray(binary, dtype=np.uint8), connectivity=4,
+    binary = np.ascontiguousarray(binary, dtype=bool)
+    count, labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=4,
                                             ltype=cv2.CV_32S)  # bwconncomp(..., 4); count includes label 0
     if count == 1:
         return np.zeros(binary.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel(), minlength=count)[1:]
+    # component sizes from the True pixels only: no int64 copy of the whole label image
+    sizes = np.bincount(labels[binary], minlength=count)[1:]
     best = np.flatnonzero(sizes == sizes.max()) + 1
     if best.size == 1:
         return labels == best[0]
