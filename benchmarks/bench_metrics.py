@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -45,6 +47,14 @@ def realistic_pair(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(pred, 0.0, 1.0), gt
 
 
+def cpu_flags() -> str:
+    """The CPU line every figure is reported with: model and its amx* / avx512_bf16 flags (none on AVX2 hosts)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = sorted(set(re.findall(r"\b(amx[a-z_0-9]*|avx512_bf16)\b", text)))
+    model = re.search(r"model name\s*:\s*(.*)", text)
+    return f"{model.group(1) if model else 'unknown CPU'}; amx/avx512_bf16 flags: {' '.join(flags) or 'none'}"
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up: first-call allocations and imports
     times = []
@@ -65,6 +75,7 @@ def main() -> None:
     band_s = median_time(lambda: transition_band(gt, 25), args.repeats)
     band = transition_band(gt, 25)
     metrics = {"sad": sad, "mse": mse, "gradient": gradient_error, "connectivity": connectivity_error}
+    print(f"CPU: {cpu_flags()}")
     print(f"matte pair: {args.size}x{args.size}, transition pixels {int(((gt > 0) & (gt < 1)).sum())}, "
           f"-25 band {int(band.sum())} px ({band.mean():.1%}); cores {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}; median of {args.repeats} runs")
