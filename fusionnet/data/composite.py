@@ -71,7 +71,9 @@ def fitted_background_size(bg_hw: tuple[int, int], fg_hw: tuple[int, int]) -> tu
 def fit_background(bg: np.ndarray, fg_hw: tuple[int, int]) -> np.ndarray:
     """DIM background fit: resize (bicubic) by fitted_background_size, crop the top-left fg-sized window.
 
-    bg: (Hb,Wb,3) uint8; returns (fg_h, fg_w, 3) uint8.
+    PIL's bicubic (a = -0.5), as DIM's compositing script; OpenCV's INTER_CUBIC (a = -0.75) is faster but
+    differs by up to 25 levels on a photo (benchmarks/bench_opencv.py). bg: (Hb,Wb,3) uint8; returns
+    (fg_h, fg_w, 3) uint8.
     """
     height, width = fitted_background_size(bg.shape[:2], fg_hw)
     if (height, width) != bg.shape[:2]:

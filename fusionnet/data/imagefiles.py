@@ -84,7 +84,9 @@ def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 
 RESIZE_FILTER = Image.Resampling.BILINEAR
 """The one downscaling filter of the data stages: PIL's bilinear, which widens its triangle kernel by the
 scale factor when shrinking (antialiased, close to area averaging). Its weights are >= 0 and sum to 1,
-so every output is a convex combination of inputs: it never overshoots [0, 255] (Lanczos does)."""
+so every output is a convex combination of inputs: it never overshoots [0, 255] (Lanczos does).
+Kept over OpenCV's INTER_AREA (a box of width = scale, 4-8x faster on 3 MP composites): the kernels
+differ, by up to 33 levels (mean 3.7) on a real matte's transition pixels at x0.4 (benchmarks/bench_opencv.py)."""
 
 
 def max_side_size(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
