@@ -12,7 +12,9 @@ image's size; base64 over REST), "height", "width". Params (optional, per reques
 (network input's longer side, 32..4096), refine (guided filter on/off).
 
 A bad image raises MlflowException(INVALID_PARAMETER_VALUE) naming the row and the problem, which
-`mlflow models serve` answers with HTTP 400; the server keeps serving.
+`mlflow models serve` answers with HTTP 400; the server keeps serving. Cells decode through
+fusionnet.imageio.load_image_bytes, the CLI's and `fusionnet serve`'s path (same EXIF handling,
+pixel limit and messages).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from fusionnet.imageio import ImageLoadError, load_image_bytes
 
 IMAGE_COLUMN = "image"
 MAX_PIXELS = 50_000_000  # refuse larger images from their header (decompression-bomb guard)
@@ -56,8 +60,12 @@ def _bad_input(message: str) -> MlflowException:
     return MlflowException.invalid_parameter_value(message)
 
 
-def decode_image(value: Any, row: int) -> np.ndarray:
-    """One input cell (file bytes, or their base64 text) -> (H,W,3) uint8 RGB, EXIF orientation applied."""
+def decode_image(value: Any, row: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """One input cell (file bytes, or their base64 text) -> (H,W,3) float32 RGB in [0,1].
+
+    Decoded by fusionnet.imageio.load_image_bytes, as the CLI and `fusionnet serve` decode: EXIF
+    orientation applied, images over `max_pixels` refused from their header.
+    """
     if isinstance(value, str):
         try:
             value = base64.b64decode(value, validate=False)
@@ -69,20 +77,10 @@ def decode_image(value: Any, row: int) -> np.ndarray:
         raise _bad_input(
             f"row {row}: column {IMAGE_COLUMN!r} must hold the bytes of an image file, got {type(value).__name__}"
         )
-    if not value:
-        raise _bad_input(f"row {row}: empty image (0 bytes)")
     try:
-        with Image.open(io.BytesIO(value)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise _bad_input(f"row {row}: image of {im.width}x{im.height} pixels is over the {MAX_PIXELS} limit")
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except MlflowException:
-        raise
-    except UnidentifiedImageError as exc:
-        raise _bad_input(f"row {row}: not an image file PIL can read (PNG, JPEG, ...)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise _bad_input(f"row {row}: cannot decode the image, truncated or corrupt ({exc})") from exc
+        return load_image_bytes(value, f"row {row}", max_pixels=max_pixels).rgb
+    except ImageLoadError as exc:
+        raise _bad_input(f"row {row}: {exc.problem}") from exc
 
 
 def encode_png(alpha: np.ndarray) -> bytes:
