@@ -8,13 +8,19 @@ import io
 import json
 import os
 import re
+import select
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fusionnet.train import PrintLogger, StepConfig, run_step
 from fusionnet.train.progress import ENV, StepProgress, resolve_mode
 from fusionnet.train.toy import write_toy_shards
 
+ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"^\[segmentation\] epoch (\d+)/(\d+) done: mean loss (\S+), val SAD (\S+), "
                      r"(\S+) s \+ val (\S+) s, (\d+) it, (\S+) it/s$")
 
@@ -71,6 +77,34 @@ def test_off_mode_prints_nothing_but_the_step_still_trains(shards, tmp_path, cap
     assert capsys.readouterr().err == "" and result.iterations == 2
 
 
+DRIVER = """
+import sys
+from pathlib import Path
+import yaml
+from fusionnet.train import StepConfig, run_step
+params, shards, out = sys.argv[1:4]
+run_step("segmentation", StepConfig.from_params(yaml.safe_load(open(params)), "segmentation"), Path(shards), Path(out))
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_only_rank_0_shows_progress(shards, tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(epochs=1)))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    logs = tmp_path / "logs"  # torchrun's --redirects: each rank's stdout and stderr in its own file
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log-dir", str(logs),
+           "--redirects", "3", str(tmp_path / "driver.py"), str(tmp_path / "params.yaml"), str(shards), str(tmp_path / "seg")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", ENV: "bar"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (err0,) = logs.glob("**/0/stderr.log")
+    (err1,) = logs.glob("**/1/stderr.log")
+    (out1,) = logs.glob("**/1/stdout.log")
+    assert re.search(r"segmentation epoch 1/1: 100%.*it/s, loss=", err0.read_text())
+    assert "[segmentation] epoch 1/1 done" in err0.read_text()
+    assert err1.read_text() == "" and out1.read_text() == ""
+
+
 def test_a_bad_progress_mode_is_refused_before_any_work(shards, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, "fancy")
     with pytest.raises(ValueError, match=r"FUSIONNET_PROGRESS='fancy': choose one of auto, bar, plain, off"):
@@ -87,9 +121,15 @@ def test_bar_shows_on_a_terminal_that_reports_no_size():
                 shown.update(0.5, 1e-3)
                 shown.update(0.25, 1e-3)
             tty.flush()
-            out = os.read(master, 65536).decode()
+        out = b""
+        while select.select([master], [], [], 1.0)[0]:  # the pty hands the output over in pieces
+            try:
+                out += os.read(master, 65536)
+            except OSError:  # EIO: the writing end is closed and everything was read
+                break
     finally:
         os.close(master)
+    out = out.decode()
     assert progress.mode == "bar"
     assert re.search(r"joint epoch 1/1: 100%\|.+\| 2/2 .*it/s, loss=0\.25, lr=1\.00e-03\]", out), out
 
@@ -130,10 +170,10 @@ def test_plain_rate_and_eta_count_only_this_run_after_a_resume():
     assert stream.getvalue() == "[joint] epoch 1/1: 150/200 it (75%), 0.50 it/s, ETA 1m40s, loss 0.5, lr 1.00e-03\n"
 
 
-@pytest.mark.parametrize("mode", ["bar", "plain"])
-def test_other_ranks_print_nothing(mode):
-    stream = io.StringIO()
-    progress = StepProgress("joint", is_main=False, mode=mode, stream=stream, every_s=0, every_fraction=0)
+@pytest.mark.parametrize("is_main, mode", [(False, "bar"), (False, "plain"), (True, "off")])
+def test_off_and_other_ranks_print_nothing(is_main, mode):
+    stream = io.StringIO()  # every_s=0, every_fraction=0: a plain line after every iteration, were any printed
+    progress = StepProgress("joint", is_main=is_main, mode=mode, stream=stream, every_s=0, every_fraction=0)
     with progress.epoch(1, 1, total=4) as shown:
         for _ in range(4):
             shown.update(0.5, 1e-3)
