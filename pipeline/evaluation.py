@@ -1,9 +1,14 @@
 """The `evaluate` step of the pipeline: checkpoints -> Tables 1/2 rows, claims, pictures -> files + MLflow.
 
 Run as the Prefect tasks of pipeline.tasks (tune-refinement, evaluate) by the DVC stage
-(stages/evaluate.py) and by the training flow. Writes, atomically:
+(stages/evaluate.py) and by the training flow. This module computes; pipeline.evaluation_data says
+which data is scored (test-set version, held-out photos) and pipeline.evaluation_outputs writes
+the compact DVC metrics and logs to MLflow. Writes, atomically:
 
-- metrics/evaluate.json   {row: {"band"|"full": {sad, mse, grad, conn}}}    (test composites)
+- metrics/table/{composites,photos}/<row>.json   the DVC metrics: the table's numbers only, e.g.
+                          {"SAD-25", "MSE-25", "Grad-25", "Conn-25", "SAD-full", ...} (4 significant
+                          digits; pipeline.evaluation_outputs)
+- metrics/evaluate.json   {row: {"band"|"full": {sad, mse, grad, conn}}}    (test composites, full precision)
 - metrics/claims.json     {"composites"|"photos": {source: implicit-trimap IoU/recall, bracketing}}
 - metrics/photos.json     {"held_out": which photos were scored, which excluded and why,
                            "rows": {row: {"trimap1"|"trimap2"|"full": {...}}}, "comparisons": the claims'
@@ -12,17 +17,16 @@ Run as the Prefect tasks of pipeline.tasks (tune-refinement, evaluate) by the DV
                           "test_set": the test composites' data version (`split_data_version`)
 - reports/table.md, reports/per_image.csv, reports/per_image_photos.csv, reports/pictures/*.png
 
-and logs the same as a child run "evaluate" of the pipeline's MLflow parent run.
+(all but metrics/table are plain DVC outputs, not metrics) and logs the same as a child run
+"evaluate" of the pipeline's MLflow parent run.
 
-Real photographs are scored only when held out: a photo that is the source file of a train or val
-foreground in data/foregrounds/manifest.parquet is excluded (`photo_exclusions`), so a model trained
-with `foregrounds.source: folder` on the same photos is not scored on what it was trained on.
+Real photographs are scored only when held out (pipeline.evaluation_data.held_out_photos): a photo
+that is the source file of a train or val foreground in data/foregrounds/manifest.parquet is not
+scored on what the model was trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -31,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pipeline.provenance import load_params
 
 from fusionnet import report
 from fusionnet.hashing import file_sha256
@@ -44,14 +46,14 @@ from fusionnet.evaluate import (
     load_composites,
     load_photos,
     needed_sources,
-    photo_files,
     tune_guided_filter,
 )
+from pipeline.evaluation_data import held_out_photos, split_data_version
+from pipeline.evaluation_outputs import photos_record, write_table_metrics
 
 SOURCES = ("segmentation", "fusion", "joint")
 NO_CHECKPOINT = ("trimap", "none")  # row sources that need no model file
 COMPARISON_ROWS = ("raw", "segmentation_only", "constant_half", "zeros")  # always scored on photos (the claims)
-SEEN_SPLITS = ("train", "val")
 
 
 @dataclass
@@ -103,9 +105,6 @@ class EvalConfig:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-sha256_file = file_sha256  # the library's one file hash (fusionnet.hashing)
-
-
 def branches_identical(a: Path, b: Path) -> bool:
     """True when two model files hold the same encoder and decoders (every tensor outside `fusion.`).
 
@@ -154,91 +153,6 @@ def provenance(rows: list[str], checkpoints: Mapping[str, Path], hashes: Mapping
         else:
             what = "uses the evaluation trimap" if source == "trimap" else "alpha = 0"
             out[row] = {"source": source, "checkpoint": f"none ({what})", "sha256": ""}
-    return out
-
-
-# ----------------------------------------------------------------------------- data versions and held-out photos
-
-
-def split_data_version(composites: str | os.PathLike, split: str = "test") -> dict[str, Any]:
-    """The data version of one split of data/composites: {"version": "sha256:<hex>", "split", "images"}.
-
-    sha256 over, per composite in cid order, its cid and the sha256 of its image, alpha and trimap
-    files: it depends only on the split's data, not on the manifest's row order, file paths, other
-    splits or timestamps. Two evaluations are comparable only when their versions are equal.
-    """
-    import pyarrow.parquet as pq
-
-    root = Path(composites)
-    manifest = root / "manifest.parquet"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no composites manifest (run the `composite` stage first)")
-    table = pq.read_table(manifest)
-    needed = {"cid", "split", "image_path", "alpha_path", "trimap_path"}
-    if not needed <= set(table.column_names):
-        raise ValueError(f"{manifest}: missing column(s) {sorted(needed - set(table.column_names))}")
-    lines = sorted((r for r in table.to_pylist() if r["split"] == split), key=lambda r: r["cid"])
-    if not lines:
-        raise ValueError(f"{manifest}: no {split} composites")
-    digest = hashlib.sha256(f"fusionnet composites {split}\n".encode())
-    for line in lines:
-        files = []
-        for key in ("image_path", "alpha_path", "trimap_path"):
-            path = root / line[key]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: listed in {manifest} ({line['cid']}) but missing")
-            files.append(sha256_file(path))
-        digest.update(f"{line['cid']} {' '.join(files)}\n".encode())
-    return {"version": f"sha256:{digest.hexdigest()}", "split": split, "images": len(lines)}
-
-
-def _source_file(row: Mapping[str, Any]) -> str | None:
-    """The file a foreground came from, when the manifest records it (a `source_path` column, or a
-    path in `source` instead of the source kind); None for the current manifest (kind only)."""
-    from fusionnet.data.sources import SOURCES as SOURCE_KINDS
-
-    path = row.get("source_path") or (row["source"] if row["source"] not in SOURCE_KINDS else None)
-    return str(path) if path else None
-
-
-def photo_exclusions(photos: list[Path], foregrounds: str | os.PathLike, base_dir: Path = Path(".")) -> dict[str, str]:
-    """Photo file name -> why it must not be scored: it is the source of a train or val foreground.
-
-    Reads foregrounds/manifest.parquet (fusionnet.data.collect: id, split, source, ...). A row that
-    records its source file matches the photo with the same resolved path (a relative path is taken
-    from base_dir). A row that does not (today's manifest records the source kind only) matches by
-    root + name: a foreground from a file source ("folder", "dim") whose id is the photo's file stem
-    made into an id the way collect_foregrounds makes it (fusionnet.data.sources.safe_id). Synthetic
-    foregrounds and test-split foregrounds never exclude a photo.
-    """
-    from fusionnet.data.collect import SPLITS, read_manifest
-    from fusionnet.data.sources import safe_id
-
-    manifest = Path(foregrounds) / "manifest.parquet"
-    rows = read_manifest(foregrounds)  # FileNotFoundError naming the manifest
-    if not rows:
-        raise ValueError(f"{manifest}: no foregrounds listed")
-    missing = {"id", "split", "source"} - set(rows[0])
-    if missing:
-        raise ValueError(f"{manifest}: not a foregrounds manifest (no column {', '.join(sorted(missing))})")
-    bad = sorted({str(r["split"]) for r in rows} - set(SPLITS))
-    if bad:
-        raise ValueError(f"{manifest}: unknown split(s) {bad}; expected {', '.join(SPLITS)}")
-    by_path, by_name = {}, {}
-    for row in (r for r in rows if r["split"] in SEEN_SPLITS):
-        source = _source_file(row)
-        if source is not None:
-            by_path[(base_dir / source).resolve()] = (row, source)
-        elif row["source"] != "synthetic":
-            by_name[row["id"]] = row
-    out = {}
-    for photo in photos:
-        if (hit := by_path.get(photo.resolve())) is not None:
-            row, source = hit
-            out[photo.name] = f"source of {row['split']} foreground {row['id']} ({source})"
-        elif (row := by_name.get(safe_id(photo.stem))) is not None:
-            out[photo.name] = (f"{row['split']} foreground {row['id']} (source {row['source']}) has this photo's name "
-                               f"({manifest} records no source paths)")
     return out
 
 
@@ -302,7 +216,7 @@ def run_evaluation(
     dropped = [r for r in config.rows if r not in rows]
     if dropped:
         notes.append(f"rows {dropped} left out: no checkpoint for {sorted({ROW_BY_NAME[r].source for r in dropped})}")
-    hashes = {s: sha256_file(p) for s, p in checkpoints.items()}
+    hashes = {s: file_sha256(p) for s, p in checkpoints.items()}
 
     aliases: dict[str, str] = {}
     sources = [s for s in SOURCES if s in checkpoints]
@@ -391,98 +305,11 @@ def run_evaluation(
     record["files"] = report.write_evaluation(
         record, composites_result, photos_result, test_images, config.pictures, metrics_dir, reports_dir
     )
+    record["table_files"] = write_table_metrics(record, metrics_dir)  # the DVC metrics: table numbers only
     return record
 
 
-def held_out_photos(root: Path, foregrounds: Path, base_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """Which photos under root/image are scored: {"root", "manifest", "photos": count, "n_scored",
-    "scored": [stem], "excluded": {stem: reason}, "files": [file name scored]}. Excluded: the source
-    of a train or val foreground (`photo_exclusions`), or beyond evaluate.photos.max_images (`limit`)."""
-    files = photo_files(root)
-    reasons = {Path(name).stem: why for name, why in photo_exclusions(files, foregrounds, base_dir).items()}
-    kept = [p for p in files if p.stem not in reasons]
-    for path in kept[limit:] if limit is not None else []:
-        reasons[path.stem] = f"beyond evaluate.photos.max_images ({limit})"
-    kept = kept[:limit]
-    excluded = {p.stem: reasons[p.stem] for p in files if p.stem in reasons}
-    return {"root": str(root), "manifest": str(Path(foregrounds) / "manifest.parquet"), "photos": len(files),
-            "n_scored": len(kept), "scored": [p.stem for p in kept], "excluded": excluded,
-            "files": [p.name for p in kept]}
-
-
-def photos_record(result, skipped: str | None, held_out: dict | None, trimaps: list[str]) -> dict[str, Any]:
-    """metrics/photos.json: see the module docstring."""
-    selection = {k: v for k, v in held_out.items() if k != "files"} if held_out else None
-    if result is None:
-        return {"skipped": skipped, **({"held_out": selection} if selection else {})}
-    return {"held_out": selection, "rows": result.summary,
-            "comparisons": report.photo_comparisons(result.summary, trimaps)}
-
-
-# ----------------------------------------------------------------------------- MLflow
-
-
-def mlflow_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    """Flat metric names for MLflow: "raw.band.sad", "claims.composites.joint.bracketing_ratio", ..."""
-    from pipeline.registry import flatten_metrics
-
-    metrics = flatten_metrics(record["evaluate"])
-    metrics.update(flatten_metrics(record["claims"], "claims."))
-    photos = record["photos"]
-    if "rows" in photos:
-        metrics.update(flatten_metrics(photos["rows"], "photos."))
-        compared = flatten_metrics(photos["comparisons"], "photos.comparisons.")
-        metrics.update({k: v for k, v in compared.items() if not k.endswith(".threshold")})
-        for model, entry in photos["comparisons"].items():  # verdicts as 1/0
-            metrics[f"photos.comparisons.{model}.holds"] = float(entry["holds"])
-            for name, comparison in entry.items():
-                if name != "holds":
-                    metrics[f"photos.comparisons.{model}.{name}.holds"] = float(comparison["holds"])
-    if photos.get("held_out"):
-        metrics["photos.held_out"] = float(len(photos["held_out"]["scored"]))
-        metrics["photos.excluded"] = float(len(photos["held_out"]["excluded"]))
-    gf = {k: v for k, v in (record["details"].get("guided_filter") or {}).items() if k != "grid"}
-    metrics.update(flatten_metrics(gf, "guided_filter."))
-    metrics.update(flatten_metrics(record["details"]["seconds"], "seconds."))
-    return metrics
-
-
-def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_run_id: str) -> str:
-    """Log the evaluation as child run "evaluate" of `parent_run_id`; returns its run id.
-
-    The stage finds the parent with pipeline.registry.pipeline_parent (FUSIONNET_PARENT_RUN_ID, else
-    the run of this pipeline run, i.e. one `dvc repro`, else a new one).
-    """
-    import time as _time
-
-    from mlflow.entities import Metric
-
-    from pipeline.tracking import MlflowTrainLogger, get_client, start_step_run
-
-    client = get_client()
-    run_id = start_step_run(client, parent_run_id, "evaluate", params, None)
-    try:
-        now = int(_time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in mlflow_metrics(record).items()]
-        for start in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
-        tags = {f"fusionnet.checkpoint.{p['source']}": f"{p['checkpoint']} sha256:{p['sha256']}"
-                for p in record["details"]["provenance"].values() if p["sha256"]}
-        if "skipped" in record["photos"]:
-            tags["fusionnet.photos_skipped"] = str(record["photos"]["skipped"])
-        if record["photos"].get("held_out"):
-            tags["fusionnet.photos_excluded"] = ", ".join(record["photos"]["held_out"]["excluded"]) or "none"
-        if record["details"].get("test_set"):
-            tags["fusionnet.test_set"] = record["details"]["test_set"]["version"]
-        MlflowTrainLogger(run_id, client).set_tags(tags)
-        for path in record.get("files", []):
-            folder = "pictures" if Path(path).parent.name == "pictures" else "evaluation"
-            client.log_artifact(run_id, path, artifact_path=folder)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
+# ----------------------------------------------------------------------------- hook
 
 
 def evaluate_hook(

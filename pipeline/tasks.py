@@ -49,7 +49,8 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """The paper's table rows, claims and pictures into metrics_dir/reports_dir; logged to MLflow
     as child run "evaluate" of parent_run_id (not logged when None). Returns the record."""
-    from pipeline.evaluation import log_evaluation, run_evaluation
+    from pipeline.evaluation import run_evaluation
+    from pipeline.evaluation_outputs import log_evaluation
 
     params = load_params(params_path)
     base_dir = Path(params_path).resolve().parent  # a relative photos root is relative to params.yaml

@@ -1,11 +1,13 @@
 """DVC stage `evaluate`: the three training steps' checkpoints -> the paper's Tables 1/2 rows, claims, pictures.
 
 Reads params `evaluate` and data/foregrounds/manifest.parquet (a real photo that is the source of a
-train or val foreground is not scored); writes metrics/{evaluate,claims,photos,details}.json,
-reports/table.md, reports/per_image*.csv and reports/pictures/, and logs them to MLflow as child run
-"evaluate" of the pipeline's parent run. Runs the Prefect tasks `tune-refinement` and `evaluate`
-(pipeline.tasks), the same the `train` flow runs after its steps; --no-mlflow calls their code
-without Prefect or MLflow.
+train or val foreground is not scored); writes the DVC metrics
+metrics/table/{composites,photos}/<row>.json (the table's numbers only: `dvc metrics show` prints
+one line per method), the plain outputs metrics/{evaluate,claims,photos,details}.json,
+reports/table.md, reports/per_image*.csv and reports/pictures/, and logs them to MLflow as child
+run "evaluate" of the pipeline's parent run. Runs the Prefect tasks `tune-refinement` and
+`evaluate` (pipeline.tasks), the same the `train` flow runs after its steps; --no-mlflow calls
+their code without Prefect or MLflow.
 """
 
 from __future__ import annotations

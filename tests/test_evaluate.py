@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +379,7 @@ def test_test_set_version_depends_only_on_the_test_data(tmp_path):
 
 
 def test_photo_exclusions_match_train_and_val_sources(tmp_path):
-    from pipeline.evaluation import photo_exclusions
+    from pipeline.evaluation_data import photo_exclusions
 
     root = make_photos(tmp_path / "photos", names=("GT01", "GT02", "GT03", "GT04"))
     files = photo_files(root)
@@ -563,23 +560,3 @@ def test_run_evaluation_scores_only_held_out_photos(tiny_project, tmp_path):
     with pytest.raises(FileNotFoundError, match="no-foregrounds/manifest.parquet"):
         run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], tmp_path / "m3",
                        tmp_path / "r3", base_dir=tmp_path, foregrounds=tmp_path / "no-foregrounds")
-
-
-@pytest.mark.slow
-def test_dvc_metrics_show_reads_the_metrics(tmp_path):
-    """`dvc metrics show` / `diff` understand the nested JSON (row -> region -> metric)."""
-    dvc = Path(sys.executable).with_name("dvc")
-    if not dvc.exists():
-        pytest.skip("dvc is not installed in this environment")
-    repo = tmp_path / "repo"
-    (repo / "metrics").mkdir(parents=True)
-    (repo / "metrics" / "evaluate.json").write_text(json.dumps({"raw": {"band": {"sad": 1.5}, "full": {"sad": 2.0}}}))
-    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n")
-    env = {"DVC_NO_ANALYTICS": "1", "PATH": str(dvc.parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
-    for cmd in (["git", "init", "-q"], [str(dvc), "init", "-q"]):
-        subprocess.run(cmd, cwd=repo, check=True, env=env)
-    out = subprocess.run([str(dvc), "metrics", "show", "--json"], cwd=repo, check=True, env=env,
-                         capture_output=True, text=True).stdout
-    (workspace,) = json.loads(out).values()  # keyed "" (no commit yet) or "workspace"
-    assert workspace["data"]["metrics/evaluate.json"]["data"]["raw"]["band"]["sad"] == 1.5
-    shutil.rmtree(repo)

@@ -1,0 +1,128 @@
+"""The evaluate stage's DVC metrics (pipeline.evaluation_outputs): only the table's numbers, one file
+per table row, so `dvc metrics show` is a narrow table; everything else stays a plain output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_evaluate import TINY_PARAMS, make_foregrounds, make_photos, tiny_project  # noqa: F401  (fixture)
+
+
+def _leaves(value, prefix=""):
+    """(dotted key, leaf) of a nested mapping."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], value)]
+
+
+def test_table_metrics_files_are_the_table_rounded_and_replaced_whole(tmp_path):
+    from pipeline.evaluation_outputs import write_table_metrics
+
+    def regions(names, base):
+        return {r: {"sad": base * (i + 1), "mse": base / 7, "grad": 12345.678, "conn": math.nan} for i, r in enumerate(names)}
+
+    record = {"evaluate": {"raw": regions(["band", "full"], 0.123456789), "constant_half": regions(["band", "full"], 2.0)},
+              "photos": {"held_out": {"scored": ["GT02"]}, "rows": {"raw": regions(["trimap1", "trimap2", "full"], 1 / 3)}}}
+    metrics_dir = tmp_path / "metrics"
+    (metrics_dir / "table" / "composites").mkdir(parents=True)
+    (metrics_dir / "table" / "composites" / "fusion_only.json").write_text("{}")  # a row of an earlier run
+    paths = write_table_metrics(record, metrics_dir)
+    table = metrics_dir / "table"
+    assert paths == [str(table / "composites" / "raw.json"), str(table / "composites" / "constant_half.json"),
+                     str(table / "photos" / "raw.json")]
+    assert sorted(p.name for p in (table / "composites").iterdir()) == ["constant_half.json", "raw.json"]
+    raw = json.loads((table / "composites" / "raw.json").read_text())
+    assert raw == {"band": {"sad": 0.1235, "mse": 0.01764, "grad": 12350.0, "conn": None},   # 4 significant digits
+                   "full": {"sad": 0.2469, "mse": 0.01764, "grad": 12350.0, "conn": None}}   # NaN -> null
+    photo = json.loads((table / "photos" / "raw.json").read_text())
+    assert list(photo) == ["trimap1", "trimap2", "full"] and photo["trimap2"]["sad"] == 0.6667
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["table"]  # no temp folder left
+    # photos skipped the next time: their table goes; a failing write keeps the table before it, whole
+    record["photos"] = {"skipped": "absent"}
+    write_table_metrics(record, metrics_dir)
+    assert sorted(p.name for p in table.iterdir()) == ["composites"]
+    before = {p.name: p.read_text() for p in (table / "composites").iterdir()}
+    with pytest.raises(ValueError):  # a value that is no number fails before anything is written
+        write_table_metrics({**record, "evaluate": {"zeros": {"full": {"sad": "n/a"}}}}, metrics_dir)
+    broken = {**record, "evaluate": {**record["evaluate"], "no/such": record["evaluate"]["raw"]}}
+    with pytest.raises(FileNotFoundError):  # fails half-way through writing the new table
+        write_table_metrics(broken, metrics_dir)
+    assert {p.name: p.read_text() for p in (table / "composites").iterdir()} == before
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["table"]
+
+
+def test_dvc_yaml_declares_only_the_table_as_metrics():
+    """The evaluate stage's one DVC metrics entry is metrics/table; what other code reads stays a plain output."""
+    import yaml
+
+    project = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    declared = {name: [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+                for name, stage in project["stages"].items()}
+    assert {name: paths for name, paths in declared.items() if paths} == {"evaluate": ["metrics/table"]}
+    assert "metrics" not in project  # no top-level metrics either
+    outs = {next(iter(o)): o[next(iter(o))] for o in project["stages"]["evaluate"]["outs"] if isinstance(o, dict)}
+    for name in ("evaluate", "claims", "photos", "details"):  # read by pipeline/registry.py, tests, scripts
+        assert outs[f"metrics/{name}.json"] == {"cache": False}
+    assert project["stages"]["evaluate"]["metrics"] == [{"metrics/table": {"cache": False}}]
+
+
+@pytest.mark.slow
+def test_dvc_metrics_show_prints_only_the_table_numbers(tiny_project, tmp_path):
+    """A real tiny evaluation (composites + held-out photos) in a git + DVC repo with the project's
+    dvc.yaml: `dvc metrics show` holds the table rows' numbers only, one file per row."""
+    from pipeline.evaluation import run_evaluation
+
+    dvc = Path(sys.executable).with_name("dvc")
+    if not dvc.exists():
+        pytest.skip("dvc is not installed in this environment")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    make_photos(tmp_path / "photos", names=("GT01", "GT02"))
+    foregrounds = make_foregrounds(tmp_path / "foregrounds", [{"id": "GT01", "split": "train", "source": "folder"}])
+    rows, photo_rows = ["raw", "refined", "constant_half"], ["raw"]
+    params = {"evaluate": {**TINY_PARAMS["evaluate"], "rows": rows, "pictures": 0, "workers": 0,  # no pool start-up
+                           "photos": {"root": "photos", "rows": photo_rows}}}
+    record = run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], repo / "metrics",
+                            repo / "reports", base_dir=tmp_path, foregrounds=foregrounds)
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "dvc.yaml", repo / "dvc.yaml")
+    env = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "true", "PATH": str(dvc.parent) + ":/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    for cmd in (["git", "init", "-q"], [str(dvc), "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env)
+
+    def show(*args):
+        return subprocess.run([str(dvc), "metrics", "show", *args], cwd=repo, check=True, env=env,
+                              capture_output=True, text=True, timeout=120).stdout
+
+    (workspace,) = json.loads(show("--json")).values()  # keyed "" (no commit yet) or "workspace"
+    files = {path: entry["data"] for path, entry in workspace["data"].items()}
+    photo_table = ["raw", "segmentation_only", "constant_half", "zeros"]  # + the claims' comparison rows
+    assert sorted(files) == sorted([f"metrics/table/composites/{r}.json" for r in rows]
+                                   + [f"metrics/table/photos/{r}.json" for r in photo_table])
+    full = {"composites": json.loads((repo / "metrics" / "evaluate.json").read_text()),
+            "photos": json.loads((repo / "metrics" / "photos.json").read_text())["rows"]}
+    for path, data in files.items():
+        group, row = path.split("/")[2], Path(path).stem
+        assert set(data) == ({"band", "full"} if group == "composites" else {"trimap1", "trimap2", "full"}), path
+        for key, value in _leaves(data):
+            assert type(value) is float, (path, key, value)  # numbers only: no provenance, sha256 or paths
+            region, metric = key.split(".")
+            assert metric in {"sad", "mse", "grad", "conn"}
+            assert value == pytest.approx(full[group][row][region][metric], rel=5e-4), (path, key)  # 4 digits
+    assert sorted(record["table_files"]) == sorted(str(repo / p) for p in files)
+    # the text table: one line per table row, a column per region x metric (not one line of everything)
+    header, *lines = show().strip().splitlines()
+    assert len(lines) == len(files) and header.split() == ["Path"] + [
+        f"{region}.{metric}" for region in ("band", "full", "trimap1", "trimap2")
+        for metric in ("conn", "grad", "mse", "sad")]
+    details = json.loads((repo / "metrics" / "details.json").read_text())  # still written, not a metric
+    assert details["provenance"]["raw"]["sha256"] == hashlib.sha256(tiny_project["checkpoints"]["joint"].read_bytes()).hexdigest()
+    shutil.rmtree(repo)
