@@ -50,6 +50,7 @@ def _atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are for everyone who can read the project
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

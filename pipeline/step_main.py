@@ -239,11 +239,11 @@ def _train(args: argparse.Namespace, cfg: StepConfig, is_rank0: bool):
 
 
 class ProgressLogger:
-    """Forwards to `inner` (MLflow) and prints a line every `every` iterations and per epoch,
-    so a person watching `dvc repro` sees the step move."""
+    """Forwards to `inner` (MLflow) and prints each validation; iterations show in the step's
+    progress display (fusionnet.train.progress: a bar on a terminal, a few plain lines in logs)."""
 
-    def __init__(self, step: str, inner=None, every: int = 10):
-        self.step, self.inner, self.every = step, inner, every
+    def __init__(self, step: str, inner=None):
+        self.step, self.inner = step, inner
 
     def log_params(self, params: dict) -> None:
         if self.inner is not None:
@@ -252,10 +252,13 @@ class ProgressLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.inner is not None:
             self.inner.log_metrics(metrics, step)
-        per_epoch = any(k.startswith("val") for k in metrics)
-        if per_epoch or step % self.every == 0:
+        if any(k.startswith("val") for k in metrics):
+            from tqdm import tqdm
+
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"[{self.step}] {'validation' if per_epoch else 'iteration'} @ iteration {step}: {text}", flush=True)
+            # through tqdm, so a bar on the same terminal is redrawn below the line, not broken
+            tqdm.write(f"[{self.step}] validation @ iteration {step}: {text}", file=sys.stdout)
+            sys.stdout.flush()
 
     def log_image(self, png_path: Path, artifact_name: str) -> None:
         if self.inner is not None:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=DEVICES, default=None, help="override train_common.device")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="override train_common.precision")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing out/state.pt")
-    parser.add_argument("--quiet", action="store_true", help="no per-iteration printing")
+    parser.add_argument("--quiet", action="store_true", help="no logger lines (params, validations, images); FUSIONNET_PROGRESS=off also hides the progress bar/lines")
     args = parser.parse_args(argv)
 
     if not args.params.is_file():
