@@ -206,13 +206,17 @@ class MattingHandler(BaseHTTPRequestHandler):
             body = self._read_body(length, deadline)
             name, data = ("request body", body) if boundary is None else multipart_file(body, boundary)
             future = service.submit(data, name, request)
-        except (HttpError, RuntimeError) as exc:
+        except Exception as exc:
             service.leave()  # before answering: a client that reads /health next sees the place free
             if isinstance(exc, HttpError):
                 service.count("bad_request")
                 self._error(exc)
-            else:  # the executor is shut down: SIGTERM/SIGINT
+            elif type(exc) is RuntimeError:  # from submit: the executor is shut down (SIGTERM/SIGINT)
                 self._error(HttpError(503, "server is stopping", {"Retry-After": "5"}))
+            else:  # e.g. MemoryError for the body buffer: answer, keep serving, log the traceback
+                traceback.print_exc()
+                service.count("failed")
+                self._error(HttpError(500, f"internal error ({type(exc).__name__}: {exc})", body_unread=True))
             return
         try:
             reply = future.result(timeout=max(0.0, deadline - time.monotonic()))

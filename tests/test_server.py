@@ -282,11 +282,17 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(servers, case
     assert health(port)["queue"]["in_flight"] == 0  # nothing left holding a place
 
 
-def test_still_serving_after_the_bad_requests(servers):
+def test_bad_requests_are_counted_and_the_server_still_serves(servers):
     port = servers["main"].port
+    before = health(port)["requests"]
+    for case in ("text-plain", "wrong-field", "not-an-image"):  # refused before the body, after it, by the decoder
+        build, shut_write, expected_status, _ = BAD_REQUESTS[case]
+        assert raw_request(port, build(), shut_write=shut_write)[0] == expected_status
+    after = health(port)["requests"]
+    assert after["bad_request"] - before["bad_request"] == 3 and after["ok"] == before["ok"]
     status, _, png = request(port, "POST", "/matte", png_bytes(sample_image(7, (32, 32))), {"Content-Type": "image/png"})
     assert status == 200 and decode(png).shape == (32, 32)
-    assert health(port)["requests"]["bad_request"] >= 15
+    assert health(port)["requests"]["ok"] == before["ok"] + 1
 
 
 # ---------------------------------------------------------------------------------------------
