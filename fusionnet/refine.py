@@ -12,6 +12,7 @@ All functions take and return numpy arrays; images are (H,W,3) float in [0,1], m
 from __future__ import annotations
 
 import numbers
+import sys
 
 import numba
 import numpy as np
@@ -331,15 +332,22 @@ def estimate_foreground(
         raise ValueError(f"estimate_foreground: regularization must be finite and > 0, got {regularization!r}")
     if not (np.isfinite(gradient_weight) and gradient_weight >= 0):
         raise ValueError(f"estimate_foreground: gradient_weight must be finite and >= 0, got {gradient_weight!r}")
-    from pymatting import estimate_foreground_ml  # lazy: importing pymatting compiles its kernels
+    # Importing pymatting and running its parallel numba kernels reset this thread's OpenMP count.
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        from pymatting import estimate_foreground_ml  # lazy: importing pymatting compiles its kernels
 
-    fg, bg = estimate_foreground_ml(
-        image,
-        alpha,
-        regularization=float(regularization),
-        gradient_weight=float(gradient_weight),
-        return_background=True,
-    )
+        fg, bg = estimate_foreground_ml(
+            image,
+            alpha,
+            regularization=float(regularization),
+            gradient_weight=float(gradient_weight),
+            return_background=True,
+        )
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     fg = np.clip(np.asarray(fg, np.float32), 0.0, 1.0)
     if not return_background:
         return fg

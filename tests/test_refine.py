@@ -319,3 +319,17 @@ def test_estimate_foreground_recomposites_a_real_photo() -> None:
     assert np.abs(recomposite - image)[transition].mean() < 0.04
     # and F, B really separate there (F = B = image would recomposite perfectly)
     assert np.abs(fg - bg)[transition].mean() > 0.1
+
+
+def test_estimate_foreground_keeps_torch_thread_count() -> None:
+    """numba's parallel kernels reset the calling thread's OpenMP count; torch must keep the caller's."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        estimate_foreground(rng.random((32, 32, 3)), rng.random((32, 32)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
