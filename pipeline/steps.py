@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline import handoff
 from pipeline.launch import NPROC_ENV, Rendezvous, processes_per_node, step_command  # noqa: F401  (re-exported)
 from pipeline.provenance import load_params
-from pipeline.tracking import failed_status, get_client, parent_run, start_step_run
+from pipeline.tracking import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
 
 STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here
 
@@ -83,6 +83,8 @@ def _log_step_summary(client: Any, run_id: str, result: dict[str, Any], out_dir:
         if isinstance(value, (int, float)):
             client.log_metric(run_id, name, float(value), step=int(result.get("iterations") or 0))
     client.set_tag(run_id, "fusionnet.model_path", str(result.get("model_path", "")))
+    if result.get("model_sha256"):  # registration finds the run that trained a model file by this
+        client.set_tag(run_id, TAG_TRAINED_MODEL_SHA, result["model_sha256"])
     history = out_dir / "history.json"
     if history.is_file():
         client.log_artifact(run_id, str(history))

@@ -8,13 +8,20 @@ use a server.
 Runs are driven through `MlflowClient` with explicit run ids, never the fluent
 `mlflow.start_run`: with MLFLOW_RUN_ID set, `start_run(parent_run_id=...)` resumes that run
 instead of nesting. The parent run id travels between processes in FUSIONNET_PARENT_RUN_ID.
+
+What the MLflow UI shows (the section below): the experiment is a model-training experiment,
+the parent run is named after the profile and its data (`synthetic-128fg`), and every run that
+reads the shards has them as its dataset input (DVC md5 as digest) and a Source.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -24,9 +31,16 @@ from typing import Any
 
 import pipeline  # noqa: F401  (applies the offline switches before mlflow is imported)
 from mlflow import MlflowClient
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from pipeline.env import PROJECT_DIR
 from pipeline.provenance import data_version_tags, flatten_params, git_commit, pipeline_run_key, project_root
@@ -37,7 +51,16 @@ DEFAULT_EXPERIMENT = "fusionnet"
 TAG_KIND = "fusionnet.kind"  # "pipeline" (parent) | "step" (child)
 TAG_PIPELINE_RUN = "fusionnet.pipeline_run"
 TAG_STEP = "fusionnet.step"
+TAG_TRAINED_MODEL_SHA = "fusionnet.trained_model_sha256"  # on a step run: sha256 of the model file it trained
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
+# The experiment tag the MLflow UI reads for an experiment's kind; "custom_model_development" is its
+# "Machine learning" kind (training runs), "genai_development" its GenAI one (traces, tokens).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# MLflow 3.17's UI opens experiments on the GenAI overview unless the page's workflow switch says
+# otherwise (a URL parameter, else the browser's last choice): links to the runs page carry it.
+RUNS_PAGE_QUERY = "workflowType=machine_learning"
+PROFILES = {"synthetic": "synthetic", "folder": "photos", "dim": "dim"}  # foregrounds.source -> profile
 
 
 def tracking_uri() -> str:
@@ -54,17 +77,21 @@ def experiment_id(client: MlflowClient, name: str | None = None) -> str:
 
     On a SQLite store its artifacts go to `mlartifacts/` beside the database file (MLflow's own
     default is ./mlruns relative to whatever the working directory is); a server decides itself.
+    The experiment is tagged a model-training experiment (EXPERIMENT_KIND_TAG), also when it
+    exists without the tag; a kind someone set by hand stays.
     """
     name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if not found.tags.get(EXPERIMENT_KIND_TAG):
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return found.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:///"):  # next to the database file: ./mlartifacts
         db_file = Path(client.tracking_uri.removeprefix("sqlite:///"))
         location = (db_file.resolve().parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     except MlflowException:  # another process created it between our lookup and create
         return client.get_experiment_by_name(name).experiment_id
 
@@ -85,10 +112,11 @@ def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> Non
 
 
 def provenance_tags(shards_dir: Path | None) -> dict[str, str]:
-    """Git commit (MLflow's own tag, so the UI shows it) and the data version of the shards."""
+    """Source (entry point, user) and git commit (MLflow's own tags, so the UI shows them) and the
+    data version of the shards."""
     root = project_root()
     commit, dirty = git_commit(root)
-    tags: dict[str, str] = {}
+    tags: dict[str, str] = source_tags(root)
     if commit is not None:
         tags[MLFLOW_GIT_COMMIT] = commit
         tags["fusionnet.git_dirty"] = str(dirty).lower()
@@ -127,8 +155,10 @@ def resolve_parent_run(
     tags = {TAG_KIND: "pipeline", **provenance_tags(shards_dir)}
     if key is not None:
         tags[TAG_PIPELINE_RUN] = key
-    run = client.create_run(exp_id, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    run = client.create_run(exp_id, run_name=parent_run_name(params, shards_dir), tags=tags)
     _log_params(client, run.info.run_id, flatten_params(params))
+    if shards_dir is not None:
+        log_shards_input(client, run.info.run_id, Path(shards_dir), tags)
     return run.info.run_id
 
 
@@ -143,12 +173,17 @@ def parent_run(
 ) -> Iterator[str]:
     """Enter the pipeline's parent run; yields its id, exported as FUSIONNET_PARENT_RUN_ID meanwhile.
 
+    With a tracking server, prints the link to the experiment's runs table on stderr.
+
     The run is RUNNING inside the block and FINISHED (FAILED on an exception) after it; a later
     stage of the same pipeline run re-enters it, so its final status is its last stage's.
     """
     client = get_client()
     run_id = resolve_parent_run(client, params, shards_dir, explicit=run_id)
     client.update_run(run_id, status="RUNNING")
+    if client.tracking_uri.startswith(("http://", "https://")):  # where to look, for whoever watches the log
+        exp_id = client.get_run(run_id).info.experiment_id
+        print(f"[mlflow] runs: {runs_page_url(client.tracking_uri, exp_id)}", file=sys.stderr, flush=True)
     previous = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run_id  # step subprocesses and the evaluation hook inherit it
     try:
@@ -176,7 +211,129 @@ def start_step_run(
         tags[TAG_PIPELINE_RUN] = parent.data.tags[TAG_PIPELINE_RUN]
     run = client.create_run(parent.info.experiment_id, run_name=step, tags=tags)
     _log_params(client, run.info.run_id, flatten_params(params))
+    if shards_dir is not None:
+        log_shards_input(client, run.info.run_id, Path(shards_dir), tags)
     return run.info.run_id
+
+
+# ----------------------------------------------------------------------------- what the UI shows
+
+
+def runs_page_url(server_url: str, exp_id: str) -> str:
+    """The MLflow UI's runs table of experiment `exp_id` on `server_url` (e.g. http://127.0.0.1:5000),
+    opened as model training whatever the browser chose last."""
+    return f"{server_url.rstrip('/')}/#/experiments/{exp_id}/runs?{RUNS_PAGE_QUERY}"
+
+
+def profile_name(params: Mapping[str, Any]) -> str:
+    """The params profile in one word, from `foregrounds.source`: synthetic | photos (folder) | dim."""
+    source = str((params.get("foregrounds") or {}).get("source", "synthetic"))
+    return PROFILES.get(source, source)
+
+
+def foreground_count(shards_dir: Path) -> int | None:
+    """Distinct foregrounds (column fg_id) in shards_dir/{train,val}/*.parquet; None without shards.
+
+    The training data's foregrounds (train + val; the test foregrounds are never in the shards).
+    """
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(shards_dir).glob("*/*.parquet"))
+    ids: set[str] = set()
+    try:
+        for path in files:
+            ids.update(pq.read_table(path, columns=["fg_id"]).column("fg_id").to_pylist())
+    except (OSError, KeyError, ValueError):  # unreadable or another layout: the name says only the profile
+        return None
+    return len(ids) or None
+
+
+def parent_run_name(params: Mapping[str, Any], shards_dir: Path | None) -> str:
+    """"<profile>-<N>fg" (e.g. "synthetic-128fg", "photos-14fg"): the same params and data, the same name."""
+    count = foreground_count(Path(shards_dir)) if shards_dir is not None else None
+    return f"{profile_name(params)}-{count}fg" if count else profile_name(params)
+
+
+def entry_point(root: Path) -> str:
+    """What started this process: its script relative to the project (a DVC stage's
+    "stages/train.py"), else the Prefect flow it runs, else the script's file name."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.suffix == ".py" and script.is_file():
+        try:
+            return script.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    if "prefect" in sys.modules:  # a Prefect worker's process runs the flow from site-packages
+        from prefect.runtime import flow_run
+
+        if flow_run.flow_name:
+            return f"prefect flow {flow_run.flow_name}"
+    return script.name if script is not None else "python"
+
+
+def source_tags(root: Path) -> dict[str, str]:
+    """MLflow's Source and User columns: the entry point (LOCAL) and who ran it."""
+    tags = {MLFLOW_SOURCE_NAME: entry_point(root), MLFLOW_SOURCE_TYPE: "LOCAL"}
+    try:
+        tags[MLFLOW_USER] = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        pass
+    return tags
+
+
+def dvc_dir_md5(directory: Path) -> str:
+    """DVC's md5 of `directory` ("<32 hex>.dir", what `dvc add` would record), no DVC project needed."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as tmp:  # dry_run: nothing is written to this object store
+        _, _, obj = build(HashFileDB(fs, tmp), str(Path(directory).resolve()), fs, "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+class ShardsDataset(MetaDataset):
+    """The shards as an MLflow dataset (data stays where it is): name, digest, source, and a profile
+    of row and foreground counts that the UI's dataset view shows."""
+
+    def __init__(self, source: Any, name: str, digest: str, profile: Mapping[str, Any]) -> None:
+        self._profile = dict(profile)
+        super().__init__(source=source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def shards_dataset(shards_dir: Path, dvc_md5: str | None = None) -> ShardsDataset:
+    """Name "shards", digest = DVC's md5 of the directory (`dvc_md5` as dvc.lock records it, else
+    computed the same way), source = the directory; profile = summary.json's rows and the foregrounds."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    shards_dir = Path(shards_dir).resolve()
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+    summary_path = shards_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    profile = {f"{split}_rows": (summary.get(split) or {}).get("rows") for split in ("train", "val")}
+    profile["foregrounds"] = foreground_count(shards_dir)
+    return ShardsDataset(local(str(shards_dir)), "shards", dvc_md5 or dvc_dir_md5(shards_dir), profile)
+
+
+def log_shards_input(client: MlflowClient, run_id: str, shards_dir: Path, tags: Mapping[str, str]) -> None:
+    """The shards as run `run_id`'s dataset input, context "training" (the Dataset column). `tags`:
+    the run's provenance tags, whose fusionnet.data.dvc_md5 (from dvc.lock) is the digest if present."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    if not Path(shards_dir).is_dir():
+        return
+    dataset = shards_dataset(shards_dir, tags.get("fusionnet.data.dvc_md5"))
+    context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
+    client.log_inputs(run_id, [DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context])])
 
 
 class MlflowTrainLogger:

@@ -177,6 +177,95 @@ def test_train_logger_records_params_metrics_and_named_images(sqlite_store, tmp_
     assert [r.info.run_id for r in children] == [child]
 
 
+def dvc_md5_reference(directory: Path) -> str:
+    """DVC's directory md5 written out: md5 of the sorted JSON listing of (file md5, relpath), + ".dir"."""
+    import hashlib
+
+    files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).parts)
+    listing = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(directory).as_posix()}
+               for p in files]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+# ---------------------------------------------------------------------------------- what the UI shows
+@pytest.fixture(scope="module")
+def ui_store(tmp_path_factory) -> MlflowClient:
+    """One SQLite store for the tests below (creating a store's schema costs seconds)."""
+    root = tmp_path_factory.mktemp("ui-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for name in (tracking.PARENT_RUN_ENV, PIPELINE_RUN_ENV, "DVC_STAGE", "DVC_ROOT", "MLFLOW_RUN_ID"):
+            mp.delenv(name, raising=False)
+        yield MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_the_experiment_is_a_model_training_experiment(ui_store):
+    client = ui_store
+    fresh = tracking.experiment_id(client, "fresh")
+    assert client.get_experiment(fresh).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("older")  # created before the kind was set: gets it on next use
+    assert tracking.experiment_id(client, "older") == older
+    assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    tracking.experiment_id(client, "chosen")  # a kind someone chose stays
+    assert client.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    assert tracking.runs_page_url("http://127.0.0.1:5000/", fresh) == (
+        f"http://127.0.0.1:5000/#/experiments/{fresh}/runs?workflowType=machine_learning")
+
+
+def test_runs_are_named_by_profile_and_data_and_have_the_shards_as_dataset(ui_store, tmp_path, monkeypatch):
+    from fusionnet.train.toy import write_toy_shards
+
+    client = ui_store
+    shards = write_toy_shards(tmp_path / "shards", n_train=6, n_val=2, size=32)  # foregrounds fg00000..fg00005
+    photos = {"seed": 0, "foregrounds": {"source": "folder"}}
+    with tracking.parent_run(photos, shards) as parent_id:
+        child = tracking.start_step_run(client, parent_id, "joint", photos, shards)
+    with tracking.parent_run(photos, shards) as again:  # a new pipeline run on the same params and data
+        pass
+    with tracking.parent_run({"foregrounds": {"source": "synthetic"}}, shards) as synthetic:
+        pass
+    with tracking.parent_run(photos) as no_data:
+        pass
+    names = {run_id: client.get_run(run_id).info.run_name for run_id in (parent_id, again, synthetic, no_data)}
+    assert names == {parent_id: "photos-6fg", again: "photos-6fg", synthetic: "synthetic-6fg", no_data: "photos"}
+
+    digest = dvc_md5_reference(shards)
+    for run_id in (parent_id, child):
+        (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
+        dataset = dataset_input.dataset
+        assert (dataset.name, dataset.digest, dataset.source_type) == ("shards", digest, "local")
+        assert json.loads(dataset.source) == {"uri": str(shards.resolve())}
+        assert json.loads(dataset.profile) == {"train_rows": 6, "val_rows": 2, "foregrounds": 6}
+        assert {t.key: t.value for t in dataset_input.tags} == {"mlflow.data.context": "training"}
+    assert client.get_run(no_data).inputs.dataset_inputs == []
+    exp_id = client.get_run(parent_id).info.experiment_id
+    found = client.search_runs([exp_id], f"dataset.digest = '{digest}' and dataset.context = 'training'")
+    assert {r.info.run_id for r in found} == {parent_id, child, again, synthetic}  # the UI's dataset filter
+
+    # inside a DVC project the digest is the md5 dvc.lock records for the shards
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"shard_crops": {
+        "outs": [{"path": "shards", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}))
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    with tracking.parent_run(photos, shards) as in_dvc:
+        pass
+    (dataset_input,) = client.get_run(in_dvc).inputs.dataset_inputs
+    assert dataset_input.dataset.digest == "0123456789abcdef0123456789abcdef.dir"
+
+
+def test_the_source_is_the_entry_point_relative_to_the_project(ui_store, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "stages" / "train.py"), "--step", "joint"])
+    assert tracking.entry_point(ROOT) == "stages/train.py"
+    monkeypatch.setattr(sys, "argv", ["/elsewhere/tool.py"])  # not a file here: its name
+    assert tracking.entry_point(ROOT) == "tool.py"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / "mlflow_ui_check.py")])
+    with tracking.parent_run({"seed": 0}) as parent_id:
+        pass
+    tags = ui_store.get_run(parent_id).data.tags
+    assert tags["mlflow.source.name"] == "scripts/mlflow_ui_check.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and len(tags[MLFLOW_GIT_COMMIT]) == 40
+
+
 # ---------------------------------------------------------------------------------- real server
 def record_evaluation(model_path: Path, parent_run_id: str) -> None:
     """The `evaluate` hook used below: marks the parent run as the real evaluation flow would."""
@@ -230,6 +319,11 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert parent.data.tags[MLFLOW_GIT_COMMIT] == head
         assert parent.data.tags["fusionnet.data.sha256"] == content_sha256(shards)
+        # what the UI shows: named after profile and data, the shards as dataset, the flow as source
+        assert parent.info.run_name == "synthetic-8fg"
+        assert parent.data.tags["mlflow.source.name"] == "prefect flow fusionnet-train"
+        assert parent.inputs.dataset_inputs[0].dataset.digest == dvc_md5_reference(shards)
+        assert f"[mlflow] runs: {uri}/#/experiments/{parent.info.experiment_id}/runs?" in flow.stderr
 
         children = client.search_runs(exp_ids, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
                                       order_by=["attributes.start_time ASC"])
@@ -238,6 +332,8 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
             run_id, step = child.info.run_id, child.info.run_name
             assert child.info.status == "FINISHED" and child.info.artifact_uri.startswith("mlflow-artifacts:")
             assert child.data.params["train_seg.epochs"] == "1" and child.data.params["step"] == step
+            assert child.inputs.dataset_inputs[0].dataset.digest == dvc_md5_reference(shards)
+            assert len(child.data.tags[tracking.TAG_TRAINED_MODEL_SHA]) == 64
             assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
             assert [m.step for m in client.get_metric_history(run_id, "train/lr")] == [1]
             assert len(client.get_metric_history(run_id, "val/sad")) == 2  # before training and after epoch 1
