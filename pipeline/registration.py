@@ -1,4 +1,10 @@
-"""The pipeline's last Prefect task, `register`: the joint model -> MLflow registry, champion or challenger.
+"""The pipeline's last step, `register`: the joint model -> MLflow registry, champion or challenger.
+
+`register_pipeline_model` reads the evaluation's outputs, logs the model as a pyfunc in child run
+"register", links it to the training run that produced its weights (the step run tagged with the
+weights' sha256 becomes the LoggedModel's source run and the registered version's run; the
+parent run lists the model as an output too), registers it and applies the champion rule
+(pipeline.registry). `register_task` is the Prefect task around it.
 
 Its own module so that the DVC `register` stage, which runs only this task, depends on none of
 the evaluation code (pipeline.tasks holds the others and the order they run in).
@@ -6,14 +12,20 @@ the evaluation code (pipeline.tasks holds the others and the order they run in).
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
+from fusionnet.hashing import file_sha256
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.provenance import load_params
+from pipeline.registry import CHALLENGER, CHAMPION, MODEL_NAME
 
 TASK_OPTIONS = dict(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 
@@ -26,13 +38,147 @@ def log_to_run(text: str) -> None:
         print(text, flush=True)
 
 
+@dataclass
+class RegisterConfig:
+    """The `register:` section of params.yaml."""
+
+    model_name: str = MODEL_NAME
+    metric: str = "raw.band.sad"
+    greater_is_better: bool = False
+    champion_alias: str = CHAMPION
+    challenger_alias: str = CHALLENGER
+    max_side: int = 320
+    precision: str = "bf16"
+    refine: bool = True
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "RegisterConfig":
+        section = dict(params.get("register") or {})
+        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"params register: unknown keys {unknown}")
+        return cls(**section)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
+    return json.loads(path.read_text())
+
+
+def training_run_of(client: Any, experiment_id: str, sha256: str, parent_run_id: str | None = None) -> str | None:
+    """Id of the finished step run that trained the model file with this sha256 (tag
+    TAG_TRAINED_MODEL_SHA), preferring one under `parent_run_id`, else the latest; None if none did."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from pipeline.tracking import TAG_KIND, TAG_TRAINED_MODEL_SHA
+
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_TRAINED_MODEL_SHA}` = '{sha256}' and tags.`{TAG_KIND}` = 'step' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    same_parent = [r for r in runs if parent_run_id and r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_run_id]
+    found = same_parent or runs
+    return found[0].info.run_id if found else None
+
+
+def register_pipeline_model(
+    params: Mapping[str, Any],
+    weights: Path,
+    metrics_dir: Path,
+    reports_dir: Path,
+    out: Path,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Log `weights` as a pyfunc (child run "register"), register it, apply the champion rule.
+
+    Reads metrics_dir/evaluate.json (the compared metric and the version's metric tags),
+    metrics_dir/details.json (the guided filter's radius/eps chosen on validation, the test set's
+    data version, stored as tag TEST_SET_TAG) and reports_dir/table.md (the version description).
+    The version's run is the training run of `weights` when one is recorded, else "register".
+    Writes `out` (JSON: name, version, alias, uri, the decision) atomically and returns the same dict.
+    """
+    from pipeline.registry import (
+        TEST_SET_TAG,
+        flatten_metrics,
+        get_client,
+        log_matting_model,
+        pipeline_parent,
+        promote,
+        register_version,
+    )
+    from pipeline.tracking import get_client as tracking_client
+    from pipeline.tracking import start_step_run
+
+    config = RegisterConfig.from_params(params)
+    evaluation = _read_json(metrics_dir / "evaluate.json")
+    details = _read_json(metrics_dir / "details.json")
+    metrics = flatten_metrics(evaluation)
+    if config.metric not in metrics:
+        raise KeyError(f"params register.metric {config.metric!r} is not in {metrics_dir / 'evaluate.json'}; "
+                       f"choose one of {', '.join(sorted(metrics)[:12])}, ...")
+    table = (reports_dir / "table.md").read_text() if (reports_dir / "table.md").is_file() else ""
+    gf = details.get("guided_filter") or {}
+    settings = {
+        "max_side": config.max_side, "precision": config.precision, "refine": config.refine, "device": "cpu",
+        "radius": int(gf.get("radius", 8)), "eps": float(gf.get("eps", 1e-4)),
+    }
+    test_set = (details.get("test_set") or {}).get("version")
+    if test_set is not None and not (isinstance(test_set, str) and test_set):
+        raise ValueError(f"{metrics_dir / 'details.json'}: test_set.version must be a non-empty string, got {test_set!r}")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{weights}: no model file to register")
+    sha = file_sha256(weights)
+    client = tracking_client()
+    registry = get_client()
+    with pipeline_parent(params, parent_run_id) as parent:
+        run_id = start_step_run(client, parent, "register", params, None)
+        try:
+            trained_by = training_run_of(client, client.get_run(run_id).info.experiment_id, sha, parent)
+            if trained_by:
+                client.set_tag(run_id, "fusionnet.trained_by_run", trained_by)
+            info = log_matting_model(run_id, Path(weights), settings, name=config.model_name, trained_by=trained_by,
+                                     also_output_of=(parent,), tags={"fusionnet.checkpoint.sha256": sha})
+            version = register_version(
+                registry, info.model_uri, trained_by or run_id, metrics, table,
+                tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
+                      "fusionnet.settings": json.dumps(settings, sort_keys=True), "fusionnet.register_run": run_id,
+                      **({TEST_SET_TAG: test_set} if test_set else {})},
+                name=config.model_name,
+            )
+            decision = promote(registry, str(version.version), config.metric, config.greater_is_better,
+                               config.model_name, config.champion_alias, config.challenger_alias)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+    result = {
+        **decision.to_dict(),
+        "uri": f"models:/{config.model_name}/{decision.version}",
+        "alias_uri": f"models:/{config.model_name}@{decision.alias}",
+        "run_id": run_id,
+        "trained_by_run_id": trained_by,
+        "model_id": info.model_id,
+        "checkpoint": str(weights),
+        "sha256": sha,
+        "settings": settings,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, out)
+    return result
+
+
 @task(name="register", **TASK_OPTIONS)
 def register_task(
     params_path: Path, model: Path, metrics_dir: Path, reports_dir: Path, out: Path, parent_run_id: str | None
 ) -> dict[str, Any]:
-    """Register `model` (pipeline.registry.register_pipeline_model): champion or challenger."""
-    from pipeline.registry import register_pipeline_model
-
+    """Register `model` (register_pipeline_model): champion or challenger."""
     result = register_pipeline_model(load_params(params_path), Path(model), Path(metrics_dir), Path(reports_dir),
                                      Path(out), parent_run_id)
     log_to_run(f"registered {result['name']} v{result['version']} as @{result['alias']}: {result['reason']}")

@@ -12,6 +12,9 @@
   differ (or one is unrecorded) it says so and does not compare. A first version is champion; a tie
   is not a win.
 - `pull` downloads a registered model (e.g. `models:/late-fusion-matting@champion`) to a folder.
+
+The pipeline's `register` step that uses these (reading the evaluation, linking the model to the
+training run that produced its weights) is pipeline.registration.
 """
 
 from __future__ import annotations
@@ -85,12 +88,20 @@ def _fusionnet_code_copy(tmp: Path) -> Path:
     return target
 
 
-def log_matting_model(run_id: str, weights: Path, settings: Mapping[str, Any], name: str = "model"):
+def log_matting_model(
+    run_id: str, weights: Path, settings: Mapping[str, Any], name: str = "model", trained_by: str | None = None,
+    also_output_of: tuple[str, ...] = (), tags: Mapping[str, str] | None = None,
+):
     """Log `weights` (a fusionnet model file) as a pyfunc in run `run_id`; returns MLflow's ModelInfo.
 
     settings: the pyfunc's inference settings (max_side, precision, refine, radius, eps, device).
+    The MLflow 3 LoggedModel `name` is an output of run `run_id` (which packaged it), of
+    `trained_by` (the run that trained the weights: the model's source run when given) and of the
+    runs `also_output_of` (e.g. the pipeline's parent run), so their Models column shows it.
+    tags: set on the LoggedModel.
     """
     import numpy as np
+    from mlflow.entities import LoggedModelOutput
 
     from pipeline.pyfunc_model import images_frame, model_signature
 
@@ -100,13 +111,22 @@ def log_matting_model(run_id: str, weights: Path, settings: Mapping[str, Any], n
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    source_run = trained_by or run_id
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=source_run, model_type="late-fusion-matting",
+        params={k: v[:6000] for k, v in client.get_run(source_run).data.params.items()},
+        tags={"fusionnet.packaged_by_run": run_id, **(tags or {})},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         settings_path = Path(tmp) / "settings.json"
         settings_path.write_text(json.dumps(dict(settings), indent=2, sort_keys=True))
         code = _fusionnet_code_copy(Path(tmp))
         with mlflow.start_run(run_id=run_id):
-            return mlflow.pyfunc.log_model(
+            info = mlflow.pyfunc.log_model(
                 name=name,
+                model_id=logged.model_id,
                 python_model=str(PYFUNC_CODE),
                 artifacts={"weights": str(weights), "settings": str(settings_path)},
                 code_paths=[str(code)],
@@ -114,6 +134,10 @@ def log_matting_model(run_id: str, weights: Path, settings: Mapping[str, Any], n
                 input_example=images_frame([np.full((32, 32, 3), 128, np.uint8)]),  # also a serving smoke test
                 pip_requirements=pip_requirements(),
             )
+    for other in dict.fromkeys((source_run, *also_output_of)):  # in order, once each
+        if other != run_id:
+            client.log_outputs(other, [LoggedModelOutput(logged.model_id, step=0)])
+    return info
 
 
 def register_version(
@@ -125,17 +149,36 @@ def register_version(
     tags: Mapping[str, str] | None = None,
     name: str = MODEL_NAME,
 ):
-    """Register `model_uri` under `name`; metrics become tags "metric.<key>". Returns the ModelVersion."""
+    """Register `model_uri` under `name`; metrics become tags "metric.<key>". Returns the ModelVersion.
+
+    run_id: the run the version names as its source (the run that trained the weights). A
+    `models:/m-<id>` uri (an MLflow 3 LoggedModel) is linked both ways: the version's model_id, and
+    the LoggedModel's tag mlflow.modelVersions, from which the UI's Models column shows the version.
+    """
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Late Fusion CNN for digital matting (Zhang et al. 2019)")
     all_tags = {f"{METRIC_TAG_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}
     all_tags.update({k: str(v)[:5000] for k, v in (tags or {}).items()})
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     model_version = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=all_tags, description=description[:5000]
+        name, source=model_uri, run_id=run_id, tags=all_tags, description=description[:5000], model_id=model_id
     )
+    if model_id is not None:
+        _list_version_on_model(client, model_id, name, str(model_version.version))
     return model_version
+
+
+def _list_version_on_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Add {name, version} to LoggedModel `model_id`'s mlflow.modelVersions tag, once (a tracking
+    server adds it itself; a SQLite store does not)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(e.get("name") == name and str(e.get("version")) == version for e in listed):
+        listed.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
 
 
 @dataclass
@@ -316,104 +359,3 @@ def pipeline_parent(params: Mapping[str, Any], parent_run_id: str | None = None)
 
     with parent_run(params, None) as run_id:
         yield run_id
-
-
-@dataclass
-class RegisterConfig:
-    """The `register:` section of params.yaml."""
-
-    model_name: str = MODEL_NAME
-    metric: str = "raw.band.sad"
-    greater_is_better: bool = False
-    champion_alias: str = CHAMPION
-    challenger_alias: str = CHALLENGER
-    max_side: int = 320
-    precision: str = "bf16"
-    refine: bool = True
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "RegisterConfig":
-        section = dict(params.get("register") or {})
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"params register: unknown keys {unknown}")
-        return cls(**section)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
-    return json.loads(path.read_text())
-
-
-def register_pipeline_model(
-    params: Mapping[str, Any],
-    weights: Path,
-    metrics_dir: Path,
-    reports_dir: Path,
-    out: Path,
-    parent_run_id: str | None = None,
-) -> dict[str, Any]:
-    """Log `weights` as a pyfunc (child run "register"), register it, apply the champion rule.
-
-    Reads metrics_dir/evaluate.json (the compared metric and the version's metric tags),
-    metrics_dir/details.json (the guided filter's radius/eps chosen on validation, the test set's
-    data version, stored as tag TEST_SET_TAG) and reports_dir/table.md (the version description).
-    Writes `out` (JSON: name, version, alias, uri, the decision) atomically and returns the same dict.
-    """
-    from pipeline.tracking import get_client as tracking_client
-    from pipeline.tracking import start_step_run
-
-    config = RegisterConfig.from_params(params)
-    evaluation = _read_json(metrics_dir / "evaluate.json")
-    details = _read_json(metrics_dir / "details.json")
-    metrics = flatten_metrics(evaluation)
-    if config.metric not in metrics:
-        raise KeyError(f"params register.metric {config.metric!r} is not in {metrics_dir / 'evaluate.json'}; "
-                       f"choose one of {', '.join(sorted(metrics)[:12])}, ...")
-    table = (reports_dir / "table.md").read_text() if (reports_dir / "table.md").is_file() else ""
-    gf = details.get("guided_filter") or {}
-    settings = {
-        "max_side": config.max_side, "precision": config.precision, "refine": config.refine, "device": "cpu",
-        "radius": int(gf.get("radius", 8)), "eps": float(gf.get("eps", 1e-4)),
-    }
-    test_set = (details.get("test_set") or {}).get("version")
-    if test_set is not None and not (isinstance(test_set, str) and test_set):
-        raise ValueError(f"{metrics_dir / 'details.json'}: test_set.version must be a non-empty string, got {test_set!r}")
-    import hashlib
-
-    sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
-    client = tracking_client()
-    registry = get_client()
-    with pipeline_parent(params, parent_run_id) as parent:
-        run_id = start_step_run(client, parent, "register", params, None)
-        try:
-            info = log_matting_model(run_id, Path(weights), settings)
-            version = register_version(
-                registry, info.model_uri, run_id, metrics, table,
-                tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
-                      "fusionnet.settings": json.dumps(settings, sort_keys=True),
-                      **({TEST_SET_TAG: test_set} if test_set else {})},
-                name=config.model_name,
-            )
-            decision = promote(registry, str(version.version), config.metric, config.greater_is_better,
-                               config.model_name, config.champion_alias, config.challenger_alias)
-        except BaseException:
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        client.set_terminated(run_id, status="FINISHED")
-    result = {
-        **decision.to_dict(),
-        "uri": f"models:/{config.model_name}/{decision.version}",
-        "alias_uri": f"models:/{config.model_name}@{decision.alias}",
-        "run_id": run_id,
-        "checkpoint": str(weights),
-        "sha256": sha,
-        "settings": settings,
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, out)
-    return result

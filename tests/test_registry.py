@@ -60,7 +60,7 @@ def write_evaluation(folder: Path, sad: float, radius: int = 2, eps: float = 1e-
 
 
 def register(root: Path, weights: Path, sad: float, tag: str, test_set: str | None = SET_A, **register_params) -> dict:
-    from pipeline.registry import register_pipeline_model
+    from pipeline.registration import register_pipeline_model
 
     metrics, reports = write_evaluation(root / tag, sad, test_set=test_set)
     params = {"register": {"max_side": 64, "precision": "fp32", **register_params}}
@@ -128,7 +128,7 @@ def test_greater_is_better_and_missing_metric(registry):
     no_metric = register_version(client, source, None, {"other": 1.0}, "", tags=same_set, name=name).version
     assert promote(client, no_metric, "score", greater_is_better=True, name=name).alias == "challenger"  # NaN never wins
 
-    from pipeline.registry import register_pipeline_model
+    from pipeline.registration import register_pipeline_model
 
     metrics, reports = write_evaluation(registry["root"] / "bad-metric", 1.0)
     with pytest.raises(KeyError, match="raw.band.nope"):
@@ -163,7 +163,7 @@ def test_champion_is_compared_only_on_the_same_test_set(registry):
     assert str(client.get_model_version_by_alias(name, "champion").version) == "4"
     # a bad test-set version is an error naming details.json
     metrics, reports = write_evaluation(root / "s5", 0.4, test_set="")
-    from pipeline.registry import register_pipeline_model
+    from pipeline.registration import register_pipeline_model
 
     with pytest.raises(ValueError, match="s5/metrics/details.json"):
         register_pipeline_model({"register": {"model_name": name}}, weights, metrics, reports, root / "s5.json")
