@@ -7,11 +7,15 @@ output folder, any of:
 - `<stem>_composite.<ext>`: the frames composited over the background colour or image;
 - `<stem>_trimap.<ext>`: the implicit trimap 0/128/255 (a lossy codec blurs its levels a little);
 - `<stem>_rgba/000001.png, 000002.png, ...`: RGBA PNG cut-outs (estimated foreground colours), the
-  only output with real transparency (video codecs here carry no alpha channel) and the only lossless one.
+  only output with real transparency (the video codecs here carry no alpha channel); lossless.
 
 Videos keep the input's container, frame rate and size (4:2:0 codecs need even sizes: OpenCV's FFmpeg
 writer drops the last row/column of an odd size). Codec per container (`--video-codec` overrides):
 mp4v (MPEG-4 Part 2) for .mp4/.mov/.m4v/.mkv, MJPG for .avi, VP90 for .webm; FFV1 in .avi/.mkv is lossless.
+
+Temporal smoothing (`--smooth S`, off by default; the paper mattes single images and leaves video
+matting to future work, Sec. 5): `fusionnet.temporal.AlphaSmoother`, a motion-gated moving average
+of the final alpha, which the rgba and composite outputs then use; the trimap is not smoothed.
 
 Audio: OpenCV decodes and encodes pictures only, so every output is silent; a `note:` says so once
 per video (with an ffmpeg command to copy the sound back, when ffmpeg is on PATH).
