@@ -397,6 +397,11 @@ def test_dvc_repro_groups_the_training_stages_under_one_parent(tmp_path):
     assert [c.info.run_name for c in children] == ["segmentation", "fusion"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.tags["fusionnet.data.dvc_md5"] == shards_md5 for c in children)
+    # the UI's Dataset column shows DVC's md5 as the digest, its Source column the stage script
+    assert shards_md5 == dvc_md5_reference(project / "data" / "shards")
+    for tracked in (parent, *children):
+        assert tracked.inputs.dataset_inputs[0].dataset.digest == shards_md5
+        assert tracked.data.tags["mlflow.source.name"] == "stages/train.py"
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_fusion"]["base_lr"] = params["train_fusion"].get("base_lr", 5e-4) / 2
