@@ -44,6 +44,7 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 ui: $(STAMP)
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'import mlflow; mlflow.set_tracking_uri("sqlite:///mlflow.db"); e = mlflow.get_experiment_by_name("fusionnet"); print(e.experiment_id if e else 0)')/runs?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # Regenerate the pinned set after changing dependencies in pyproject.toml.
