@@ -1,7 +1,7 @@
 """The README's picture of the `fusionnet serve` page: a real server, a real photo dropped in Chromium.
 
     python scripts/serve_page_screenshot.py --model models/joint/model.safetensors \
-        --image ../shared/data/alphamatting-dev/input/GT04.png --out docs/serve-page.png
+        --image ../shared/data/alphamatting-dev/image/GT04.png --out docs/serve-page.png
 
 Starts `fusionnet serve MODEL` on a free 127.0.0.1 port, opens the page in headless Debian Chromium
 (tests/browser.py), drops the image as a desktop drag delivers it, waits for alpha, cut-out and
