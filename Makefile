@@ -14,6 +14,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# Tests start Prefect's temporary server; its 20 s start-up limit is too short on a loaded 2-core host.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: venv run test test-fast bench ui lock clean
