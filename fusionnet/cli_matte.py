@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fusionnet import video
+from fusionnet.argtypes import int_at_least, positive_number
 from fusionnet.cli_inputs import CollectedInputs, MatteJob, collect_inputs, outputs_exist
 from fusionnet.imageio import (
     DEFAULT_MAX_PIXELS,
@@ -52,25 +53,9 @@ class UsageError(Exception):
     """A problem with the command as a whole (exit 2), not with one input file."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (0.0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
+_positive_float = positive_number()
 
 
 def add_arguments(matte: argparse.ArgumentParser) -> None:

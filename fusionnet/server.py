@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+from fusionnet.argtypes import int_at_least, positive_number
+
 DEFAULT_MODEL = "models:/late-fusion-matting@champion"
 DEFAULT_MAX_BYTES = 32 << 20
 DEFAULT_MAX_PIXELS = 50_000_000  # a server decodes several images at once: lower than the CLI's
@@ -32,20 +34,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not (0.0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
+_seconds = positive_number("number of seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,35 +43,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model file or registry URI (default {DEFAULT_MODEL})")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; there is no authentication)")
-    parser.add_argument("--port", type=_int_at_least(0), default=8000, help="TCP port (default 8000; 0: any free port)")
-    parser.add_argument("--workers", type=_int_at_least(1), default=1,
+    parser.add_argument("--port", type=int_at_least(0), default=8000, help="TCP port (default 8000; 0: any free port)")
+    parser.add_argument("--workers", type=int_at_least(1), default=1,
                         help="inferences run at the same time, one per thread (default 1)")
-    parser.add_argument("--queue", type=_int_at_least(0), default=8,
+    parser.add_argument("--queue", type=int_at_least(0), default=8,
                         help="requests that may wait for a worker; more get 503 + Retry-After (default 8)")
-    parser.add_argument("--threads", type=_int_at_least(1), default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch threads (default: OMP_NUM_THREADS if set, else CPU cores / --workers)")
     parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
                         help=f"seconds from admission to answer before 504 (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--socket-timeout", type=_seconds, default=DEFAULT_SOCKET_TIMEOUT,
                         help=f"seconds a connection may stay silent (default {DEFAULT_SOCKET_TIMEOUT:g})")
-    parser.add_argument("--max-bytes", type=_int_at_least(1), default=DEFAULT_MAX_BYTES,
+    parser.add_argument("--max-bytes", type=int_at_least(1), default=DEFAULT_MAX_BYTES,
                         help=f"largest request body; larger gets 413 (default {DEFAULT_MAX_BYTES})")
-    parser.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
                         help=f"refuse images with more pixels, from the header (default {DEFAULT_MAX_PIXELS})")
-    parser.add_argument("--max-output-side", type=_int_at_least(1), default=None,
+    parser.add_argument("--max-output-side", type=int_at_least(1), default=None,
                         help="larger images are decoded downscaled to this longer side (default: the CLI's 6144)")
-    parser.add_argument("--max-side", type=_int_at_least(1), default=None,
+    parser.add_argument("--max-side", type=int_at_least(1), default=None,
                         help="network input's longer side (default: registered setting, else 800); "
                         "a request may ask for 32..4096 with ?max_side=")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                         help="guided-filter refinement by default (default: registered setting, else on); ?refine=")
-    parser.add_argument("--radius", type=_int_at_least(0), default=None,
+    parser.add_argument("--radius", type=int_at_least(0), default=None,
                         help="guided filter radius (default: registered setting, else 8)")
     parser.add_argument("--eps", type=float, default=None, help="guided filter eps (default: registered, else 1e-4)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default=None,
                         help="default: registered setting, else fp32")
-    parser.add_argument("--cache-mb", type=_int_at_least(0), default=DEFAULT_CACHE_MB,
+    parser.add_argument("--cache-mb", type=int_at_least(0), default=DEFAULT_CACHE_MB,
                         help="memory for recent results, so alpha, cut-out and composite of one upload cost one "
                         f"inference (default {DEFAULT_CACHE_MB}; 0: off)")
 
