@@ -7,7 +7,6 @@ The command's behaviour is documented in `fusionnet.cli`; what is matted and whe
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from fusionnet.imageio import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
     LoadedImage,
+    encode_png,
     load_image,
     load_image_bytes,
     write_pngs_atomic,
@@ -238,8 +238,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _matte_stdin(matter: Matter, args: argparse.Namespace, background: Background | None) -> int:
     """INPUT -: one image from stdin, one PNG (of the one `--save` kind) to stdout, messages to stderr."""
-    from PIL import Image
-
     try:
         data = sys.stdin.buffer.read()
     except OSError as exc:
@@ -260,10 +258,9 @@ def _matte_stdin(matter: Matter, args: argparse.Namespace, background: Backgroun
         return EXIT_FILE_FAILED
     if image.downscaled:
         print(_downscaled_note(STDIN_NAME, image), file=sys.stderr)
-    encoded = io.BytesIO()  # the whole PNG first, so a failure never leaves half of one on stdout
-    Image.fromarray(outputs[args.save[0]]).save(encoded, format="PNG")
+    encoded = encode_png(outputs[args.save[0]])  # the whole PNG first: a failure never leaves half of one on stdout
     try:
-        sys.stdout.buffer.write(encoded.getvalue())
+        sys.stdout.buffer.write(encoded)
         sys.stdout.buffer.flush()
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):  # the reader went away: keep Python's exit-time flush quiet

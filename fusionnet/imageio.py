@@ -287,6 +287,13 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """uint8 `(H,W)` (L), `(H,W,3)` (RGB) or `(H,W,4)` (RGBA) -> PNG bytes (zlib level 6 is PIL's default)."""
+    buffer = io.BytesIO()
+    Image.fromarray(_check_uint8_image(array)).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
 def write_pngs_atomic(outputs: Mapping[str | os.PathLike, np.ndarray]) -> list[Path]:
     """Write each `{path: uint8 array}` as PNG, all or nothing.
 

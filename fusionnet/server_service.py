@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import threading
@@ -27,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from fusionnet.imageio import LoadedImage, load_image_bytes
+from fusionnet.imageio import LoadedImage, encode_png, load_image_bytes
 from fusionnet.infer import Matter, MatteResult
 from fusionnet.render import OUTPUT_KINDS, render_outputs
+
+PNG_LEVEL = 3  # zlib level 3: about half level 6's time, for answers sent once
 
 MAX_SIDE_RANGE = (32, 4096)  # per-request network input side, as the pyfunc allows
 _NEEDS_FOREGROUND = ("rgba", "composite")
@@ -70,13 +70,6 @@ class MatteReply:
     network_size: tuple[int, int]
     cached: bool
     seconds: float
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 `(H,W)`, `(H,W,3)` or `(H,W,4)` -> PNG bytes (zlib level 3: about half level 6's time)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
 
 
 def registered_settings(weights: Path) -> dict[str, Any] | None:
@@ -258,7 +251,7 @@ class MattingService:
         try:
             with lock:
                 array = render_outputs(image.rgb, result, [request.output], request.background)[request.output]
-            png = encode_png(array)
+            png = encode_png(array, compress_level=PNG_LEVEL)
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise InferenceError(f"cannot render {request.output} ({type(exc).__name__}: {exc})") from exc
         return MatteReply(png=png, output=request.output, size=image.size, original_size=image.original_size,
@@ -279,7 +272,7 @@ class MattingService:
         y, x = np.mgrid[0:48, 0:64]
         disc = ((y - 24) ** 2 + (x - 32) ** 2 < 300)[:, :, None]
         image = np.where(disc, [230, 120, 40], [30, 60, 200]).astype(np.uint8)
-        data = encode_png(image)
+        data = encode_png(image, compress_level=PNG_LEVEL)
         self._set_threads()
         for output in OUTPUT_KINDS:
             self.matte(data, "warm-up image", MatteRequest(output=output))

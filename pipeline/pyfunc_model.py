@@ -35,6 +35,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from fusionnet import imageio
 from fusionnet.imageio import ImageLoadError, load_image_bytes
 
 IMAGE_COLUMN = "image"
@@ -85,9 +86,7 @@ def decode_image(value: Any, row: int, max_pixels: int = MAX_PIXELS) -> np.ndarr
 
 def encode_png(alpha: np.ndarray) -> bytes:
     """(H,W) float in [0,1] -> 8-bit grey PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(alpha, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return imageio.encode_png(imageio.to_uint8(alpha))
 
 
 def decode_png(data: bytes | str) -> np.ndarray:
@@ -102,9 +101,7 @@ def images_frame(images: list[bytes | np.ndarray]) -> pd.DataFrame:
     cells = []
     for image in images:
         if isinstance(image, np.ndarray):
-            buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")
-            image = buffer.getvalue()
+            image = imageio.encode_png(np.ascontiguousarray(image, dtype=np.uint8))
         cells.append(bytes(image))
     return pd.DataFrame({IMAGE_COLUMN: cells})
 
