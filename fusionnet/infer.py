@@ -250,7 +250,7 @@ class Matter:
         Each image is `(H,W,3)` float in [0,1] or uint8, all of one size. Same steps as calling this
         Matter on each image (the network sees an `(N,3,h,w)` batch): equal up to float rounding.
         """
-        rgbs = [_as_float_image(image) for image in images]
+        rgbs = [as_float_image(image) for image in images]
         if not rgbs:
             return []
         size = (int(rgbs[0].shape[0]), int(rgbs[0].shape[1]))
@@ -322,7 +322,8 @@ def fold_batchnorms(model: nn.Module) -> int:
     return folded
 
 
-def _as_float_image(image: np.ndarray) -> np.ndarray:
+def as_float_image(image: np.ndarray) -> np.ndarray:
+    """An `(H,W,3)` uint8 or float image as float32 in [0,1] (ValueError/TypeError for anything else)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"expected an (H,W,3) RGB image, got shape {image.shape}")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionnet.infer import Matter, MatteResult
+from fusionnet.infer import Matter, MatteResult, as_float_image
 from fusionnet.render import Background, fit_background, render_outputs
 from fusionnet.temporal import DEFAULT_MOTION_THRESHOLD, AlphaSmoother
 from fusionnet.videoio import DEFAULT_FPS, VIDEO_SUFFIXES, StagedOutputs, VideoError, VideoReader
@@ -71,7 +71,7 @@ def matte_frames(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch: list[np.ndarray] = []
     for frame in frames:
-        batch.append(_as_float_frame(frame))
+        batch.append(as_float_image(frame))
         if len(batch) == batch_size:
             yield from _matte_batch(matter, batch, smoother)
             batch = []
@@ -86,13 +86,6 @@ def _matte_batch(
         if smoother is not None:
             result = replace(result, alpha=smoother(rgb, result.alpha))
         yield rgb, result
-
-
-def _as_float_frame(frame: np.ndarray) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.dtype == np.uint8:
-        return frame.astype(np.float32) / np.float32(255.0)
-    return np.clip(frame, 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
