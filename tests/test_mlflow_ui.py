@@ -71,6 +71,26 @@ def assert_model_training_runs_page(page) -> None:
     assert "Model registry" in links and not {"Overview", "Sessions"} & set(links), links
 
 
+def choose_model_training(page) -> None:
+    """Click the experiment's "Model training" switch as a user does.
+
+    On a CI host a popover of the UI's (opened by itself on a first visit) left the page's pointer
+    events off, so the click never landed ("<html> intercepts pointer events") for 30 s. Escape closes
+    such popovers; when one still covers the switch, the screenshot says what it was and the click is
+    delivered to the switch itself (the assertions after it check that the choice took effect)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    switch = page.get_by_role("button", name="Model training", exact=True)
+    switch.wait_for(timeout=120_000)
+    page.keyboard.press("Escape")
+    try:
+        switch.click(timeout=15_000)
+    except PlaywrightTimeout:
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT.with_name("mlflow-switch-covered.png")))
+        switch.dispatch_event("click")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_model_links_to_the_run_that_trained_it(served_run):
@@ -139,7 +159,7 @@ def test_the_experiment_link_opens_on_runs_once_model_training_is_chosen(served_
     with chromium_page(viewport=(1600, 900)) as page:
         page.add_init_script(QUIET_ASSISTANT)
         page.goto(experiment_link)
-        page.get_by_role("button", name="Model training", exact=True).click()
+        choose_model_training(page)
         page.get_by_text(ids["parent_run_name"], exact=True).first.wait_for(timeout=120_000)
         page.goto(f"{url}/#/")  # elsewhere, then the bare link again
         page.goto(experiment_link)
