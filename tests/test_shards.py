@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,9 @@ from fusionnet.data.shards import (
     shards_digest,
     write_shards,
 )
+from tests.helpers import ROOT, poll
 from tests.test_crops import make_composites_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_row(rng: np.random.Generator, i: int, h: int = 6, w: int = 5) -> dict:
@@ -82,43 +81,43 @@ def test_failure_mid_shard_leaves_only_complete_shards(tmp_path):
 
 
 def test_killed_writer_leaves_no_visible_shard(tmp_path):
-    """A writer killed mid-shard leaves only its hidden temp file, which no reader picks up."""
+    """A writer killed mid-shard leaves only its hidden temp file, which no reader picks up.
+
+    The child's rows fill shards 0 and 1 and start shard 2, then the row source blocks on its stdin,
+    which the test never writes: the kill lands mid-shard 2 on a machine of any speed (no race).
+    """
+    out, blocked = tmp_path / "out", tmp_path / "blocked"
     script = textwrap.dedent(
         f"""
-        import time, numpy as np
+        import sys, numpy as np
+        from pathlib import Path
         from fusionnet.data.shards import write_shards
         from tests.test_shards import random_row
         rng = np.random.default_rng(0)
-        def slow_rows():
-            for i in range(1000):
-                if i >= 3:
-                    time.sleep(0.05)
+        def rows():
+            for i in range(5):  # shard_rows=2: rows 0-3 complete shards 0 and 1, row 4 is in shard 2
                 yield random_row(rng, i)
-        write_shards(slow_rows(), {str(tmp_path)!r}, shard_rows=2)
+            Path({str(blocked)!r}).write_text("row 4 written")
+            sys.stdin.read()  # until the test kills us
+            yield random_row(rng, 5)
+        write_shards(rows(), {str(out)!r}, shard_rows=2)
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            done = (tmp_path / "shard-00000.parquet").exists()
-            temps = [p for p in tmp_path.iterdir() if ".tmp-" in p.name] if tmp_path.exists() else []
-            if done and temps and (tmp_path / "shard-00001.parquet").exists():
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("writer never produced a shard in progress")
+        poll(blocked.exists, 120, "the writer blocked in shard 2", child)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
         if child.poll() is None:
             child.kill()
-    temps = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    assert len(temps) == 1 and temps[0].name.startswith(".shard-") and f"tmp-{child.pid}" in temps[0].name
-    complete = sorted(p.name for p in tmp_path.glob("*.parquet"))
-    assert complete and temps[0].name not in complete
-    assert [p.name for p in list_shards(tmp_path)] == complete
-    assert len(ShardDataset(tmp_path)) == 2 * len(complete)
+        child.stdin.close()
+    temps = [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert [p.name for p in temps] == [f".shard-00002.parquet.tmp-{child.pid}"]
+    complete = sorted(p.name for p in out.glob("*.parquet"))
+    assert complete == ["shard-00000.parquet", "shard-00001.parquet"]  # the half-written shard 2 is not visible
+    assert [p.name for p in list_shards(out)] == complete
+    assert len(ShardDataset(out)) == 4
     with pytest.raises(FileNotFoundError):
         list_shards(temps[0])
 
