@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,44 +22,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from pipeline import tracking
 from pipeline.provenance import PIPELINE_RUN_ENV, dvc_md5, flatten_params, pipeline_run_key
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------- fixtures
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import ROOT, free_port, wait_http
+from tests.test_hashing import content_sha256_by_hand, dvc_dir_md5_by_hand
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll `url` until it answers 200; fail early if `proc` exits."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-@pytest.fixture
-def sqlite_store(tmp_path, monkeypatch) -> MlflowClient:
-    """A fresh SQLite tracking store in tmp, selected through MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in (tracking.PARENT_RUN_ENV, PIPELINE_RUN_ENV, "DVC_STAGE", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    return MlflowClient(uri)
-
-
+# ---------------------------------------------------------------------------------- helpers
 def blob_png(path: Path, size: int = 16) -> Path:
     yy, xx = np.mgrid[:size, :size]
     Image.fromarray(((xx + yy) * 255 // (2 * size - 2)).astype(np.uint8)).save(path)
@@ -119,8 +84,8 @@ def test_pipeline_run_key_is_shared_by_the_stages_of_one_dvc_process(tmp_path, m
 
 
 # ---------------------------------------------------------------------------------- runs and logger
-def test_parent_run_is_reused_within_a_pipeline_run_and_new_for_the_next(sqlite_store, monkeypatch, tmp_path):
-    client = sqlite_store
+def test_parent_run_is_reused_within_a_pipeline_run_and_new_for_the_next(mlflow_store, monkeypatch, tmp_path):
+    client = mlflow_store
     params = {"seed": 0, "train_seg": {"epochs": 2}}
     monkeypatch.setenv(PIPELINE_RUN_ENV, "repro-1")
     with tracking.parent_run(params) as first:
@@ -146,8 +111,8 @@ def test_parent_run_is_reused_within_a_pipeline_run_and_new_for_the_next(sqlite_
         assert explicit == first
 
 
-def test_train_logger_records_params_metrics_and_named_images(sqlite_store, tmp_path):
-    client = sqlite_store
+def test_train_logger_records_params_metrics_and_named_images(mlflow_store, tmp_path):
+    client = mlflow_store
     params = {"seed": 1, "model": {"backbone": "densenet121"}}
     with tracking.parent_run(params, shards_dir=tmp_path / "shards") as parent_id:
         child = tracking.start_step_run(client, parent_id, "segmentation", params, tmp_path / "shards")
@@ -175,16 +140,6 @@ def test_train_logger_records_params_metrics_and_named_images(sqlite_store, tmp_
     assert np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(tmp_path / "grid.png")))
     children = client.search_runs([run.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")
     assert [r.info.run_id for r in children] == [child]
-
-
-def dvc_md5_reference(directory: Path) -> str:
-    """DVC's directory md5 written out: md5 of the sorted JSON listing of (file md5, relpath), + ".dir"."""
-    import hashlib
-
-    files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).parts)
-    listing = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(directory).as_posix()}
-               for p in files]
-    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 # ---------------------------------------------------------------------------------- what the UI shows
@@ -230,7 +185,7 @@ def test_runs_are_named_by_profile_and_data_and_have_the_shards_as_dataset(ui_st
     names = {run_id: client.get_run(run_id).info.run_name for run_id in (parent_id, again, synthetic, no_data)}
     assert names == {parent_id: "photos-6fg", again: "photos-6fg", synthetic: "synthetic-6fg", no_data: "photos"}
 
-    digest = dvc_md5_reference(shards)
+    digest = dvc_dir_md5_by_hand(shards)
     for run_id in (parent_id, child):
         (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
         dataset = dataset_input.dataset
@@ -279,7 +234,6 @@ def record_evaluation(model_path: Path, parent_run_id: str) -> None:
 @pytest.mark.timeout(300)
 def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
     from fusionnet.train.toy import write_toy_shards
-    from pipeline.provenance import content_sha256
     from tests.test_prefect_deployment import base_env, tiny_params
 
     shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, size=64)
@@ -318,11 +272,11 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
         assert parent.data.tags["hook.model_path"] == str(models / "joint" / "model.safetensors")
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         assert parent.data.tags[MLFLOW_GIT_COMMIT] == head
-        assert parent.data.tags["fusionnet.data.sha256"] == content_sha256(shards)
+        assert parent.data.tags["fusionnet.data.sha256"] == content_sha256_by_hand(shards)
         # what the UI shows: named after profile and data, the shards as dataset, the flow as source
         assert parent.info.run_name == "synthetic-8fg"
         assert parent.data.tags["mlflow.source.name"] == "prefect flow fusionnet-train"
-        assert parent.inputs.dataset_inputs[0].dataset.digest == dvc_md5_reference(shards)
+        assert parent.inputs.dataset_inputs[0].dataset.digest == dvc_dir_md5_by_hand(shards)
         assert f"[mlflow] runs: {uri}/#/experiments/{parent.info.experiment_id}/runs?" in flow.stderr
 
         children = client.search_runs(exp_ids, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
@@ -332,7 +286,7 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
             run_id, step = child.info.run_id, child.info.run_name
             assert child.info.status == "FINISHED" and child.info.artifact_uri.startswith("mlflow-artifacts:")
             assert child.data.params["train_seg.epochs"] == "1" and child.data.params["step"] == step
-            assert child.inputs.dataset_inputs[0].dataset.digest == dvc_md5_reference(shards)
+            assert child.inputs.dataset_inputs[0].dataset.digest == dvc_dir_md5_by_hand(shards)
             assert len(child.data.tags[tracking.TAG_TRAINED_MODEL_SHA]) == 64
             assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
             assert [m.step for m in client.get_metric_history(run_id, "train/lr")] == [1]
@@ -398,7 +352,7 @@ def test_dvc_repro_groups_the_training_stages_under_one_parent(tmp_path):
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.tags["fusionnet.data.dvc_md5"] == shards_md5 for c in children)
     # the UI's Dataset column shows DVC's md5 as the digest, its Source column the stage script
-    assert shards_md5 == dvc_md5_reference(project / "data" / "shards")
+    assert shards_md5 == dvc_dir_md5_by_hand(project / "data" / "shards")
     for tracked in (parent, *children):
         assert tracked.inputs.dataset_inputs[0].dataset.digest == shards_md5
         assert tracked.data.tags["mlflow.source.name"] == "stages/train.py"
