@@ -1,0 +1,121 @@
+"""A real `prefect server start` on 127.0.0.1 and process workers for the tests that need them.
+
+Prefect's server and workers ignore SIGTERM (conftest's `processes` would wait 20 s for each
+before its SIGKILL): they are stopped with SIGINT, then their whole process tree is killed.
+Import the fixture by name: `from tests.prefect_servers import prefect_api` (one server per module).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import free_port, poll, wait_http
+from tests.test_prefect_deployment import base_env
+
+BIN = Path(sys.executable).parent
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 for this module's tests; yields (api url, base env)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = base_env(home)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env.update(PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-ui"], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"{api}/health", timeout=120, proc=server)
+        yield api, env
+    finally:
+        stop(server)
+        log.close()
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """SIGINT (Prefect workers and servers ignore SIGTERM), then kill the process tree."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_tree(proc.pid)
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def deploy(env: dict, project_dir: Path, name: str, *more: str) -> None:
+    """`python -m pipeline.deploy` of the project's own pipeline/ as fusionnet-train/<name> on pool <name>."""
+    subprocess.run([sys.executable, "-m", "pipeline.deploy", "--pool", name, "--name", name,
+                    "--project-dir", str(project_dir), *more], env=env, cwd=project_dir, check=True, timeout=120,
+                   capture_output=True)
+
+
+def start_worker(env: dict, project_dir: Path, pool: str, name: str, log_path: Path, *more: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name, *more],
+                            env=env, cwd=project_dir, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def flow_run(api: str, flow_run_id: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{api}/flow_runs/{flow_run_id}").json()
+
+
+def flow_runs(api: str, deployment: str) -> list[dict]:
+    import httpx
+
+    flow, name = deployment.split("/")
+    deployment_id = httpx.get(f"{api}/deployments/name/{flow}/{name}").json()["id"]
+    body = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return httpx.post(f"{api}/flow_runs/filter", json=body).json()
+
+
+def wait_final(api: str, deployment: str, count: int, timeout: float) -> list[dict]:
+    """The deployment's `count` flow runs once all are final (one filter request per poll, with back-off)."""
+    def done() -> list[dict] | None:
+        runs = flow_runs(api, deployment)
+        return runs if len(runs) == count and all(r["state"]["type"] in FINAL for r in runs) else None
+
+    return poll(done, timeout, f"{deployment}: {count} final flow runs", first=0.5, longest=3.0)
+
+
+def task_runs(api: str, flow_run_id: str) -> list[dict]:
+    import httpx
+
+    query = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    return httpx.post(f"{api}/task_runs/filter", json=query).json()
+
+
+def wait_until(check, timeout: float, what: str, every: float = 0.2) -> None:
+    """`check()` until truthy, every `every` s (for watching a file, not a server)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
