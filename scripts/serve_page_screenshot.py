@@ -11,7 +11,6 @@ composite, saves a screenshot and stops the server (SIGINT).
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import signal
 import socket
@@ -23,18 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-ALL_SHOWN = """() => document.body.dataset.failed || (document.body.dataset.done === '1'
-    && ['input', 'alpha', 'rgba', 'composite'].every((id) => document.getElementById(id).dataset.ready === '1'))"""
-DROP = """([b64, name]) => {
-    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    const transfer = new DataTransfer();
-    transfer.items.add(new File([bytes], name, { type: "image/png" }));
-    const drop = document.getElementById("drop");
-    drop.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
-    drop.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
-}"""
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -65,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.image.is_file():
         raise SystemExit(f"error: {args.image}: no such image")
-    from tests.browser import chromium_page
+    from tests.browser import all_shown, chromium_page, drop_file
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli", "serve", args.model, "--port", str(port)],
@@ -75,8 +62,8 @@ def main() -> int:
         with chromium_page(viewport=(1400, 900)) as page:
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_function("() => document.getElementById('model').textContent.includes('sha256')")
-            page.evaluate(DROP, [base64.b64encode(args.image.read_bytes()).decode(), args.image.name])
-            page.wait_for_function(ALL_SHOWN, timeout=600_000)
+            drop_file(page, args.image)
+            page.wait_for_function(all_shown(1), timeout=600_000)
             if page.locator("#error").is_visible():
                 raise SystemExit(f"error shown on the page: {page.locator('#error').text_content()}")
             args.out.parent.mkdir(parents=True, exist_ok=True)

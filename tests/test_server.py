@@ -10,7 +10,6 @@ image.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import io
@@ -378,13 +377,8 @@ def _page_images(tmp_path: Path) -> list[Path]:
     return paths
 
 
-# Done (this upload's answers are in and every image has decoded) or failed.
-ALL_SHOWN = """() => document.body.dataset.failed || (document.body.dataset.done === 'GENERATION'
-    && ['input', 'alpha', 'rgba', 'composite'].every((id) => document.getElementById(id).dataset.ready === '1'))"""
-
-
 def test_page_drop_an_image_and_see_alpha_cutout_composite(servers, tmp_path):
-    from tests.browser import chromium_page
+    from tests.browser import all_shown, chromium_page, drop_file
 
     port = servers["main"].port
     first, second = _page_images(tmp_path)
@@ -392,19 +386,8 @@ def test_page_drop_an_image_and_see_alpha_cutout_composite(servers, tmp_path):
     with chromium_page(viewport=(1400, 900)) as page:
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("() => document.getElementById('model').textContent.includes('sha256')")
-        # drop: a DataTransfer holding the file, as a drag from the desktop delivers it
-        page.evaluate(
-            """([b64, name]) => {
-                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-                const transfer = new DataTransfer();
-                transfer.items.add(new File([bytes], name, { type: "image/png" }));
-                const drop = document.getElementById("drop");
-                drop.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
-                drop.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
-            }""",
-            [base64.b64encode(first.read_bytes()).decode(), first.name],
-        )
-        page.wait_for_function(ALL_SHOWN.replace("GENERATION", "1"), timeout=180_000)
+        drop_file(page, first)  # as a drag from the desktop delivers it
+        page.wait_for_function(all_shown(1), timeout=180_000)
         assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
         shown = page.evaluate("""() => ['input', 'alpha', 'rgba', 'composite'].map((id) => {
             const img = document.getElementById(id);
@@ -430,7 +413,7 @@ def test_page_drop_an_image_and_see_alpha_cutout_composite(servers, tmp_path):
 
         # the file input: a second image replaces the first
         page.set_input_files("#file", str(second))
-        page.wait_for_function(ALL_SHOWN.replace("GENERATION", "2"), timeout=180_000)
+        page.wait_for_function(all_shown(2), timeout=180_000)
         widths = page.evaluate("() => ['alpha', 'rgba', 'composite'].map((id) => "
                                "[document.getElementById(id).naturalWidth, document.getElementById(id).naturalHeight])")
         assert widths == [list(sizes[1])] * 3
