@@ -7,6 +7,7 @@ script training_fg_names[i] with training_bg_names[i*100 + j]: consecutive, in l
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,13 +58,12 @@ def _dim_tree(tmp: Path) -> dict:
         _save(tmp / "coco" / "train2014" / f"c{k}.png", _colour(30, 30, 200 + k))
     (tmp / "voc_names.txt").write_text("v5.png\nv1.png\nv3.png\nv0.png\nv3.png\nv2.png\n")  # v3 twice, v4/v6 unused
     (tmp / "coco_names.txt").write_text("train2014/c3.png\ntrain2014/c0.png\ntrain2014/c2.png\ntrain2014/c1.png\n")
+    # the shipped foregrounds section with source dim and the root relative to params.yaml, as a user sets it
+    foregrounds = yaml.safe_load((ROOT / "params.yaml").read_text())["foregrounds"]
+    foregrounds.update(source="dim", on_invalid="exclude", val_fraction=0.5)
+    foregrounds["dim"]["root"] = dim.name
     return {"seed": 0,
-            "foregrounds": {"source": "dim", "on_invalid": "exclude", "val_fraction": 0.5, "test_fraction": 0.2,
-                            "synthetic": {"count": 1, "size": [8, 8]},
-                            "dim": {"root": str(dim), "fg_dir": "fg", "alpha_dir": "alpha",
-                                    "train_subset": "Training_set", "test_subset": "Test_set",
-                                    "train_names": "Training_set/training_fg_names.txt",
-                                    "test_names": "Test_set/test_fg_names.txt"}},
+            "foregrounds": foregrounds,
             "composite": {"backgrounds": {"source": "folder", "folder": str(tmp / "coco"),
                                           "train_list": str(tmp / "coco_names.txt"), "test_folder": str(tmp / "voc"),
                                           "test_list": str(tmp / "voc_names.txt")},
@@ -71,6 +71,7 @@ def _dim_tree(tmp: Path) -> dict:
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A stage script run from the checkout, as DVC runs it (one worker)."""
     return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args, "--workers", "1"],
                           capture_output=True, text=True, timeout=300)
 
@@ -84,7 +85,28 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
                          ("composite.py", ["--foregrounds", str(tmp / "fg"), "--out", str(tmp / "comp")])):
         done = _run(script, "--params", str(tmp / "params.yaml"), *args)
         assert done.returncode == 0, done.stderr
+        (tmp / f"{script}.log").write_text(done.stdout + done.stderr)
     return tmp, params
+
+
+def test_collect_stage_stores_each_dim_pair_at_its_source_pixels(built: tuple[Path, dict]) -> None:
+    """The dim branch through the stage: the relative root is found beside params.yaml (the stage runs
+    from the checkout), pairs are stored bit-exact, the empty matte is excluded by name."""
+    tmp, _ = built
+    dim = tmp / "Adobe_Deep_Matting"
+    rows = {r["id"]: r for r in pq.read_table(tmp / "fg" / "manifest.parquet").to_pylist()}
+    assert sorted(rows) == ["m", "t1", "t2", "z"] and {r["source"] for r in rows.values()} == {"dim"}
+    for fg_id, row in rows.items():
+        subset = "Training_set/Other" if fg_id.startswith("t") else "Test_set/Adobe-licensed images"
+        source_fg, source_alpha = read_rgb(dim / subset / "fg" / f"{fg_id}.png"), read_alpha(dim / subset / "alpha" / f"{fg_id}.png")
+        np.testing.assert_array_equal(read_rgb(tmp / "fg" / row["fg_path"]), source_fg)
+        np.testing.assert_array_equal(read_alpha(tmp / "fg" / row["alpha_path"]), source_alpha)
+        assert (row["height"], row["width"]) == source_alpha.shape
+    invalid = json.loads((tmp / "fg" / "invalid.json").read_text())
+    assert [Path(i["name"]).name for i in invalid] == ["a.png"] and "empty alpha" in invalid[0]["reason"]
+    log = (tmp / "collect_foregrounds.py.log").read_text()
+    assert "a.png: empty alpha" in log
+    assert "4 foregrounds from source 'dim' (train 1, val 1, test 2; 1 invalid)" in log
 
 
 def test_each_foreground_gets_its_consecutive_block_of_the_list_in_order(built: tuple[Path, dict]) -> None:

@@ -256,3 +256,24 @@ def test_folder_source_on_real_alphamatting_subset(tmp_path: Path) -> None:
         # estimated F equals the photo where the object is opaque, and differs from it in the blend zone
         assert np.abs(fg[opaque] - photo[opaque]).mean() < 4.0
         assert np.abs(fg[soft] - photo[soft]).mean() > 4.0
+
+
+def test_folder_source_estimates_f_from_a_photo_and_its_alpha(tmp_path: Path) -> None:
+    """A photo composited from a known F over a known B: the stored F is the photo where the object is
+    opaque, and in the soft edge close to the true F (the photo there is mixed with B)."""
+    x = np.linspace(0.0, 1.0, 40)
+    alpha = np.tile(np.clip((x - 0.3) / 0.4, 0.0, 1.0), (24, 1))  # a 16-px linear ramp across the image
+    alpha8 = np.rint(alpha * 255).astype(np.uint8)
+    true_f, true_b = np.array([220.0, 40.0, 30.0]), np.array([20.0, 60.0, 230.0])
+    a = alpha8[..., None] / 255.0
+    photo = np.rint(a * true_f + (1 - a) * true_b).astype(np.uint8)
+    _save(tmp_path / "src" / "image" / "ramp.png", photo)
+    _save(tmp_path / "src" / "alpha" / "ramp.png", alpha8)
+    result = collect_foregrounds(folder_candidates(tmp_path / "src"), tmp_path / "out", SERIAL)
+    assert [r["id"] for r in result.rows] == ["ramp"] and not result.invalid
+    fg = read_rgb(tmp_path / "out" / "fg" / "ramp.png").astype(np.float64)
+    np.testing.assert_array_equal(read_alpha(tmp_path / "out" / "alpha" / "ramp.png"), alpha8)
+    opaque, soft = alpha8 == 255, (alpha8 > 25) & (alpha8 < 230)
+    assert np.abs(fg[opaque] - photo[opaque]).max() <= 1
+    assert np.abs(fg[soft] - true_f).mean() < 3.0  # the estimate recovers F ...
+    assert np.abs(photo[soft] - true_f).mean() > 50.0  # ... which the photo itself is far from
