@@ -124,3 +124,61 @@ def test_sigkill_and_rerun_gives_identical_weights(shards, tmp_path):
     subprocess.run(_cli(params, shards, out), check=True, env=env, cwd=ROOT, timeout=300)
     assert_same_weights(tmp_path / "reference" / "model.safetensors", out / "model.safetensors")
     assert load_state(out / STATE_FILE)["iteration"] == 8
+
+
+NARROW = {"fpn_width": 16, "fusion_widths": [32, 16, 16, 8, 32], "decoder_max_width": 32}  # fast, not the paper's
+
+
+def test_fusion_step_resumes_from_its_init_model_with_identical_weights(shards, tmp_path):
+    """The fusion step starts from the segmentation step's model (--init): a crash mid-epoch resumes
+    from state.pt, keeps the init's frozen branches, and ends where an uninterrupted run ends."""
+    import torch
+
+    from fusionnet import model as fmodel
+    from fusionnet.hashing import file_sha256
+
+    p = resume_params()
+    p["model"].update(NARROW)
+    cfg = StepConfig.from_params(p, "fusion")
+    torch.manual_seed(11)
+    init = tmp_path / "segmentation" / "model.safetensors"
+    fmodel.save(fmodel.LateFusionNet("densenet121", pretrained=False, **NARROW), init)
+    reference = run_step("fusion", cfg, shards, tmp_path / "reference", init_checkpoint=init)
+    with pytest.raises(KeyboardInterrupt):
+        run_step("fusion", cfg, shards, tmp_path / "crashed", init_checkpoint=init, logger=CrashAfter(2))
+    crashed = load_state(tmp_path / "crashed" / STATE_FILE)
+    assert crashed["iteration"] == 1 and crashed["config"]["init_sha256"] == file_sha256(init)
+    resumed = run_step("fusion", cfg, shards, tmp_path / "crashed", init_checkpoint=init)
+    assert resumed.iterations == reference.iterations == 6
+    assert_same_weights(reference.model_path, resumed.model_path)
+    # only the fusion network trained: the encoder and decoders are still the init's
+    start, end = load_file(str(init)), load_file(str(resumed.model_path))
+    branches = [k for k in start if not k.startswith("fusion.")]
+    assert branches and all(torch.equal(start[k], end[k]) for k in branches)
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("fusion."))
+
+
+def shipped_profile_params() -> dict:
+    """params.yaml's model and train_common (channels-last, its default precision, Adam, deterministic)
+    with only the sizes cut down: 2 epochs x 3 iterations of batch 2, one thread, one val image."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["train_common"].update(threads=1, batch_size=2, num_workers=0, checkpoint_every=1, val_max_images=1,
+                             visual_count=1, val_every=2, log_every=1)  # log_every: CrashAfter sees each iteration
+    p["train_seg"].update(epochs=2, max_iters_per_epoch=3)
+    return p
+
+
+def test_shipped_profile_resumes_with_identical_weights(shards, tmp_path):
+    p = shipped_profile_params()
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["train_common"]
+    assert shipped["channels_last"] is True and p["train_common"]["precision"] == shipped["precision"]
+    cfg = StepConfig.from_params(p, "segmentation")
+    reference = run_step("segmentation", cfg, shards, tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        run_step("segmentation", cfg, shards, tmp_path / "crashed", logger=CrashAfter(4))  # in epoch 2 of 2
+    assert load_state(tmp_path / "crashed" / STATE_FILE)["iteration"] == 3
+    resumed = run_step("segmentation", cfg, shards, tmp_path / "crashed")
+    assert resumed.iterations == reference.iterations == 6
+    assert_same_weights(reference.model_path, resumed.model_path)
+    used = [load_state(d / STATE_FILE)["config"]["precision_used"] for d in (tmp_path / "reference", tmp_path / "crashed")]
+    assert used[0] == used[1]
