@@ -17,8 +17,11 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 import pipeline  # noqa: F401  (offline switches first)
 from pipeline.env import wait_for_prefect_api
+from pipeline.evaluation import EvalConfig
 from pipeline.provenance import load_params
 from pipeline.registry import pipeline_parent
 from pipeline.tasks import evaluate_task, tune_refinement_task
@@ -38,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    try:  # a bad params file is one line naming it, before Prefect or MLflow start or any file is written
+        params = load_params(args.params)
+        EvalConfig.from_params(params)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        message = " ".join(str(exc).split())
+        parser.error(message if str(args.params) in message else f"{args.params}: {message}")
     checkpoints = {"segmentation": args.segmentation, "fusion": args.fusion, "joint": args.joint}
     files = (args.composites, args.metrics, args.reports, args.foregrounds)
     if args.no_mlflow:

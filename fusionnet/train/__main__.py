@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.params.is_file():
         parser.error(f"{args.params}: no such params file")
-    params = yaml.safe_load(args.params.read_text())
+    try:
+        params = yaml.safe_load(args.params.read_text())
+    except yaml.YAMLError as exc:  # one line naming the file, not a parser traceback
+        parser.error(f"{args.params}: not valid YAML ({' '.join(str(exc).split())})")
+    if not isinstance(params, dict):
+        parser.error(f"{args.params}: expected a mapping of params sections, got {type(params).__name__}")
     try:
         cfg = StepConfig.from_params(params, args.step)
     except ValueError as exc:
