@@ -15,10 +15,11 @@ import torch
 from tests.helpers import SHARED_DATA, require_shared_data, stop_process, tiny_net
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """torch runs on one thread during the test: several test processes share 2 cores, and
-    oversubscribed OpenMP makes a tiny forward ~10x slower. Whole file: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    """torch runs on one thread for the rest of the module (module-scoped fixtures included), restored after:
+    several test processes share 2 cores, and oversubscribed OpenMP makes a tiny forward ~10x slower.
+    Whole file: pytestmark = pytest.mark.usefixtures("one_thread")."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,18 +23,10 @@ from fusionnet.cli import main
 from fusionnet.cli_inputs import collect_inputs, image_suffixes
 from fusionnet.imageio import to_uint8
 from fusionnet.infer import Matter, load_model
-from fusionnet.model import LateFusionNet, save
 
 SUMMARY = re.compile(r"matted (\d+) of (\d+) images \((\d+) failed(?:, (\d+) skipped: outputs exist)?\)")
 PNG_END = b"IEND\xaeB`\x82"
 FAST = ("--max-side", "64", "--device", "cpu")  # 40x56 images: the network sees them at their own size
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = LateFusionNet(backbone="densenet121", pretrained=False)
-    return save(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 56)) -> Path:
@@ -64,7 +56,7 @@ def cli_env() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- folders
 
 
-def test_folders_and_files_mirror_the_layout_and_dispatch_videos(checkpoint, tmp_path, capfd, monkeypatch):
+def test_folders_and_files_mirror_the_layout_and_dispatch_videos(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     photos, other, out = tmp_path / "photos", tmp_path / "other", tmp_path / "out"
     write_image(photos / "cat.png", 1)
     write_image(photos / "sub" / "CAT.bmp", 3)  # same stem as the top level, other output folder: kept
@@ -95,7 +87,7 @@ def test_folders_and_files_mirror_the_layout_and_dispatch_videos(checkpoint, tmp
 
     monkeypatch.setattr(video, "matte_video", recording_matte_video)
     code = main(["matte", str(photos), str(explicit), str(explicit_video), str(photos / "cat.png"), str(empty),
-                 "--model", str(checkpoint), "--out", str(out), "--save", "alpha", "trimap", "--progress", *FAST])
+                 "--model", str(tiny_checkpoint), "--out", str(out), "--save", "alpha", "trimap", "--progress", *FAST])
     stdout, stderr = capfd.readouterr()
 
     assert code == 1, stderr  # the videos (stub, or garbage bytes) and the empty folder fail; every image is matted
@@ -120,18 +112,18 @@ def test_folders_and_files_mirror_the_layout_and_dispatch_videos(checkpoint, tmp
     assert re.search(r"8/8 \[\d\d:\d\d<\d\d:\d\d, +\d+\.\d+image/s\]", stderr), stderr
 
     # Values: a mirrored output is the matte of its own image, at its own size.
-    matter = Matter(load_model(checkpoint), device="cpu", max_side=64)
+    matter = Matter(load_model(tiny_checkpoint), device="cpu", max_side=64)
     rgb = np.asarray(Image.open(photos / "sub" / "CAT.bmp").convert("RGB"))
     np.testing.assert_array_equal(read(out / "sub" / "CAT_alpha.png"), to_uint8(matter(rgb).alpha))
     assert read(out / "sub" / "deeper" / "fox_trimap.png").shape == (40, 56)
 
 
-def test_skip_existing_recomputes_only_missing_outputs(checkpoint, tmp_path, capfd):
+def test_skip_existing_recomputes_only_missing_outputs(tiny_checkpoint, tmp_path, capfd):
     photos = tmp_path / "photos"
     for name, seed in (("a.png", 1), ("b.png", 2), ("nested/c.jpg", 3)):
         write_image(photos / name, seed)
     out = photos / "matted"  # inside the searched folder: its outputs must not become inputs
-    argv = ["matte", str(photos), "--model", str(checkpoint), "--out", str(out), "--save", "alpha", "trimap", *FAST]
+    argv = ["matte", str(photos), "--model", str(tiny_checkpoint), "--out", str(out), "--save", "alpha", "trimap", *FAST]
     assert main(argv) == 0
     first = capfd.readouterr()
     assert SUMMARY.search(first.out).groups()[:3] == ("3", "3", "0"), first.err
@@ -182,10 +174,10 @@ def test_image_suffixes_are_what_pil_decodes():
     assert not suffixes & {".pdf", ".mpg", ".mpeg", ".txt", ""}  # save-only, header-only, not images
 
 
-def test_bad_globs_are_usage_errors(checkpoint, tmp_path, capfd):
+def test_bad_globs_are_usage_errors(tiny_checkpoint, tmp_path, capfd):
     good = write_image(tmp_path / "good.png", 1)
     for pattern, problem in (("/abs/*.jpg", "must be relative to each folder"), ("../*.jpg", "'..' cannot be")):
-        argv = ["matte", str(good), "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--glob", pattern]
+        argv = ["matte", str(good), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--glob", pattern]
         assert main(argv) == 2
         assert f"error: --glob {pattern!r}: {problem}" in capfd.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -204,20 +196,20 @@ def test_bad_globs_are_usage_errors(checkpoint, tmp_path, capfd):
         (["-", "other.png"], [], "INPUT - (one image on stdin) cannot be combined with other inputs"),
     ],
 )
-def test_pipe_usage_errors(checkpoint, capfd, inputs, options, problem):
-    assert main(["matte", *inputs, "--model", str(checkpoint), *options]) == 2
+def test_pipe_usage_errors(tiny_checkpoint, capfd, inputs, options, problem):
+    assert main(["matte", *inputs, "--model", str(tiny_checkpoint), *options]) == 2
     assert f"error: {problem}" in capfd.readouterr().err
 
 
-def test_out_is_required_unless_piping(checkpoint, tmp_path, capfd):
-    assert main(["matte", str(write_image(tmp_path / "a.png", 1)), "--model", str(checkpoint)]) == 2
+def test_out_is_required_unless_piping(tiny_checkpoint, tmp_path, capfd):
+    assert main(["matte", str(write_image(tmp_path / "a.png", 1)), "--model", str(tiny_checkpoint)]) == 2
     assert "--out DIR is required (only INPUT - writes to stdout)" in capfd.readouterr().err
 
 
-def test_stdin_to_stdout_matches_the_file_output(checkpoint, tmp_path, capfd):
+def test_stdin_to_stdout_matches_the_file_output(tiny_checkpoint, tmp_path, capfd):
     photo = write_image(tmp_path / "photo.png", 9)
     data = photo.read_bytes()
-    command = [sys.executable, "-m", "fusionnet.cli", "matte", "-", "--model", str(checkpoint), "--max-side", "64"]
+    command = [sys.executable, "-m", "fusionnet.cli", "matte", "-", "--model", str(tiny_checkpoint), "--max-side", "64"]
     # Both pipes at once: two cores, and each process spends most of its time importing torch.
     good = subprocess.Popen([*command, "--device", "cpu"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
@@ -229,7 +221,7 @@ def test_stdin_to_stdout_matches_the_file_output(checkpoint, tmp_path, capfd):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the pipe (OMP_NUM_THREADS=1): the same float sums, the same bits
     try:
-        assert main(["matte", str(photo), "--model", str(checkpoint), "--out", str(tmp_path / "out"), *FAST]) == 0
+        assert main(["matte", str(photo), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"), *FAST]) == 0
     finally:
         torch.set_num_threads(threads)
     capfd.readouterr()

@@ -22,28 +22,11 @@ from fusionnet.infer import (
     resolve_device,
     resolve_model_path,
 )
-from fusionnet.model import LateFusionNet, save
 from fusionnet.refine import guided_filter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Several test processes share 2 cores; with oversubscribed OpenMP threads a tiny forward is ~10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def model() -> LateFusionNet:
-    torch.manual_seed(0)
-    return LateFusionNet(backbone="densenet121", pretrained=False).eval()
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, model):
-    return save(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+# one thread: several test processes share 2 cores (oversubscribed OpenMP: a tiny forward ~10x slower)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disc_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -85,8 +68,8 @@ def test_pad_one_pixel_repeats_it():
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 40), (37, 53), (33, 97), (64, 64)])
-def test_output_maps_have_the_input_size(model, size):
-    result = Matter(model, device="cpu", refine=False)(disc_image(*size))
+def test_output_maps_have_the_input_size(tiny_model, size):
+    result = Matter(tiny_model, device="cpu", refine=False)(disc_image(*size))
     for name in ("alpha", "raw_alpha", "fg_prob", "bg_prob"):
         value = getattr(result, name)
         assert value.shape == size and value.dtype == np.float32, name
@@ -94,11 +77,11 @@ def test_output_maps_have_the_input_size(model, size):
     assert result.network_size == size
 
 
-def test_prepadded_image_gives_identical_alpha(model):
+def test_prepadded_image_gives_identical_alpha(tiny_model):
     """Padding is reflection at bottom/right and the crop takes the top-left: pre-padding by hand
     with numpy's reflect and cropping the result must reproduce the matte exactly."""
     image = disc_image(45, 70)
-    matter = Matter(model, device="cpu", refine=False)
+    matter = Matter(tiny_model, device="cpu", refine=False)
     direct = matter(image)
     prepadded = np.pad(image, ((0, 19), (0, 26), (0, 0)), mode="reflect")
     via_padded = matter(prepadded)
@@ -109,9 +92,9 @@ def test_prepadded_image_gives_identical_alpha(model):
     assert np.abs(zero_padded.raw_alpha[:45, :70] - direct.raw_alpha).max() > 1e-4
 
 
-def test_max_side_resizes_for_the_network_and_back(model):
+def test_max_side_resizes_for_the_network_and_back(tiny_model):
     image = disc_image(100, 60)
-    matter = Matter(model, device="cpu", refine=False, max_side=50)
+    matter = Matter(tiny_model, device="cpu", refine=False, max_side=50)
     result = matter(image)
     assert result.network_size == (50, 30) and result.alpha.shape == (100, 60)
     # Reference: downscale (antialiased bilinear), matte at 50x30, upscale (bilinear) by hand.
@@ -120,24 +103,24 @@ def test_max_side_resizes_for_the_network_and_back(model):
     expected = resize_maps(maps, (100, 60)).clamp(0, 1)[0]
     np.testing.assert_allclose(result.raw_alpha, expected[0].numpy(), atol=1e-6)
     np.testing.assert_allclose(result.bg_prob, expected[2].numpy(), atol=1e-6)
-    unresized = Matter(model, device="cpu", refine=False, max_side=100)(image)
+    unresized = Matter(tiny_model, device="cpu", refine=False, max_side=100)(image)
     assert unresized.network_size == (100, 60)
     assert np.abs(unresized.raw_alpha - result.raw_alpha).max() > 1e-4
 
 
-def test_uint8_input_equals_float_input(model):
+def test_uint8_input_equals_float_input(tiny_model):
     image_u8 = (disc_image(40, 40) * 255).round().astype(np.uint8)
-    matter = Matter(model, device="cpu", refine=False)
+    matter = Matter(tiny_model, device="cpu", refine=False)
     np.testing.assert_array_equal(matter(image_u8).alpha, matter(image_u8.astype(np.float32) / 255).alpha)
 
 
 # --------------------------------------------------------------------------------------------- refinement
 
 
-def test_refinement_is_the_guided_filter_of_the_raw_alpha(model):
+def test_refinement_is_the_guided_filter_of_the_raw_alpha(tiny_model):
     image = disc_image(64, 80)
-    refined = Matter(model, device="cpu", refine=True, radius=3, eps=1e-3)(image)
-    plain = Matter(model, device="cpu", refine=False)(image)
+    refined = Matter(tiny_model, device="cpu", refine=True, radius=3, eps=1e-3)(image)
+    plain = Matter(tiny_model, device="cpu", refine=False)(image)
     np.testing.assert_array_equal(plain.alpha, plain.raw_alpha)
     np.testing.assert_array_equal(refined.raw_alpha, plain.raw_alpha)
     np.testing.assert_allclose(refined.alpha, guided_filter(image, plain.raw_alpha, 3, 1e-3), atol=1e-6)
@@ -147,22 +130,22 @@ def test_refinement_is_the_guided_filter_of_the_raw_alpha(model):
 # --------------------------------------------------------------------------------------------- precision
 
 
-def test_bf16_fast_path_runs_close_to_fp32_and_leaves_model_alone(model):
+def test_bf16_fast_path_runs_close_to_fp32_and_leaves_model_alone(tiny_model):
     image = disc_image(70, 90)
-    reference = Matter(model, device="cpu", precision="fp32", refine=False)(image)
-    fast = matte(model, image, fast=True, device="cpu", refine=False)
+    reference = Matter(tiny_model, device="cpu", precision="fp32", refine=False)(image)
+    fast = matte(tiny_model, image, fast=True, device="cpu", refine=False)
     assert fast.alpha.shape == (70, 90) and fast.alpha.dtype == np.float32 and np.isfinite(fast.alpha).all()
     assert np.abs(fast.alpha - reference.alpha).mean() < 0.01
     assert not np.array_equal(fast.alpha, reference.alpha)  # really ran in bfloat16
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # caller's model untouched
-    assert next(model.parameters()).is_contiguous()
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # caller's model untouched
+    assert next(tiny_model.parameters()).is_contiguous()
 
 
-def test_fold_batchnorms_is_exact(model):
-    folded = copy.deepcopy(model)
+def test_fold_batchnorms_is_exact(tiny_model):
+    folded = copy.deepcopy(tiny_model)
     # Non-trivial statistics, so a wrong fold (e.g. scale without shift) would show.
     generator = torch.Generator().manual_seed(0)
-    for a, b in zip(model.modules(), folded.modules()):
+    for a, b in zip(tiny_model.modules(), folded.modules()):
         if isinstance(a, torch.nn.BatchNorm2d):
             for tensor, low, high in ((b.running_mean, -0.3, 0.3), (b.running_var, 0.5, 2.0),
                                       (b.weight, 0.5, 1.5), (b.bias, -0.3, 0.3)):
@@ -177,22 +160,22 @@ def test_fold_batchnorms_is_exact(model):
     torch.testing.assert_close(actual.alpha, expected.alpha, atol=1e-5, rtol=0)
     torch.testing.assert_close(actual.bg_prob, expected.bg_prob, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="eval mode"):
-        fold_batchnorms(copy.deepcopy(model).train())
+        fold_batchnorms(copy.deepcopy(tiny_model).train())
 
 
-def test_bad_precision_and_device(model):
+def test_bad_precision_and_device(tiny_model):
     with pytest.raises(ValueError, match="unknown precision"):
-        Matter(model, device="cpu", precision="int8")
+        Matter(tiny_model, device="cpu", precision="int4")  # int8 is the ONNX Runtime path (needs calibration)
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        Matter(model, device="cpu", precision="fp16")
+        Matter(tiny_model, device="cpu", precision="fp16")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             resolve_device("cuda")
         assert resolve_device("auto") == torch.device("cpu")
 
 
-def test_bad_image_arrays(model):
-    matter = Matter(model, device="cpu", refine=False)
+def test_bad_image_arrays(tiny_model):
+    matter = Matter(tiny_model, device="cpu", refine=False)
     with pytest.raises(ValueError, match=r"\(H,W,3\)"):
         matter(np.zeros((8, 8), np.float32))
     with pytest.raises(ValueError, match=r"\(H,W,3\)"):
@@ -202,13 +185,13 @@ def test_bad_image_arrays(model):
 # --------------------------------------------------------------------------------------------- files
 
 
-def test_matte_files_goes_on_after_a_failure(model, tmp_path):
+def test_matte_files_goes_on_after_a_failure(tiny_model, tmp_path):
     from PIL import Image
 
     good = tmp_path / "good.png"
     Image.fromarray((disc_image(30, 40) * 255).astype(np.uint8)).save(good)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    matter = Matter(model, device="cpu", refine=False)
+    matter = Matter(tiny_model, device="cpu", refine=False)
     items = list(matte_files(matter, [tmp_path / "bad.png", tmp_path / "missing.png", good]))
     assert [item.path.name for item in items] == ["bad.png", "missing.png", "good.png"]
     assert "not an image file" in items[0].error and items[0].result is None
@@ -216,15 +199,15 @@ def test_matte_files_goes_on_after_a_failure(model, tmp_path):
     assert items[2].error is None and items[2].result.alpha.shape == (30, 40)
 
 
-def test_load_model_round_trip(checkpoint, model):
-    loaded = load_model(checkpoint)
+def test_load_model_round_trip(tiny_checkpoint, tiny_model):
+    loaded = load_model(tiny_checkpoint)
     assert not loaded.training
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+    for (name, a), b in zip(tiny_model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_resolve_model_path_plain_and_missing(checkpoint, tmp_path):
-    assert resolve_model_path(str(checkpoint)) == checkpoint
+def test_resolve_model_path_plain_and_missing(tiny_checkpoint, tmp_path):
+    assert resolve_model_path(str(tiny_checkpoint)) == tiny_checkpoint
     with pytest.raises(FileNotFoundError, match="no such model file"):
         resolve_model_path(tmp_path / "nope.safetensors")
     with pytest.raises(IsADirectoryError):
@@ -236,7 +219,7 @@ def test_resolve_model_uri_without_plugin():
         resolve_model_path("nosuchscheme:/registry/model@champion")
 
 
-def test_resolve_model_uri_through_entry_point_plugin(checkpoint, tmp_path, monkeypatch):
+def test_resolve_model_uri_through_entry_point_plugin(tiny_checkpoint, tmp_path, monkeypatch):
     """A real (installed-on-sys.path) distribution registers a resolver for a URI scheme."""
     plugin_dir = tmp_path / "site"
     dist = plugin_dir / "fusionnet_test_resolver-1.0.dist-info"
@@ -244,7 +227,7 @@ def test_resolve_model_uri_through_entry_point_plugin(checkpoint, tmp_path, monk
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fusionnet-test-resolver\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(f"[{MODEL_RESOLVER_GROUP}]\ntestreg = fusionnet_test_resolver:resolve\n")
     (plugin_dir / "fusionnet_test_resolver.py").write_text(
-        f"def resolve(spec):\n    assert spec.startswith('testreg:/')\n    return {str(checkpoint)!r}\n"
+        f"def resolve(spec):\n    assert spec.startswith('testreg:/')\n    return {str(tiny_checkpoint)!r}\n"
     )
     monkeypatch.syspath_prepend(str(plugin_dir))
-    assert resolve_model_path("testreg:/matting@champion") == checkpoint
+    assert resolve_model_path("testreg:/matting@champion") == tiny_checkpoint

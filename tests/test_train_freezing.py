@@ -12,13 +12,8 @@ from fusionnet.train.forward import SegmentationNet, step_loss, step_module
 from fusionnet.train.freezing import batchnorm_modules, set_train_mode, set_trainable
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a second thread only adds spin-waiting when other jobs share the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: a second thread only adds spin-waiting when other jobs share the cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

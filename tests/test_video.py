@@ -16,42 +16,29 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fusionnet.imageio import to_uint8
 from fusionnet.infer import Matter
-from fusionnet.model import LateFusionNet
 from fusionnet.refine import implicit_trimap
 from fusionnet.render import render_outputs
 from fusionnet.temporal import AlphaSmoother, flicker
 from fusionnet.video import VideoError, add_video_arguments, matte_frames, matte_video
 from fusionnet.videoio import VideoReader
+from tests.helpers import tiny_net
 
 HEIGHT, WIDTH, FRAMES, FPS = 48, 64, 12, 24.0
 KINDS = ["alpha", "rgba", "composite", "trimap"]
 GREEN = (0, 255, 0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Several test processes share 2 cores; with oversubscribed OpenMP threads a tiny forward is ~10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_model() -> LateFusionNet:
-    torch.manual_seed(0)
-    return LateFusionNet(
-        backbone="densenet121", pretrained=False, fpn_width=16, fusion_widths=(16,) * 5, decoder_max_width=16
-    )
+# one thread: several test processes share 2 cores (oversubscribed OpenMP: a tiny forward ~10x slower)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def matter() -> Matter:
-    return Matter(tiny_model(), device="cpu", max_side=32)
+    return Matter(tiny_net(narrow=True), device="cpu", max_side=32)
 
 
 def scene(index: int, height: int = HEIGHT, width: int = WIDTH, step: int = 3, seed: int | None = None) -> np.ndarray:
@@ -190,7 +177,7 @@ def test_matte_frames_takes_at_most_one_batch_ahead(matter):
 
 
 def test_video_memory_does_not_grow_with_its_length(tmp_path):
-    small = Matter(tiny_model(), device="cpu", max_side=16, refine=False)
+    small = Matter(tiny_net(narrow=True), device="cpu", max_side=16, refine=False)
     size = (192, 256)
     peaks = {}
     for count in (8, 16):  # both past the first batch, so only the length differs
