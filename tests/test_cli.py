@@ -4,6 +4,10 @@ Every bad-input case runs in a batch with a good image: the good one must still 
 must give `error: <path>: <problem>`, exit status 1 and no output files (not even temporaries).
 Inputs the CLI must handle (16-bit, grayscale, RGBA, CMYK, EXIF-rotated, 1x1, 20000x20000) run next to
 an 8-bit RGB file holding what the loader should have made of them: both mattes must be identical.
+
+Each process imports torch (seconds on a loaded host), so cases share calls: every bad file goes into one
+batch, every handled input into another (module-scoped runs that several tests read). Usage errors are
+in tests/test_cli_usage.py.
 """
 
 from __future__ import annotations
@@ -15,24 +19,19 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
-
-from fusionnet import __version__
-from fusionnet.model import LateFusionNet, save
 
 EXIF_ORIENTATION = 0x0112
 SUMMARY = re.compile(r"matted (\d+) of (\d+) images \((\d+) failed\)")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = LateFusionNet(backbone="densenet121", pretrained=False)
-    return save(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -93,12 +92,17 @@ def files_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-@pytest.fixture
-def good(tmp_path) -> Path:
-    path = tmp_path / "in" / "good.png"
-    path.parent.mkdir()
+def make_good(directory: Path) -> Path:
+    """`directory/good.png`, 48x64 RGB noise: the file every batch must still matte."""
+    path = directory / "good.png"
+    directory.mkdir(parents=True, exist_ok=True)
     Image.fromarray(random_rgb(48, 64, seed=1)).save(path)
     return path
+
+
+@pytest.fixture
+def good(tmp_path) -> Path:
+    return make_good(tmp_path / "in")
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
@@ -119,7 +123,7 @@ def make_bad(kind: str, directory: Path) -> Path:
     if kind == "directory":
         (directory / "folder.png").mkdir()
         return directory / "folder.png"
-    path = directory / {"truncated_jpeg": "bad.jpg"}.get(kind, "bad.png")
+    path = directory / (f"{kind}.jpg" if kind == "truncated_jpeg" else f"{kind}.png")  # one name each: they share a batch
     if kind == "not_an_image":
         path.write_text("hello, I am a text file\n" * 10)
     elif kind == "zero_byte":
@@ -146,16 +150,40 @@ BAD_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_batch(checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """One call: good.png, every bad file, and blocked.png whose trimap cannot be written (a folder is there)."""
+    root = tmp_path_factory.mktemp("bad")
+    good = make_good(root / "in")
+    bad = {kind: make_bad(kind, good.parent) for kind in sorted(BAD_CASES)}
+    blocked = good.parent / "blocked.png"
+    Image.fromarray(random_rgb(40, 40, seed=3)).save(blocked)
+    out = root / "out"
+    (out / "blocked_trimap.png").mkdir(parents=True)  # the second output cannot be renamed into place
+    result = matte(checkpoint, out, blocked, good, *bad.values())
+    return SimpleNamespace(result=result, out=out, bad=bad, blocked=blocked)
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_CASES))
-def test_bad_input_fails_alone(checkpoint, tmp_path, good, kind):
-    bad = make_bad(kind, good.parent)
-    out = tmp_path / "out"
-    result = matte(checkpoint, out, good, bad)
+def test_bad_input_names_its_file_and_problem(bad_batch, kind):
+    path, stderr = bad_batch.bad[kind], bad_batch.result.stderr
+    assert re.search(rf"^error: {re.escape(str(path))}: {BAD_CASES[kind]}", stderr, re.M), stderr
+
+
+def test_bad_inputs_fail_alone_and_leave_nothing(bad_batch):
+    result, out = bad_batch.result, bad_batch.out
     assert result.returncode == 1, result.stderr
-    assert re.search(rf"^error: {re.escape(str(bad))}: {BAD_CASES[kind]}", result.stderr, re.M), result.stderr
-    assert SUMMARY.search(result.stdout).groups() == ("1", "2", "1")
-    assert files_in(out) == ["good_alpha.png", "good_trimap.png"]  # nothing for the bad file, no temporaries
+    n = len(BAD_CASES) + 2
+    assert SUMMARY.search(result.stdout).groups() == ("1", str(n), str(n - 1))
+    assert len(re.findall(r"^error: ", result.stderr, re.M)) == n - 1  # one line per failed file
+    # nothing for a bad file, no temporaries, and no blocked_alpha.png beside the folder in its way
+    assert files_in(out) == ["blocked_trimap.png", "good_alpha.png", "good_trimap.png"]
     assert read(out / "good_alpha.png").shape == (48, 64)
+
+
+def test_write_failure_is_a_failed_file(bad_batch):
+    stderr = bad_batch.result.stderr
+    assert re.search(rf"^error: {re.escape(str(bad_batch.blocked))}: cannot write outputs", stderr, re.M), stderr
 
 
 def test_pixel_limit_option(checkpoint, tmp_path, good):
@@ -164,17 +192,6 @@ def test_pixel_limit_option(checkpoint, tmp_path, good):
     result = matte(checkpoint, tmp_path / "out", good, big, extra=("--max-pixels", "10000000"))
     assert result.returncode == 1
     assert f"error: {big}: image is 4000x3000 = 12 megapixels, over the limit of 10 megapixels" in result.stderr
-
-
-def test_write_failure_leaves_no_partial_outputs(checkpoint, tmp_path, good):
-    out = tmp_path / "out"
-    (out / "good_trimap.png").mkdir(parents=True)  # the second output cannot be renamed into place
-    other = good.parent / "other.png"
-    Image.fromarray(random_rgb(40, 40, seed=3)).save(other)
-    result = matte(checkpoint, out, good, other)
-    assert result.returncode == 1
-    assert re.search(rf"^error: {re.escape(str(good))}: cannot write outputs", result.stderr, re.M)
-    assert files_in(out) == ["good_trimap.png", "other_alpha.png", "other_trimap.png"]  # no good_alpha.png
 
 
 # --------------------------------------------------------------------------------------------- handled inputs
@@ -227,14 +244,48 @@ def make_handled(kind: str, directory: Path) -> tuple[Path, Path, tuple[int, int
 HANDLED = ["sixteen_bit", "grayscale", "rgba", "cmyk", "exif_rotated", "one_pixel", "huge"]
 
 
-@pytest.mark.parametrize("kind", HANDLED)
-def test_handled_input_mattes_like_its_rgb_equivalent(checkpoint, tmp_path, good, kind):
-    path, reference, size = make_handled(kind, good.parent)
-    out = tmp_path / "out"
-    result = matte(checkpoint, out, good, path, reference, extra=("--max-output-side", "64"))
+def handled_run(checkpoint: Path, root: Path, kinds: list[str], extra: tuple[str, ...] = ()) -> SimpleNamespace:
+    """One call: good.png, then each handled input next to its 8-bit RGB reference."""
+    good = make_good(root / "in")
+    files = {kind: make_handled(kind, good.parent) for kind in kinds}
+    inputs = [good] + [p for kind in kinds for p in files[kind][:2]]
+    out = root / "out"
+    result = matte(checkpoint, out, *inputs, extra=("--max-output-side", "64", *extra))
+    return SimpleNamespace(result=result, out=out, files=files, count=len(inputs))
+
+
+@pytest.fixture(scope="module")
+def handled_batch(checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """Every handled input but the 20000x20000 one, in one call with --progress forced."""
+    kinds = [kind for kind in HANDLED if kind != "huge"]
+    return handled_run(checkpoint, tmp_path_factory.mktemp("handled"), kinds, ("--progress",))
+
+
+@pytest.fixture(scope="module")
+def huge_batch(checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """The 20000x20000 input on its own: decoding it takes tens of seconds (a slow test)."""
+    return handled_run(checkpoint, tmp_path_factory.mktemp("huge"), ["huge"])
+
+
+BATCHES = [pytest.param("handled_batch", id="small"), pytest.param("huge_batch", id="huge", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_handled_inputs_all_matte(request, batch):
+    run = request.getfixturevalue(batch)
+    result, n = run.result, str(run.count)
     assert result.returncode == 0, result.stderr
     assert "error:" not in result.stderr
-    assert SUMMARY.search(result.stdout).groups() == ("3", "3", "0")
+    assert SUMMARY.search(result.stdout).groups() == (n, n, "0")
+    assert read(run.out / "good_alpha.png").shape == (48, 64)
+
+
+@pytest.mark.parametrize("kind", [*(k for k in HANDLED if k != "huge"), pytest.param("huge", marks=pytest.mark.slow)])
+def test_handled_input_mattes_like_its_rgb_equivalent(request, kind):
+    run = request.getfixturevalue("huge_batch" if kind == "huge" else "handled_batch")
+    path, reference, size = run.files[kind]
+    out, result = run.out, run.result
+    assert result.returncode == 0, result.stderr
     alpha, expected = read(out / f"{path.stem}_alpha.png"), read(out / f"{reference.stem}_alpha.png")
     assert alpha.shape == size and read(out / f"{path.stem}_trimap.png").shape == size
     if kind == "huge":
@@ -244,9 +295,9 @@ def test_handled_input_mattes_like_its_rgb_equivalent(checkpoint, tmp_path, good
         assert np.abs(alpha[34:].astype(int) - expected[34:]).max() <= 1
     else:
         np.testing.assert_array_equal(alpha, expected)
-    assert read(out / "good_alpha.png").shape == (48, 64)
 
 
+@pytest.mark.slow
 def test_huge_image_decodes_within_a_memory_bound(checkpoint, tmp_path, good):
     """20000x20000 RGB: the 8-bit decode is 1.2 GB; a float32 copy alone would be 4.8 GB.
 
@@ -290,18 +341,49 @@ def test_all_output_kinds_and_colour_composite(checkpoint, tmp_path, good):
     assert set(np.unique(read(out / "good_trimap.png"))) <= {0, 128, 255}
 
 
+def bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`(h,w,C)` enlarged bilinearly with half-pixel centres and clamped edges (align_corners=False)."""
+
+    def taps(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        low = np.floor(src).astype(int)
+        return low, np.minimum(low + 1, n_in - 1), src - low
+
+    y0, y1, wy = taps(image.shape[0], height)
+    x0, x1, wx = taps(image.shape[1], width)
+    rows = image[y0] * (1 - wy)[:, None, None] + image[y1] * wy[:, None, None]
+    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+def structured_background(height: int, width: int) -> np.ndarray:
+    """uint8 RGB: red by quadrant, green a ramp down the rows, blue a ramp across the columns."""
+    yy, xx = np.mgrid[:height, :width]
+    red = np.where(yy < height // 2, np.where(xx < width // 2, 250, 10), np.where(xx < width // 2, 120, 60))
+    return np.dstack([red, yy * 255 // (height - 1), xx * 255 // (width - 1)]).astype(np.uint8)
+
+
 def test_composite_over_an_image(checkpoint, tmp_path, good):
+    # A portrait 30x20 background under a landscape 48x64 input: scaling to cover is set by the width
+    # (x3.2 -> 96x64), and the centre crop keeps rows 24..71, across the quadrants' boundary.
+    pixels = structured_background(30, 20)
     background = tmp_path / "bg.png"
-    Image.new("RGB", (30, 20), (10, 20, 250)).save(background)  # smaller than the input: scaled to cover
+    Image.fromarray(pixels).save(background)
     out = tmp_path / "out"
     result = run_cli(
         "matte", good, "--model", checkpoint, "--out", out, "--save", "rgba", "composite", "--background", background
     )
     assert result.returncode == 0, result.stderr
-    rgba, composite = read(out / "good_rgba.png"), read(out / "good_composite.png")
+    rgba, composite = read(out / "good_rgba.png"), read(out / "good_composite.png").astype(float)
     a = rgba[:, :, 3:] / 255.0
-    expected = a * rgba[:, :, :3] + (1 - a) * np.array([10, 20, 250])
-    assert np.abs(composite - expected).max() <= 1.5
+
+    def over(bg: np.ndarray) -> np.ndarray:
+        return a * rgba[:, :, :3] + (1 - a) * bg * 255
+
+    cover = bilinear_resize(pixels / 255.0, 96, 64)
+    assert np.abs(composite - over(cover[24:72])).max() <= 1.5  # I = alpha F + (1 - alpha) B, up to rounding
+    # the check tells these apart: the top of the cover (no centre crop), the image stretched to 48x64
+    for wrong in (cover[:48], bilinear_resize(pixels / 255.0, 48, 64)):
+        assert np.abs(composite - over(wrong)).max() > 20
 
 
 def test_same_stems_are_disambiguated(checkpoint, tmp_path, good):
@@ -319,81 +401,14 @@ def test_same_stems_are_disambiguated(checkpoint, tmp_path, good):
     assert SUMMARY.search(result.stdout).groups() == ("2", "2", "0")
 
 
-def test_progress_bar_only_when_asked_or_on_a_terminal(checkpoint, tmp_path, good):
-    other = good.parent / "other.png"
-    Image.fromarray(random_rgb(32, 32, seed=7)).save(other)
-    quiet = matte(checkpoint, tmp_path / "a", good, other)  # stderr is a pipe: no bar by default
-    assert quiet.returncode == 0 and "image/s" not in quiet.stderr and "2/2" not in quiet.stderr
-    shown = matte(checkpoint, tmp_path / "b", good, other, extra=("--progress",))
-    assert shown.returncode == 0 and "2/2" in shown.stderr
+def test_progress_bar_only_when_asked_or_on_a_terminal(bad_batch, handled_batch):
+    quiet = bad_batch.result.stderr  # several inputs, stderr is a pipe: no bar by default
+    assert "image/s" not in quiet and not re.search(r"\d+/\d+ \[", quiet)
+    n = handled_batch.count  # --progress forces it
+    assert handled_batch.result.returncode == 0 and f"{n}/{n} [" in handled_batch.result.stderr
 
 
 def test_bf16_and_no_refine_run(checkpoint, tmp_path, good):
     result = matte(checkpoint, tmp_path / "out", good, extra=("--precision", "bf16", "--no-refine", "--max-side", "32"))
     assert result.returncode == 0, result.stderr
     assert read(tmp_path / "out" / "good_alpha.png").shape == (48, 64)
-
-
-# --------------------------------------------------------------------------------------------- usage
-
-
-def test_version():
-    result = run_cli("--version")
-    assert result.returncode == 0 and result.stdout.strip() == f"fusionnet {__version__}"
-
-
-def test_console_script_is_installed():
-    script = Path(sys.executable).parent / "fusionnet"
-    if not script.exists():
-        pytest.skip(f"no console script next to {sys.executable} (project not pip-installed here)")
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120, env=cli_env())
-    assert result.stdout.strip() == f"fusionnet {__version__}"
-
-
-def test_no_command_is_a_usage_error():
-    result = run_cli()
-    assert result.returncode == 2 and "matte" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("model", "problem"),
-    [("missing.safetensors", "no such model file"), ("good.png", "not a fusionnet model file")],
-)
-def test_bad_model_is_a_usage_error(tmp_path, good, model, problem):
-    result = run_cli("matte", good, "--model", good.parent / model, "--out", tmp_path / "out")
-    assert result.returncode == 2
-    assert f"error: --model {good.parent / model}: {problem}" in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_fp16_on_cpu_missing_gpu_and_bad_background_are_usage_errors(checkpoint, tmp_path, good):
-    if torch.cuda.is_available():
-        pytest.skip("fp16 is valid with a GPU")
-    common = ("matte", good, "--model", checkpoint, "--out", tmp_path / "o")
-    result = run_cli(*common, "--device", "cpu", "--precision", "fp16")
-    assert result.returncode == 2 and "fp16 needs a CUDA device; use bf16 on CPU" in result.stderr
-    result = run_cli(*common, "--device", "cuda")
-    assert result.returncode == 2 and "error: device 'cuda' requested but no CUDA GPU is available" in result.stderr
-    result = run_cli(*common, "--save", "composite", "--background", "no-such-colour")
-    assert result.returncode == 2 and "neither an image file nor a colour" in result.stderr
-
-
-def test_model_uri_through_resolver_plugin(checkpoint, tmp_path, good):
-    """A distribution on PYTHONPATH registers a resolver for its own URI scheme (the project's own
-    `models:` resolver may be installed too, so this test uses a scheme nobody else claims)."""
-    site = tmp_path / "site"
-    dist = site / "fusionnet_test_registry-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fusionnet-test-registry\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[fusionnet.model_resolvers]\ntestreg = fusionnet_test_registry:resolve\n")
-    (site / "fusionnet_test_registry.py").write_text(
-        f"def resolve(spec):\n    assert spec == 'testreg:/matting@champion', spec\n    return {str(checkpoint)!r}\n"
-    )
-    env = cli_env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    out = tmp_path / "out"
-    result = run_cli("matte", good, "--model", "testreg:/matting@champion", "--out", out, env=env)
-    assert result.returncode == 0, result.stderr
-    assert files_in(out) == ["good_alpha.png"]
-    without_plugin = run_cli("matte", good, "--model", "testreg:/matting@champion", "--out", out)
-    assert without_plugin.returncode == 2
-    assert "no resolver for 'testreg:' model URIs is installed" in without_plugin.stderr
