@@ -38,6 +38,7 @@ from fusionnet.infer import (
     MatteResult,
     load_model,
     matte_files,
+    resolve_model_path,
 )
 from fusionnet.render import OUTPUT_KINDS, Background, render_outputs
 
@@ -66,7 +67,8 @@ def add_arguments(matte: argparse.ArgumentParser) -> None:
     )
     matte.add_argument(
         "--model", required=True, metavar="CHECKPOINT",
-        help="model file (fusionnet.model.save), or a URI handled by a fusionnet.model_resolvers plugin",
+        help="model file (fusionnet.model.save), a .onnx file (fusionnet export; runs on ONNX Runtime), "
+        "or a URI handled by a fusionnet.model_resolvers plugin",
     )
     matte.add_argument(
         "--out", type=Path, metavar="DIR",
@@ -117,8 +119,10 @@ def add_arguments(matte: argparse.ArgumentParser) -> None:
     )
     matte.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
     matte.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32",
-        help="fp32 (reference), bf16 (fast path: channels-last bfloat16; CPU or CUDA), fp16 (CUDA autocast)",
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto (default: the fastest of fp32-cl, bf16 and a calibrated int8 measured on this machine), "
+        "fp32 (eager reference), fp32-cl (folded BN, channels-last), bf16, int8 (CPU; python -m "
+        "fusionnet.quantize calibrates), fp16 (CUDA autocast)",
     )
     matte.add_argument(
         "--compile", action="store_true",
@@ -149,6 +153,9 @@ def parse_background(value: str, max_side: int, max_pixels: int) -> Background:
 
 def describe_device(matter: Matter, requested_precision: str) -> str:
     """What `matte` reports on stderr: `cpu (precision fp32)`, `cuda:0 NVIDIA H200 (precision bf16)`."""
+    describe = getattr(matter, "describe", None)
+    if describe is not None:  # an OnnxMatter: the ONNX Runtime provider and the file's precision
+        return describe()
     device = matter.device
     name = str(device)
     if device.type == "cuda":
@@ -219,21 +226,48 @@ def run(args: argparse.Namespace) -> int:
         if "composite" in args.save
         else None
     )
+    matter = _make_matter(args)
+    print(f"device: {describe_device(matter, args.precision)}", file=sys.stderr)
+    if collected is None:
+        return _matte_stdin(matter, args, background)
+    return _matte_batch(matter, args, background, collected, started)
+
+
+def _make_matter(args: argparse.Namespace) -> Matter:
+    """The Matter for --model: PyTorch for a model file, ONNX Runtime for a .onnx file (UsageError if unusable)."""
+    from fusionnet.onnx_runtime import is_onnx_model
+
     try:
-        model = load_model(args.model, device="cpu")
+        path = resolve_model_path(args.model)
+        if is_onnx_model(path):
+            return _make_onnx_matter(path, args)
+        model = load_model(path, device="cpu")
+    except ImportError as exc:  # an .onnx model without onnxruntime installed
+        raise UsageError(f"--model {args.model}: ONNX models need onnxruntime ({exc})") from exc
     except (OSError, LookupError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--model {exc}") from exc
     try:
-        matter = Matter(
+        return Matter(
             model, device=args.device, precision=args.precision, max_side=args.max_side,
             refine=args.refine, radius=args.radius, eps=args.eps, compile=args.compile,
         )
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from exc
-    print(f"device: {describe_device(matter, args.precision)}", file=sys.stderr)
-    if collected is None:
-        return _matte_stdin(matter, args, background)
-    return _matte_batch(matter, args, background, collected, started)
+
+
+def _make_onnx_matter(path: Path, args: argparse.Namespace) -> Matter:
+    """An OnnxMatter: the file fixes the precision, so --precision/--compile are said not to apply."""
+    from fusionnet.onnx_runtime import OnnxMatter
+
+    matter = OnnxMatter(path, device=args.device, max_side=args.max_side, refine=args.refine,
+                        radius=args.radius, eps=args.eps)
+    if args.precision not in ("auto", "fp32"):
+        print(f"note: --precision {args.precision} does not apply to an ONNX model: it runs at the precision it "
+              f"was exported with ({matter.precision}); export with --int8 for int8", file=sys.stderr)
+    if args.compile:
+        print("note: --compile does not apply to an ONNX model (ONNX Runtime optimises the graph itself)",
+              file=sys.stderr)
+    return matter
 
 
 def _matte_stdin(matter: Matter, args: argparse.Namespace, background: Background | None) -> int:

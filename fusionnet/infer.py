@@ -9,9 +9,12 @@ Per image (paper Sec. 4: the longer side is kept at most 800 px at inference, as
 4. upsample them bilinearly to the image's own size;
 5. optionally refine alpha with the guided filter at full resolution (the paper's "Ours-refined").
 
-Precision: "fp32" is plain eager float32 (the reference). "bf16" is the fast path: channels-last and
-bfloat16 (on CPU the weights are cast to bfloat16, which is faster than autocast; on CUDA autocast).
-"fp16" is CUDA autocast only. `benchmarks/bench_inference.py` measures the variants.
+Precision: "fp32" is plain eager float32 (the reference). "fp32-cl" is float32 with BatchNorms folded
+and channels-last. "bf16" is that in bfloat16 (on CPU the weights are cast to bfloat16, which is
+faster than autocast; on CUDA autocast). "int8" is CPU post-training quantisation (`fusionnet.quantize`:
+needs calibration images or a cached calibration). "fp16" is CUDA autocast only. "auto" picks what is
+measurably fastest here (`fusionnet.precision.resolve_inference_precision`).
+`benchmarks/bench_inference.py` measures the variants.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ DEFAULT_MAX_OUTPUT_SIDE = 6144
 # The paper gives no radius/eps for the guided filter; these are starting points, tune on validation.
 DEFAULT_GUIDED_RADIUS = 8
 DEFAULT_GUIDED_EPS = 1e-4
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = ("fp32", "fp32-cl", "bf16", "int8", "fp16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_RESOLVER_GROUP = "fusionnet.model_resolvers"
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "C:\\x" is a path
@@ -162,13 +165,15 @@ class Matter:
     Args:
         model: a LateFusionNet (put in eval mode here: BatchNorm uses its running statistics).
         device: "auto", "cpu", "cuda" or a torch.device.
-        precision: "fp32" (reference), "bf16" (fast path), "fp16" (CUDA only) or "auto" (bf16 only where
-            this machine runs it measurably faster, `fusionnet.precision`; the choice and why are in
-            `precision` and `precision_reason`).
+        precision: "fp32" (eager reference), "fp32-cl" (folded BN, channels-last), "bf16", "int8" (CPU),
+            "fp16" (CUDA only) or "auto" (the measurably fastest of fp32-cl, bf16 and int8 on this
+            machine, `fusionnet.precision`; the choice and why are in `precision` and `precision_reason`).
         max_side: longer side of the network input (paper: 800).
         refine: apply the guided filter to alpha at full resolution.
         radius, eps: guided filter window radius (pixels) and regularisation (on the [0,1] scale).
         compile: wrap the network in torch.compile (pays off only for many images of one size).
+        calibration: int8 only: images ((H,W,3) uint8 or float [0,1], ideally training composites) to
+            calibrate on (the calibration is then cached); None: use the cached calibration of this model.
     """
 
     def __init__(
@@ -182,6 +187,7 @@ class Matter:
         radius: int = DEFAULT_GUIDED_RADIUS,
         eps: float = DEFAULT_GUIDED_EPS,
         compile: bool = False,
+        calibration: Sequence[np.ndarray] | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -190,18 +196,24 @@ class Matter:
         self.device = resolve_device(device)
         self.precision_reason = "set by the caller"
         if precision == "auto":
-            from fusionnet.precision import resolve_precision
+            from fusionnet.precision import resolve_inference_precision
 
-            precision, self.precision_reason = resolve_precision("auto", self.device)
+            precision, self.precision_reason = resolve_inference_precision(model, self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use bf16 on CPU")
+        if precision == "int8" and (self.device.type != "cpu" or compile):
+            raise ValueError("precision int8 runs on CPU, without compile; use bf16/fp16 on CUDA")
         self.precision = precision
         self.max_side = max_side
         self.refine = refine
         self.radius = radius
         self.eps = eps
         self.stride = model.stride
-        self.model = _prepare_model(model, self.device, precision)
+        self.int8_info: dict | None = None  # int8: the calibration's accuracy check (fusionnet.quantize)
+        if precision == "int8":
+            self.model, self.int8_info = _int8_network(model, calibration)
+        else:
+            self.model = _prepare_model(model, self.device, precision)
         self._network = self.model
         if compile:
             # freezing: weights become constants, so inductor can prepack them for oneDNN and fold BN.
@@ -218,7 +230,7 @@ class Matter:
 
     @property
     def _autocast_dtype(self) -> torch.dtype | None:
-        if self.device.type == "cuda" and self.precision != "fp32":
+        if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
             return torch.bfloat16 if self.precision == "bf16" else torch.float16
         return None
 
@@ -230,7 +242,7 @@ class Matter:
         """
         height, width = batch.shape[-2:]
         x = pad_to_multiple(batch.to(self.device, torch.float32), self.stride).to(self.input_dtype)
-        if self.precision != "fp32":
+        if self.precision in ("fp32-cl", "bf16", "fp16"):
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = self._autocast_dtype
         with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
@@ -275,6 +287,22 @@ class Matter:
                 )
             )
         return results
+
+
+def _int8_network(model: LateFusionNet, calibration: Sequence[np.ndarray] | None) -> tuple[nn.Module, dict]:
+    """(int8 network, calibration info): calibrated on `calibration`, else from the model's cached calibration."""
+    from fusionnet import quantize
+
+    if calibration is not None:
+        return quantize.quantize(model.cpu(), calibration)
+    loaded = quantize.load_calibration(model.cpu())
+    if loaded is None:
+        raise ValueError(
+            "precision int8 needs a calibration of this model and none is cached; make one with "
+            "`python -m fusionnet.quantize MODEL --shards data/shards/train` (or --images DIR), "
+            "or pass calibration images"
+        )
+    return loaded
 
 
 def _prepare_model(model: LateFusionNet, device: torch.device, precision: str) -> LateFusionNet:

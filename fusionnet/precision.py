@@ -8,7 +8,14 @@ without either the bf16 kernels are emulated (about 10x slower). So on CPU:
   precisions, best of a few runs) picks bf16 when it is at least `margin` faster, cached per CPU
   model, flags, thread count and torch version in ~/.cache/fusionnet/precision.json.
 On CUDA: bf16 where the GPU supports it, else fp32.
-Used by training (`train_common.precision: auto`) and shared with inference.
+Used by training (`train_common.precision: auto`).
+
+Inference (`resolve_inference_precision`, the default of `fusionnet matte`, the server and the
+evaluation) chooses among fp32-cl (BatchNorm folded, channels-last), bf16 and int8 by timing the
+actual prepared network at a small size (`probe_inference`, interleaved rounds), under the same
+cache and machine key: bf16 only with a bf16 CPU flag (else emulated), int8 only with a cached
+calibration of this model whose accuracy check passed (`fusionnet.quantize`). A lower precision is
+taken only when it is at least `margin` faster than the more accurate choice.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["cpu_flags", "resolve_precision", "probe_cpu"]
+__all__ = ["cpu_flags", "probe_cpu", "probe_inference", "resolve_inference_precision", "resolve_precision"]
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -79,6 +87,34 @@ def probe_cpu(repeats: int = 3, size: int = 64, width: int = 64) -> dict[str, fl
     return out
 
 
+def _machine_key(flags: Sequence[str]) -> str:
+    return f"{_cpu_model()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _cached_timing(key: str, needed: set[str], probe: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The timings cached under `key` in precision.json when they cover `needed`, else `probe()` (then cached)."""
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    timing = cache.get(key)
+    if isinstance(timing, dict) and needed <= set(timing):
+        return timing
+    timing = probe()
+    cache[key] = timing
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: probe again next time
+    return timing
+
+
 def resolve_precision(requested: str, device: torch.device, margin: float = 1.15) -> tuple[str, str]:
     """(precision, why) for `requested` in fp32 | bf16 | fp16 | auto on `device`."""
     if requested != "auto":
@@ -91,26 +127,86 @@ def resolve_precision(requested: str, device: torch.device, margin: float = 1.15
     have = sorted(f for f in _BF16_FLAGS if f in flags)
     if not have:
         return "fp32", "auto: CPU has no avx512_bf16/amx_bf16 (bf16 would be emulated, slower)"
-    key = f"{_cpu_model()}|{','.join(have)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-    path = _cache_path()
-    cache: dict = {}
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    timing = cache.get(key)
-    if not isinstance(timing, dict) or not {"fp32", "bf16"} <= set(timing):
-        timing = probe_cpu()
-        cache[key] = timing
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=2))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home: probe again next time
+    timing = _cached_timing(_machine_key(have), {"fp32", "bf16"}, lambda: probe_cpu())
     ratio = timing["fp32"] / timing["bf16"]
     flags_txt = "+".join(have)
     if ratio >= margin:
         return "bf16", f"auto: bf16 {ratio:.2f}x faster than fp32 on this CPU ({flags_txt}, probe)"
     return "fp32", f"auto: bf16 only {ratio:.2f}x fp32 on this CPU ({flags_txt}, probe); fp32"
+
+
+INFERENCE_ORDER = ("fp32-cl", "bf16", "int8")  # most accurate first
+PROBE_SIDE = 160  # px: the real network at a size that takes ~1 s per variant on 2 cores
+
+
+def probe_inference(model: nn.Module, candidates: Sequence[str], side: int = PROBE_SIDE, repeats: int = 3) -> dict[str, float]:
+    """Best seconds per `run_network` of a (1,3,side,side) image for each precision in `candidates`.
+
+    Each precision's Matter is prepared once and warmed up; rounds interleave the candidates so load
+    from other processes hits them alike.
+    """
+    from fusionnet.infer import Matter
+
+    x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    matters = {name: Matter(model, device="cpu", precision=name, refine=False) for name in candidates}
+    for matter in matters.values():
+        matter.run_network(x)  # picks kernels, prepacks weights
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, matter in matters.items():
+            t0 = time.perf_counter()
+            matter.run_network(x)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def inference_candidates(model: nn.Module, flags: set[str]) -> tuple[list[str], list[str]]:
+    """(precisions auto may choose on this CPU for `model`, why each other one is left out)."""
+    from fusionnet import quantize
+
+    candidates, left_out = ["fp32-cl"], []
+    if any(f in flags for f in _BF16_FLAGS):
+        candidates.append("bf16")
+    else:
+        left_out.append("bf16: no avx512_bf16/amx_bf16 (emulated, slower)")
+    info = quantize.calibration_info(model)
+    if info is None:
+        left_out.append("int8: no calibration of this model (python -m fusionnet.quantize)")
+    elif info.get("mean_abs_diff") is None or info["mean_abs_diff"] > info.get("bound", quantize.INT8_MEAN_DIFF_BOUND):
+        left_out.append(f"int8: accuracy check failed (mean |d alpha| {info.get('mean_abs_diff')} > "
+                        f"{info.get('bound', quantize.INT8_MEAN_DIFF_BOUND)})")
+    else:
+        candidates.append("int8")
+    return candidates, left_out
+
+
+def choose(timing: dict[str, float], candidates: Sequence[str], margin: float) -> str:
+    """The least accurate candidate that is at least `margin` faster than every more accurate choice."""
+    ordered = [name for name in INFERENCE_ORDER if name in candidates]
+    choice = ordered[0]
+    for name in ordered[1:]:
+        if timing[choice] / timing[name] >= margin:
+            choice = name
+    return choice
+
+
+def resolve_inference_precision(model: nn.Module, device: torch.device, margin: float = 1.1) -> tuple[str, str]:
+    """(precision, why) that `precision: auto` runs `model` at on `device` (see the module docstring)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"
+        return "fp32-cl", "auto: this GPU has no bf16"
+    flags = cpu_flags()
+    candidates, left_out = inference_candidates(model, flags)
+    skipped = f"; not tried: {'; '.join(left_out)}" if left_out else ""
+    if len(candidates) == 1:
+        return "fp32-cl", f"auto: fp32-cl, the only candidate{skipped}"
+    from fusionnet import quantize
+
+    have = sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
+    int8 = quantize.calibration_info(model)["digest"] if "int8" in candidates else "none"
+    key = f"infer|{_machine_key(have)}|model={getattr(model, 'config', {})}|int8={int8}"
+    timing = _cached_timing(key, set(candidates), lambda: probe_inference(model, candidates))
+    choice = choose(timing, candidates, margin)
+    speed = ", ".join(f"{name} {timing['fp32-cl'] / timing[name]:.2f}x" for name in candidates if name != "fp32-cl")
+    return choice, f"auto: {choice}; vs fp32-cl on this CPU ({'+'.join(have) or 'no amx/avx512 extras'}): {speed} (probe at {PROBE_SIDE} px){skipped}"

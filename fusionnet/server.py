@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="guided filter radius (default: registered setting, else 8)")
     parser.add_argument("--eps", type=float, default=None, help="guided filter eps (default: registered, else 1e-4)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default=None,
-                        help="default: registered setting, else fp32")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp32-cl", "bf16", "int8", "fp16"), default=None,
+                        help="default: registered setting, else auto (fusionnet.precision)")
     parser.add_argument("--cache-mb", type=int_at_least(0), default=DEFAULT_CACHE_MB,
                         help="memory for recent results, so alpha, cut-out and composite of one upload cost one "
                         f"inference (default {DEFAULT_CACHE_MB}; 0: off)")
@@ -156,9 +156,12 @@ def _load_service(args: argparse.Namespace, httpd):
 
     threads = args.threads or _threads_from_env() or max(1, len(os.sched_getaffinity(0)) // args.workers)
     torch.set_num_threads(threads)  # each worker's inference gets its share of the cores
+    from fusionnet.onnx_runtime import is_onnx_model
+
     try:
         path = resolve_model_path(args.model)
-        model = load_model(path, device="cpu")
+        onnx = is_onnx_model(path)
+        model = None if onnx else load_model(path, device="cpu")
     except (OSError, LookupError, ValueError, RuntimeError) as exc:
         raise _StartError(f"model {exc}") from exc
     registered = registered_settings(path) or {}
@@ -167,11 +170,20 @@ def _load_service(args: argparse.Namespace, httpd):
         value = getattr(args, name)
         return value if value is not None else registered.get(name, default)
 
+    options = dict(max_side=int(setting("max_side", 800)), refine=bool(setting("refine", True)),
+                   radius=int(setting("radius", DEFAULT_GUIDED_RADIUS)), eps=float(setting("eps", DEFAULT_GUIDED_EPS)))
     try:
-        matter = Matter(model, device=args.device, precision=setting("precision", "fp32"),
-                        max_side=int(setting("max_side", 800)), refine=bool(setting("refine", True)),
-                        radius=int(setting("radius", DEFAULT_GUIDED_RADIUS)),
-                        eps=float(setting("eps", DEFAULT_GUIDED_EPS)))
+        if onnx:  # ONNX Runtime; the precision is the file's (fp32 or int8)
+            from fusionnet.onnx_runtime import OnnxMatter
+
+            matter = OnnxMatter(path, device=args.device, threads=threads, **options)
+            if args.precision not in (None, "auto", "fp32"):
+                print(f"note: --precision {args.precision} does not apply to an ONNX model; it runs at "
+                      f"{matter.precision}", file=sys.stderr)
+        else:
+            matter = Matter(model, device=args.device, precision=setting("precision", "auto"), **options)
+    except ImportError as exc:
+        raise _StartError(f"model {path}: ONNX models need onnxruntime ({exc})") from exc
     except (ValueError, RuntimeError) as exc:
         raise _StartError(str(exc)) from exc
     service = MattingService(matter, workers=args.workers, queue=args.queue, max_pixels=args.max_pixels,
@@ -180,9 +192,11 @@ def _load_service(args: argparse.Namespace, httpd):
     warm = service.warm_up()
     httpd.service = service
     httpd.health_info = {
-        "model": {"spec": str(args.model), "path": str(path), "sha256": file_sha256(path), "config": model.config,
+        "model": {"spec": str(args.model), "path": str(path), "sha256": file_sha256(path),
+                  "config": model.config if model is not None else matter.config,
                   "settings_from": "registered settings.json, then command line" if registered else "command line"},
-        "device": str(matter.device), "precision": matter.precision, "precision_reason": matter.precision_reason,
+        "device": str(matter.device), "engine": f"onnxruntime {matter.provider}" if onnx else "torch",
+        "precision": matter.precision, "precision_reason": matter.precision_reason,
         "max_side": matter.max_side, "refine": matter.refine, "radius": matter.radius, "eps": matter.eps,
         "threads_per_worker": threads, "warm_up_s": round(warm, 2),
     }

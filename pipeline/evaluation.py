@@ -62,7 +62,7 @@ class EvalConfig:
 
     rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS if r.source != "none"])  # zeros: a photo row
     max_side: int = 320
-    precision: str = "bf16"
+    precision: str = "auto"  # fastest measured here (fusionnet.precision); params.yaml sets fp32 for the tables
     device: str = "cpu"
     threads: int | None = 1
     workers: int = 1

@@ -4,7 +4,8 @@
 "register", links it to the training run that produced its weights (the step run tagged with the
 weights' sha256 becomes the LoggedModel's source run and the registered version's run; the
 parent run lists the model as an output too), registers it and applies the champion rule
-(pipeline.registry). `register_task` is the Prefect task around it.
+(pipeline.registry). With `register.onnx: true` the weights' ONNX export (fusionnet.onnx_export)
+is carried beside them as artifact "onnx". `register_task` is the Prefect task around it.
 
 Its own module so that the DVC `register` stage, which runs only this task, depends on none of
 the evaluation code (pipeline.tasks holds the others and the order they run in).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -48,8 +50,12 @@ class RegisterConfig:
     champion_alias: str = CHAMPION
     challenger_alias: str = CHALLENGER
     max_side: int = 320
-    precision: str = "bf16"
+    precision: str = "auto"  # the served model measures its fastest precision on its own host
     refine: bool = True
+    # Carry an ONNX export (fusionnet.onnx_export) beside the weights. Off by default: the export
+    # takes ~1 min on a loaded 2-core host (tiny densenet121 measured 55-70 s), a lot per test registration.
+    onnx: bool = False
+    onnx_opset: int = 20
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "RegisterConfig":
@@ -132,6 +138,11 @@ def register_pipeline_model(
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{weights}: no model file to register")
     sha = file_sha256(weights)
+    onnx_dir = tempfile.TemporaryDirectory(prefix="fusionnet-onnx-") if config.onnx else None
+    onnx_path, onnx_info = None, {}
+    if onnx_dir is not None:
+        onnx_path, onnx_info = _export_onnx(Path(weights), Path(onnx_dir.name), config.onnx_opset, sha)
+        log_to_run(f"ONNX export (opset {config.onnx_opset}) in {onnx_info['export_s']} s, carried as artifact 'onnx'")
     client = tracking_client()
     registry = get_client()
     with pipeline_parent(params, parent_run_id) as parent:
@@ -141,7 +152,8 @@ def register_pipeline_model(
             if trained_by:
                 client.set_tag(run_id, "fusionnet.trained_by_run", trained_by)
             info = log_matting_model(run_id, Path(weights), settings, name=config.model_name, trained_by=trained_by,
-                                     also_output_of=(parent,), tags={"fusionnet.checkpoint.sha256": sha})
+                                     also_output_of=(parent,), tags={"fusionnet.checkpoint.sha256": sha},
+                                     onnx=onnx_path)
             version = register_version(
                 registry, info.model_uri, trained_by or run_id, metrics, table,
                 tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
@@ -154,6 +166,9 @@ def register_pipeline_model(
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
             raise
+        finally:
+            if onnx_dir is not None:
+                onnx_dir.cleanup()
         client.set_terminated(run_id, status="FINISHED")
     result = {
         **decision.to_dict(),
@@ -165,6 +180,7 @@ def register_pipeline_model(
         "checkpoint": str(weights),
         "sha256": sha,
         "settings": settings,
+        **({"onnx": onnx_info} if onnx_info else {}),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +188,18 @@ def register_pipeline_model(
     tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     os.replace(tmp, out)
     return result
+
+
+def _export_onnx(weights: Path, folder: Path, opset: int, sha: str) -> tuple[Path, dict[str, Any]]:
+    """`weights` exported to folder/model.onnx (fp32; fusionnet.onnx_export); the path and {opset, export_s}."""
+    import time
+
+    from fusionnet.infer import load_model
+    from fusionnet.onnx_export import export_onnx
+
+    started = time.perf_counter()
+    path = export_onnx(load_model(weights), folder / "model.onnx", opset=opset, source_sha256=sha)
+    return path, {"opset": opset, "export_s": round(time.perf_counter() - started, 1), "artifact": "onnx"}
 
 
 @task(name="register", **TASK_OPTIONS)

@@ -1,12 +1,15 @@
-"""precision: auto picks bf16 only where it measures faster (fusionnet.precision)."""
+"""precision: auto picks bf16 (training) / fp32-cl, bf16 or int8 (inference) only where measured faster."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fusionnet import precision as fprecision
+from fusionnet import quantize
+from tests.helpers import tiny_net
 
 
 def test_explicit_precision_is_kept():
@@ -40,3 +43,75 @@ def test_cpu_with_bf16_flags_is_probed_once_and_cached(monkeypatch, tmp_path):
 def test_real_probe_returns_positive_timings():
     timing = fprecision.probe_cpu(repeats=1, size=16, width=8)
     assert set(timing) == {"fp32", "bf16"} and all(t > 0 for t in timing.values())
+
+
+# --- inference: resolve_inference_precision (the default of matte, serve and the evaluation) -------------
+
+GOOD_INT8 = {"mean_abs_diff": 0.002, "bound": 0.005, "digest": "d1"}
+
+
+@pytest.fixture
+def forced(monkeypatch, tmp_path):
+    """Set the CPU flags, the int8 calibration and the probe's timings; returns the probe's calls."""
+    monkeypatch.setenv("FUSIONNET_CACHE", str(tmp_path))
+    calls: list[list[str]] = []
+
+    def force(flags, timing, int8=GOOD_INT8):
+        monkeypatch.setattr(fprecision, "cpu_flags", lambda: set(flags))
+        monkeypatch.setattr(quantize, "calibration_info", lambda model, backend="x86": int8)
+        monkeypatch.setattr(fprecision, "probe_inference",
+                            lambda model, names: calls.append(list(names)) or {n: timing[n] for n in names})
+        return calls
+
+    return force
+
+
+MODEL = torch.nn.Conv2d(1, 1, 1)  # never run: the probe is forced
+
+
+def test_auto_picks_the_fastest_measured(forced):
+    calls = forced({"avx512_bf16", "amx_bf16", "avx512_vnni"}, {"fp32-cl": 3.0, "bf16": 1.0, "int8": 0.5})
+    choice, why = fprecision.resolve_inference_precision(MODEL, torch.device("cpu"))
+    assert choice == "int8" and calls == [["fp32-cl", "bf16", "int8"]]
+    assert "int8 6.00x" in why and "bf16 3.00x" in why
+    # cached per machine: the second call does not probe
+    assert fprecision.resolve_inference_precision(MODEL, torch.device("cpu"))[0] == "int8" and len(calls) == 1
+
+
+def test_auto_without_bf16_flags_never_picks_bf16(forced):
+    # even a probe that would call bf16 fastest is not asked about it: emulated bf16 is never chosen
+    calls = forced({"avx2", "fma", "avx512_vnni"}, {"fp32-cl": 3.0, "bf16": 0.1, "int8": 2.0})
+    choice, why = fprecision.resolve_inference_precision(MODEL, torch.device("cpu"))
+    assert choice == "int8" and calls == [["fp32-cl", "int8"]] and "bf16: no avx512_bf16" in why
+
+
+def test_auto_excludes_int8_whose_accuracy_check_failed(forced):
+    calls = forced({"amx_bf16"}, {"fp32-cl": 3.0, "bf16": 1.0, "int8": 0.2}, int8={**GOOD_INT8, "mean_abs_diff": 0.02})
+    choice, why = fprecision.resolve_inference_precision(MODEL, torch.device("cpu"))
+    assert choice == "bf16" and calls == [["fp32-cl", "bf16"]] and "accuracy check failed" in why
+
+
+def test_auto_keeps_fp32_cl_when_nothing_is_clearly_faster(forced):
+    # bf16 5% faster (within noise, margin 1.1), no int8 calibration, as on the avx512_bf16-without-AMX host
+    forced({"avx512_bf16"}, {"fp32-cl": 1.0, "bf16": 1 / 1.05}, int8=None)
+    choice, why = fprecision.resolve_inference_precision(MODEL, torch.device("cpu"))
+    assert choice == "fp32-cl" and "no calibration" in why
+
+
+def test_auto_with_no_candidate_but_fp32_cl_does_not_probe(forced):
+    calls = forced({"avx2"}, {}, int8=None)
+    assert fprecision.resolve_inference_precision(MODEL, torch.device("cpu"))[0] == "fp32-cl" and calls == []
+
+
+def test_matter_auto_runs_the_chosen_precision(forced):
+    from fusionnet.infer import Matter
+
+    forced({"amx_bf16"}, {"fp32-cl": 2.0, "bf16": 1.0}, int8=None)
+    matter = Matter(tiny_net(seed=0, narrow=True), device="cpu", precision="auto", refine=False)
+    assert matter.precision == "bf16" and matter.precision_reason.startswith("auto: bf16")
+    assert next(matter.model.parameters()).dtype == torch.bfloat16
+
+
+def test_real_inference_probe_times_the_network(one_thread):
+    timing = fprecision.probe_inference(tiny_net(seed=0, narrow=True), ["fp32-cl", "bf16"], side=32, repeats=1)
+    assert set(timing) == {"fp32-cl", "bf16"} and all(0 < t < 60 for t in timing.values())
