@@ -119,10 +119,12 @@ def watch(flow_run_id: Any, settings: DispatchSettings, client: Any) -> Any:
                 seen = now_state
             if run.state.is_final():
                 return run
-            if run.state.is_running() and _alive_age(run, time.time()) > settings.stale_s:
-                if restarts >= settings.max_restarts:
+            silent_s = _alive_age(run, time.time()) if run.state.is_running() else 0.0
+            if silent_s > settings.stale_s:
+                if restarts >= settings.max_restarts:  # the seconds say whether stale_s was just tight or the worker gone
                     raise DispatchError(f"flow run {run.id}: worker {_worker(run)} silent for over {settings.stale_s:.0f} s "
-                                        f"and {restarts} restart(s) used (orchestration.max_restarts)")
+                                        f"(no heartbeat for {silent_s:.0f} s) and {restarts} restart(s) used "
+                                        "(orchestration.max_restarts)")
                 restarts += 1
                 _say(f"worker {_worker(run)} silent for over {settings.stale_s:.0f} s: rescheduling the run for "
                      f"another worker (restart {restarts}/{settings.max_restarts})")

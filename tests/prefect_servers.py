@@ -11,17 +11,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.helpers import free_port, poll, wait_http
-from tests.test_prefect_deployment import base_env
 
 BIN = Path(sys.executable).parent
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    """The caller's env minus anything pointing Prefect/MLflow elsewhere; stores under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FUSIONNET_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +116,3 @@ def task_runs(api: str, flow_run_id: str) -> list[dict]:
     query = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
     return httpx.post(f"{api}/task_runs/filter", json=query).json()
 
-
-def wait_until(check, timeout: float, what: str, every: float = 0.2) -> None:
-    """`check()` until truthy, every `every` s (for watching a file, not a server)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)

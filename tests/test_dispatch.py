@@ -8,23 +8,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 import pipeline  # noqa: F401  (offline switches first)
-from fusionnet.train.state import load_state
 from fusionnet.train.toy import write_toy_shards
 from pipeline import datasync, handoff
 from pipeline.dispatch import DispatchSettings
-from tests.test_mlflow_tracking import free_port, wait_http
-from tests.test_prefect_deployment import base_env, tiny_params
+from pipeline.step_main import _progress
+from tests.helpers import free_port
+from tests.prefect_servers import (  # noqa: F401  (prefect_api: the module's server)
+    deploy, kill_tree, prefect_api, start_worker, stop, task_runs, wait_final,
+)
+from tests.test_prefect_deployment import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -108,51 +109,6 @@ def test_a_data_version_is_pushed_by_md5_and_pulled_into_a_checkout_without_it(t
 
 
 # ---------------------------------------------------------------------------------- real server + workers
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A real `prefect server start` on 127.0.0.1 for this module's tests; yields (api url, base env)."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    env = base_env(home)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env.update(PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-ui"], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"{api}/health", timeout=90, proc=server)
-        yield api, env
-    finally:
-        _stop(server, signal.SIGINT)
-        log.close()
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
-    """SIGINT (Prefect workers and servers ignore SIGTERM), then kill the process tree."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_tree(proc.pid)
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        procs = [psutil.Process(pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
 def _scratch_project(path: Path, remote: Path | None, orchestration: dict, iters: int = 1,
                      checkpoint_every: int = 1) -> Path:
     """A git + DVC checkout: the real dvc.yaml training stages (code deps dropped), stages/train.py,
@@ -176,15 +132,8 @@ def _scratch_project(path: Path, remote: Path | None, orchestration: dict, iters
 
 
 def _deploy_and_start_worker(env: dict, project_dir: Path, name: str, log_path: Path) -> subprocess.Popen:
-    subprocess.run([sys.executable, "-m", "pipeline.deploy", "--pool", name, "--name", name,
-                    "--project-dir", str(project_dir)], env=env, cwd=project_dir, check=True, timeout=120,
-                   capture_output=True)
-    return _start_worker(env, project_dir, name, f"{name}-w1", log_path)
-
-
-def _start_worker(env: dict, project_dir: Path, pool: str, name: str, log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", name],
-                            env=env, cwd=project_dir, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    deploy(env, project_dir, name)
+    return start_worker(env, project_dir, name, f"{name}-w1", log_path)
 
 
 def _dvc(project: Path, env: dict, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -199,15 +148,16 @@ def _dispatch(name: str, **more) -> dict:
 
 def _step_outs(project: Path) -> dict[str, list[str]]:
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    return {stage: [o["path"] for o in lock[stage]["outs"]] for stage in ("train_seg", "train_fusion", "train_joint")}
+    return {stage: [o["path"] for o in lock[stage]["outs"]] for stage in lock}
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_dvc_repro_dispatches_the_three_steps_to_a_worker_without_a_shared_filesystem(prefect_api, tmp_path):
+@pytest.mark.timeout(500)
+def test_dvc_repro_dispatches_a_step_to_a_worker_without_a_shared_filesystem(prefect_api, tmp_path):
     """The worker's checkout is a clone without the data: it pulls the shards' DVC version from the
-    remote the stage pushed it to; each step's outputs come back through MLflow, verified by sha256;
-    the models equal those of a local `dvc repro` of the same params."""
+    remote the stage pushed it to; the step's outputs come back through MLflow, verified by sha256;
+    the model equals that of a local `dvc repro` of the same params. (One step: the later ones
+    travel the same way; their init model by content is test_outputs_handed_back_...)"""
     api, env = prefect_api
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     driver = _scratch_project(tmp_path / "driver", tmp_path / "remote", _dispatch("nfs-less"))
@@ -218,30 +168,28 @@ def test_dvc_repro_dispatches_the_three_steps_to_a_worker_without_a_shared_files
     # the reference: a local `dvc repro` of the same params, meanwhile (its own MLflow store: one writer each)
     local = _scratch_project(tmp_path / "local", None, {"dispatch": "local"})
     local_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'local-mlflow.db'}"}
-    reference = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=local, env=local_env, text=True,
+    reference = subprocess.Popen([str(BIN / "dvc"), "repro", "train_seg"], cwd=local, env=local_env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        repro = _dvc(driver, env, "repro")
+        repro = _dvc(driver, env, "repro", "train_seg")
         local_out, _ = reference.communicate(timeout=400)
     finally:
-        _stop(worker)
+        stop(worker)
         if reference.poll() is None:
             reference.kill()
     worker_log = (tmp_path / "worker.log").read_text()
     assert repro.returncode == 0, repro.stdout[-4000:] + repro.stderr[-2000:] + worker_log[-4000:]
     out = repro.stdout
-    for step in ("segmentation", "fusion", "joint"):
-        assert f"step {step} outputs fetched from MLflow run" in out, out[-3000:]
-    assert out.count(": Completed on worker nfs-less-w1") == 3, out[-3000:]
+    assert "step segmentation outputs fetched from MLflow run" in out, out[-3000:]
+    assert out.count(": Completed on worker nfs-less-w1") == 1, out[-3000:]
     assert "objects pushed to the DVC remote" in out
     assert "pulling from the DVC remote" in worker_log and "pulled" in worker_log
     assert (worker_dir / "data" / "shards" / "summary.json").is_file()
     assert not (driver / "models" / "segmentation" / "state.pt").exists()  # the resume state stays on the worker
     assert reference.returncode == 0, local_out[-3000:]
     assert _step_outs(driver) == _step_outs(local)
-    for step in ("segmentation", "fusion", "joint"):
-        assert handoff.file_sha256(driver / "models" / step / "model.safetensors") == \
-            handoff.file_sha256(local / "models" / step / "model.safetensors"), step
+    assert handoff.file_sha256(driver / "models" / "segmentation" / "model.safetensors") == \
+        handoff.file_sha256(local / "models" / "segmentation" / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -252,7 +200,9 @@ def test_a_worker_killed_mid_step_is_replaced_and_the_step_resumes(prefect_api, 
     worker takes it and the step resumes from its last state.pt; the stage succeeds."""
     api, env = prefect_api
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    project = _scratch_project(tmp_path / "shared", None, _dispatch("shared", heartbeat_s=1, stale_s=8),
+    # stale_s 15: on a loaded 2-core host the rescheduled attempt once took over 8 s from Running to its
+    # first beat, and the stage gave it up as a second lost worker
+    project = _scratch_project(tmp_path / "shared", None, _dispatch("shared", heartbeat_s=1, stale_s=15),
                                iters=12, checkpoint_every=2)
     first = _deploy_and_start_worker(env, project, "shared", tmp_path / "w1.log")
     second = None
@@ -262,22 +212,23 @@ def test_a_worker_killed_mid_step_is_replaced_and_the_step_resumes(prefect_api, 
     try:
         deadline, killed_at = time.monotonic() + 240, None
         while killed_at is None and time.monotonic() < deadline and repro.poll() is None:
-            if state.is_file() and load_state(state)["iteration"] >= 4:
-                killed_at = load_state(state)["iteration"]
-                _kill_tree(first.pid)  # the whole machine: worker, flow run process, step process
+            iteration = _progress(state)[1]  # mmap: cheap enough to read 5 times a second
+            if iteration >= 4:
+                killed_at = iteration
+                kill_tree(first.pid)  # the whole machine: worker, flow run process, step process
             time.sleep(0.2)
         assert killed_at is not None, "the step never reached iteration 4"
-        second = _start_worker(env, project, "shared", "shared-w2", tmp_path / "w2.log")
+        second = start_worker(env, project, "shared", "shared-w2", tmp_path / "w2.log")
         output, _ = repro.communicate(timeout=300)
     finally:
         if repro.poll() is None:
             repro.kill()
         for worker in (first, second):
             if worker is not None:
-                _stop(worker)
+                stop(worker)
     w2_log = (tmp_path / "w2.log").read_text()
     assert repro.returncode == 0, output[-4000:] + w2_log[-3000:]
-    assert "silent for over 8 s: rescheduling" in output and "Completed on worker shared-w2" in output
+    assert "silent for over 15 s: rescheduling" in output and "Completed on worker shared-w2" in output
     assert "resuming step segmentation" in w2_log
     history = json.loads((project / "models" / "segmentation" / "history.json").read_text())
     assert history["iterations"] == 12
@@ -297,41 +248,13 @@ def test_a_worker_with_other_data_and_no_remote_fails_the_stage_and_trains_nothi
     try:
         repro = _dvc(driver, env, "repro", "train_seg", timeout=240)
     finally:
-        _stop(worker)
+        stop(worker)
     md5 = yaml.safe_load((driver / "data" / "shards.dvc").read_text())["outs"][0]["md5"]
     text = repro.stdout + repro.stderr
     assert repro.returncode != 0
     assert "ended Failed" in text and f"the step needs {md5}" in text and "no default DVC remote" in text, text[-3000:]
     assert not (driver / "models" / "segmentation" / "model.safetensors").exists()
     assert not (worker_dir / "models" / "segmentation" / "state.pt").exists()  # it never started training
-
-
-def _flow_runs(api: str, deployment: str) -> list[dict]:
-    import httpx
-
-    flow, name = deployment.split("/")
-    deployment_id = httpx.get(f"{api}/deployments/name/{flow}/{name}").json()["id"]
-    body = {"deployments": {"id": {"any_": [deployment_id]}}}
-    return httpx.post(f"{api}/flow_runs/filter", json=body).json()
-
-
-def _wait_final(api: str, deployment: str, count: int, timeout: float) -> list[dict]:
-    """The deployment's `count` flow runs once all are final (polled with backoff)."""
-    deadline, pause = time.monotonic() + timeout, 0.5
-    while time.monotonic() < deadline:
-        runs = _flow_runs(api, deployment)
-        if len(runs) == count and all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
-            return runs
-        time.sleep(pause)
-        pause = min(pause * 1.5, 5)
-    raise TimeoutError(f"{deployment}: {count} flow runs not final after {timeout} s: {_flow_runs(api, deployment)}")
-
-
-def _task_runs(api: str, flow_run_id: str) -> list[dict]:
-    import httpx
-
-    query = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    return httpx.post(f"{api}/task_runs/filter", json=query).json()
 
 
 def _trigger(env: dict, cwd: Path, deployment: str, *params: str) -> None:
@@ -366,13 +289,13 @@ def test_a_deployment_run_with_steps_joint_retrains_only_joint_then_tunes_evalua
     worker = _deploy_and_start_worker(env, project, "joint-only", tmp_path / "worker.log")
     try:
         _trigger(env, project, "fusionnet-train/joint-only", 'steps=["joint"]')
-        (run,) = _wait_final(api, "fusionnet-train/joint-only", 1, timeout=400)
+        (run,) = wait_final(api, "fusionnet-train/joint-only", 1, timeout=400)
     finally:
-        _stop(worker)
+        stop(worker)
     log = (tmp_path / "worker.log").read_text()
     assert run["state"]["type"] == "COMPLETED", log[-4000:]
     assert run["parameters"].get("downstream") is True  # the deployment's default: the whole graph
-    names = [t["name"] for t in _task_runs(api, run["id"])]
+    names = [t["name"] for t in task_runs(api, run["id"])]
     assert names[0] == "train-joint" and [n.rsplit("-", 1)[0] for n in names[1:]] == ["tune-refinement", "evaluate",
                                                                                      "register"], names
     after = {s: file_sha256(project / "models" / s / "model.safetensors") for s in before}
@@ -411,10 +334,10 @@ def test_two_nodes_each_with_its_worker_train_one_step_together(prefect_api, tmp
     try:
         for _ in range(2):
             _trigger(env, project, "fusionnet-train/two-nodes", 'steps=["segmentation"]')
-        runs = _wait_final(api, "fusionnet-train/two-nodes", 2, timeout=300)
+        runs = wait_final(api, "fusionnet-train/two-nodes", 2, timeout=300)
     finally:
         for worker in workers:
-            _stop(worker)
+            stop(worker)
     logs = "".join((tmp_path / f"node-{n}.log").read_text() for n in "ab")
     assert all(r["state"]["type"] == "COMPLETED" for r in runs), logs[-5000:]
     assert sorted(r["labels"]["prefect.worker.name"] for r in runs) == ["node-a", "node-b"]

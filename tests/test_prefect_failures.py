@@ -17,8 +17,8 @@ import yaml
 import pipeline  # noqa: F401  (offline switches first)
 from fusionnet.train.toy import write_toy_shards
 from tests.helpers import ROOT, one_thread_env
-from tests.prefect_servers import BIN, deploy, flow_runs, prefect_api, start_worker, stop, task_runs  # noqa: F401
-from tests.test_prefect_deployment import base_env, tiny_params
+from tests.prefect_servers import BIN, base_env, deploy, flow_runs, prefect_api, start_worker, stop, task_runs  # noqa: F401
+from tests.test_prefect_deployment import tiny_params
 
 SCENARIOS = ("retry-fails", "no-result", "missing-init", "fusion-joint")
 
