@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +25,7 @@ from fusionnet.metrics import (
     transition_band,
     unknown_mask,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ALPHAMATTING = SHARED_DATA / "alphamatting-dev"
+from tests.helpers import ALPHAMATTING, require_shared_data
 
 
 # ----------------------------------------------------------------------------- slow references
@@ -415,8 +412,7 @@ def test_tiny_float_overshoot_is_accepted():
 
 @pytest.mark.shared_data
 def test_real_alpha_sanity_and_fast_matches_slow_on_patch():
-    if not ALPHAMATTING.is_dir():
-        pytest.skip(f"real data not found at {ALPHAMATTING} (../shared/data is absent on this machine)")
+    require_shared_data(ALPHAMATTING)
     from PIL import Image
 
     gt_k = np.asarray(Image.open(ALPHAMATTING / "alpha" / "GT01.png").convert("L"))

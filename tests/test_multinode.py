@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 
 from fusionnet.train.toy import write_toy_shards
 from pipeline.launch import Rendezvous, processes_per_node, step_command
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -143,7 +143,7 @@ def test_node_leaders_mirror_the_most_advanced_state(tmp_path):
     (init / "init0.bin").write_bytes(b"a")
     (init / "init1.bin").write_bytes(b"b")
     (tmp_path / "driver.py").write_text(MIRROR_DRIVER)
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in (0, 1):
         env = {**_env(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                "GROUP_RANK": str(rank), "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -161,12 +161,6 @@ def test_node_leaders_mirror_the_most_advanced_state(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- 2 nodes on 127.0.0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -226,7 +220,7 @@ def _train_two_ways(tmp_path: Path) -> dict:
     cmd = step_command("segmentation", params, shards, single, None, None, single / "result.json", 2)
     _finish([_launch(cmd, env, tmp_path / "single.log")], [tmp_path / "single.log"], 200)
     t1 = time.monotonic()
-    rdzv = Rendezvous(2, f"127.0.0.1:{_free_port()}", f"test-{uuid.uuid4().hex[:8]}", conf="join_timeout=120")
+    rdzv = Rendezvous(2, f"127.0.0.1:{free_port()}", f"test-{uuid.uuid4().hex[:8]}", conf="join_timeout=120")
     nodes = [tmp_path / "node-a", tmp_path / "node-b"]
     procs, logs = [], []
     for out in nodes:

@@ -8,7 +8,6 @@ within 1e-9 relative. The synthetic foregrounds: alpha bit-identical, F within 1
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,8 +18,8 @@ from fusionnet.data import synthetic
 from fusionnet.data.imagefiles import read_alpha
 from fusionnet.data.trimap import band_trimap
 from tests import scipy_reference as ref
+from tests.helpers import ALPHAMATTING, require_shared_data
 
-ALPHAMATTING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alphamatting-dev"
 EDGE_SHAPES = [(1, 1), (1, 9), (7, 1), (2, 3), (5, 40), (33, 17)]
 
 
@@ -142,8 +141,7 @@ def test_connectivity_and_gradient_equal_before_and_after() -> None:
 
 @pytest.mark.shared_data
 def test_metrics_on_real_mattes_unchanged() -> None:
-    if not ALPHAMATTING.is_dir():
-        pytest.skip(f"real data not found at {ALPHAMATTING} (../shared/data is absent on this machine)")
+    require_shared_data(ALPHAMATTING)
     rng = np.random.default_rng(0)
     for name in ("GT02.png", "GT07.png", "GT13.png"):
         gt = read_alpha(ALPHAMATTING / "alpha" / name).astype(np.float64) / 255

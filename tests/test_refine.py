@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from fusionnet.refine import estimate_foreground, guided_filter, implicit_trimap
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ALPHAMATTING = SHARED_DATA / "alphamatting-dev"
+from tests.helpers import ALPHAMATTING, require_shared_data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +300,7 @@ def test_estimate_foreground_rejects_bad_input(image, alpha, match: str) -> None
 
 @pytest.mark.shared_data
 def test_estimate_foreground_recomposites_a_real_photo() -> None:
-    if not (ALPHAMATTING / "image" / "GT01.png").is_file():
-        pytest.skip(f"real matting data not found at {ALPHAMATTING} (../shared/data is absent on this machine)")
+    require_shared_data(ALPHAMATTING / "image" / "GT01.png")
     photo = Image.open(ALPHAMATTING / "image" / "GT01.png").convert("RGB")
     matte = Image.open(ALPHAMATTING / "alpha" / "GT01.png").convert("L")  # stored R=G=B: one channel
     scale = 100 / max(photo.size)

@@ -11,11 +11,8 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,16 +22,11 @@ import pytest
 from PIL import Image
 
 from fusionnet.imageio import to_uint8
+from tests.helpers import free_port, stop_process, wait_http
 from tests.test_evaluate import make_checkpoints
 from tests.test_registry import MODEL, register, registry_env
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(port: int, payload: bytes, content_type: str = "application/json") -> tuple[int, dict]:
@@ -77,29 +69,16 @@ def server(tmp_path_factory):
         )
         fusionnet_server = Server(f"models:/{MODEL}@champion", log=root / "fusionnet-serve.log")
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"mlflow models serve exited ({process.returncode}): {(root / 'serve.log').read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("mlflow models serve did not answer /ping within 120 s")
-                time.sleep(0.5)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/ping", 120, process)
+            except (RuntimeError, TimeoutError) as error:
+                pytest.fail(f"mlflow models serve: {error}: {(root / 'serve.log').read_text()[-3000:]}")
             fusionnet_server.wait_ready()
             yield {"port": port, "fusionnet_port": fusionnet_server.port, "weights": weights,
                    "settings": registered["settings"]}
         finally:
             fusionnet_server.stop()
-            os.killpg(process.pid, signal.SIGTERM)  # the group this test started: mlflow and its uvicorn
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_process(process, timeout=20, group=True)  # the group this test started: mlflow and its uvicorn
             log.close()
 
 
