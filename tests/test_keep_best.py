@@ -93,8 +93,15 @@ def inverted_train(shards: Path, out: Path) -> Path:
     return out
 
 
-def test_a_step_that_never_beats_its_init_hands_the_init_on(shards, tmp_path):
-    seg = run_step("segmentation", StepConfig.from_params(params(keep="last"), "segmentation"), shards, tmp_path / "seg")
+@pytest.fixture(scope="module")
+def last_segmentation(shards, tmp_path_factory):
+    """The paper's default: a segmentation step that keeps its last weights, validated at epoch ends only."""
+    cfg = StepConfig.from_params(params(keep="last", val_every=None), "segmentation")
+    return run_step("segmentation", cfg, shards, tmp_path_factory.mktemp("last") / "seg")
+
+
+def test_a_step_that_never_beats_its_init_hands_the_init_on(shards, last_segmentation, tmp_path):
+    seg = last_segmentation  # any trained init will do: one step run shared with the test below
     bad = inverted_train(shards, tmp_path / "inverted")
     joint = run_step("joint", StepConfig.from_params(params(), "joint"), bad, tmp_path / "joint", init_checkpoint=seg.model_path)
     history = json.loads(joint.history_path.read_text())
@@ -104,10 +111,9 @@ def test_a_step_that_never_beats_its_init_hands_the_init_on(shards, tmp_path):
     assert all(torch.equal(init[k], kept[k]) for k in init)
 
 
-def test_keep_last_is_the_paper_default(shards, tmp_path):
-    cfg = StepConfig.from_params(params(keep="last", val_every=None), "segmentation")
+def test_keep_last_is_the_paper_default(last_segmentation):
     assert StepConfig(step="segmentation").keep == "last"
-    result = run_step("segmentation", cfg, shards, tmp_path / "seg")
+    result = last_segmentation
     history = json.loads(result.history_path.read_text())
     assert [v["iteration"] for v in history["validations"]] == [0, 3, 6]  # init and epoch ends
     assert history["kept"]["iteration"] == 6 and history["kept"]["improved_on_init"] is None
