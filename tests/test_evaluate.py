@@ -453,6 +453,40 @@ TINY_PARAMS = {"evaluate": {"max_side": 64, "precision": "fp32", "workers": 2, "
                             "photos": {"root": "no-such-folder"}}}
 
 
+def reference_table(composites: Path, checkpoints: dict[str, Path], max_side: int) -> dict:
+    """SAD and MSE of four rows on the test composites, from the PNGs and plain numpy.
+
+    constant_half is 0.5 where the trimap is 128 and the trimap's 0/1 elsewhere; the network rows take
+    each step's model through the inference API (no refinement), so the table's own scoring path
+    (regions, per-image metrics, averaging, which checkpoint a row reads) is what is checked.
+    """
+    from fusionnet.infer import Matter, load_model
+
+    manifest = [r for r in pq.read_table(composites / "manifest.parquet").to_pylist() if r["split"] == "test"]
+
+    def png(rel: str) -> np.ndarray:
+        return np.asarray(Image.open(composites / rel), np.float64)
+
+    matters = {step: Matter(load_model(checkpoints[step], device="cpu"), device="cpu", precision="fp32",
+                            max_side=max_side, refine=False) for step in ("segmentation", "fusion", "joint")}
+    totals: dict = {}
+    for line in manifest:
+        gt, trimap = png(line["alpha_path"]) / 255, png(line["trimap_path"])
+        rgb = png(line["image_path"]).astype(np.float32) / 255
+        band = trimap == 128
+        nets = {step: matter(rgb) for step, matter in matters.items()}
+        preds = {"constant_half": np.where(band, 0.5, trimap / 255),
+                 "raw": nets["joint"].raw_alpha, "fusion_only": nets["fusion"].raw_alpha,
+                 "fgbg_only_fg": nets["segmentation"].fg_prob}
+        for row, pred in preds.items():
+            err = np.asarray(pred, np.float64) - gt
+            for region, mask in (("band", band), ("full", np.ones_like(band))):
+                values = totals.setdefault(row, {}).setdefault(region, {"sad": 0.0, "mse": 0.0})
+                values["sad"] += np.abs(err[mask]).sum() / 1000 / len(manifest)
+                values["mse"] += (err[mask] ** 2).mean() / len(manifest)
+    return totals
+
+
 @pytest.mark.slow
 def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_project, tmp_path):
     from pipeline.evaluation import run_evaluation
@@ -467,6 +501,12 @@ def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_proje
     for row in table.values():
         assert set(row) == {"band", "full"} and set(row["band"]) == {"sad", "mse", "grad", "conn"}
         assert all(np.isfinite(v) and v >= 0 for region in row.values() for v in region.values())
+    # the numbers themselves, recomputed here from the files on disk (SAD/1000 and MSE by hand)
+    expected = reference_table(tiny_project["composites"], checkpoints, max_side=TINY_PARAMS["evaluate"]["max_side"])
+    for row, regions in expected.items():
+        for region, values in regions.items():
+            for metric, value in values.items():
+                assert table[row][region][metric] == pytest.approx(value, rel=1e-4, abs=1e-9), (row, region, metric)
     # provenance: every network row names its checkpoint and that file's sha256
     details = json.loads((tmp_path / "metrics" / "details.json").read_text())
     sources = {"fgbg_only_fg": "segmentation", "fgbg_only_bg": "segmentation", "fusion_only": "fusion",
