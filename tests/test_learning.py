@@ -84,6 +84,7 @@ def _fixed_crop_shards(root, n: int, size: int, repeat: int):
     return root
 
 
+@pytest.mark.slow  # 60 training iterations at 64 px: ~25 s on a 2-core host
 def test_three_steps_overfit_a_handful_of_fixed_crops(tmp_path):
     """Validation on the very crops it trains on: mean |alpha - gt| falls far below the untrained value."""
     shards = _fixed_crop_shards(tmp_path / "s", n=4, size=64, repeat=12)
