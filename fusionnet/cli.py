@@ -5,6 +5,7 @@
     fusionnet matte - --model CHECKPOINT [--save KIND] < photo.jpg > photo_alpha.png
     fusionnet serve [MODEL] [--host 127.0.0.1] [--port 8000]
     fusionnet pull [models:/late-fusion-matting@champion] --out DIR
+    fusionnet export MODEL --format onnx --out model.onnx [--opset N] [--int8 --calibrate SHARDS_OR_IMAGE_DIR]
     fusionnet --version
 
 `matte` writes, per input `<stem>.<ext>`: `<stem>_alpha.png` (L), `<stem>_rgba.png` (cut-out with
@@ -41,6 +42,16 @@ failed, 2 for a usage error (bad option, unreadable model, unusable --background
 
 `--model` takes a path or a URI such as `models:/name@alias`, resolved by
 `fusionnet.infer.resolve_model_path` through plugins of entry-point group `fusionnet.model_resolvers`.
+A path ending in `.onnx` (from `fusionnet export`) runs through ONNX Runtime (`fusionnet.onnx_runtime`):
+same options and outputs; the precision is the file's (fp32 or int8), so `--precision` and `--compile`
+do not apply (a note says so when given).
+
+`export` writes an ONNX file (`fusionnet.onnx_export`): input "image" (N,3,H,W) float32 in [0,1] with
+N, H, W dynamic and H, W multiples of 32, outputs "alpha", "fg_prob", "bg_prob"; the opset is printed
+and stored in the file's metadata. It is checked against PyTorch fp32 on a photo (`--verify-image`,
+default ../shared/data/alphamatting-dev/image/GT01.png when present, else a synthetic image) and
+fails (exit 1, nothing written) beyond `--tolerance`. `--int8` quantises it with ONNX Runtime, calibrated
+on `--calibrate` (shards of training composites, or a folder of images).
 
 Code: this module parses and dispatches; `fusionnet.cli_matte` runs `matte`, `fusionnet.cli_inputs`
 decides what it mattes and where each output goes.
@@ -96,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("uri", nargs="?", default=DEFAULT_PULL_URI, help=f"model URI (default {DEFAULT_PULL_URI})")
     pull.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create (replaced if it exists)")
     pull.set_defaults(handler=run_pull)
+
+    from fusionnet import cli_export  # stdlib-only at import, like server
+
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX (fp32, or int8 with --int8), checked against PyTorch",
+        description="Export a model file or URI to ONNX for ONNX Runtime (fusionnet matte/serve --model x.onnx).",
+    )
+    cli_export.add_arguments(export)
+    export.set_defaults(handler=cli_export.run)
     return parser
 
 

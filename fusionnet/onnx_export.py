@@ -33,16 +33,13 @@ from torch import Tensor, nn
 
 from fusionnet.infer import Matter, fold_batchnorms, load_model, resolve_model_path
 from fusionnet.model import LateFusionNet
+from fusionnet.onnx_defaults import DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE, INT8_TOLERANCE, MIN_OPSET
 from fusionnet.onnx_runtime import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxMatter
 
-DEFAULT_OPSET = 20
-MIN_OPSET = 18  # the dynamo exporter's lowest
-# Example input the graph is traced on: sides of 3 and 4 strides (not 1: a size-1 dim would be specialised).
-EXAMPLE_SIZE = (96, 128)
+# Example input the graph is traced on: batch 2, sides of 3 and 4 strides (a size-1 dim would be
+# specialised to a constant by torch.export; equal sides could be taken for one symbol).
+EXAMPLE_SHAPE = (2, 3, 96, 128)
 MAX_SIDE_STRIDES = 512  # 16384 px: dynamic sides are declared up to this many strides
-DEFAULT_VERIFY_SIDE = 512
-FP32_TOLERANCE = 1e-3  # max |d alpha| ORT fp32 vs PyTorch fp32: float rounding only (seen: ~1e-6)
-INT8_TOLERANCE = 0.02  # mean |d alpha| ORT int8 vs PyTorch fp32 on the check image
 # A real photo for the check, relative to the project root (../shared/data: see README.md), else synthetic.
 VERIFY_IMAGE_CANDIDATES = ("../shared/data/alphamatting-dev/image/GT01.png",)
 
@@ -99,7 +96,7 @@ def export_onnx(
     rows, cols = dim("rows", min=1, max=MAX_SIDE_STRIDES), dim("cols", min=1, max=MAX_SIDE_STRIDES)
     shapes = {"image": {0: dim("batch", min=1, max=1024), 2: LateFusionNet.stride * rows,
                         3: LateFusionNet.stride * cols}}
-    example = torch.rand(1, 3, *EXAMPLE_SIZE, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(*EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
     try:
         program = torch.onnx.export(graph, (example,), None, dynamo=True, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),

@@ -148,6 +148,7 @@ class OnnxMatter(Matter):
         self.eps = eps
         self.stride = int(self.metadata.get("stride", 32))
         self.model = None  # no torch network: run_network below is the session
+        self.int8_info = None  # Matter's torch-int8 calibration check; an int8 file was checked at export
         self._network = None
 
     @property

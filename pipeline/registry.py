@@ -44,6 +44,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC_TAG_PREFIX = "metric."
 TEST_SET_TAG = "fusionnet.test_set"  # the data version of the test set the version's metrics come from
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+ONNX_DISTRIBUTIONS = ("onnx", "onnxruntime")  # pinned too when the model carries an ONNX file
 # The pyfunc's runtime needs, pinned to the installed versions (an offline environment cannot resolve).
 REQUIREMENT_DISTRIBUTIONS = (
     "mlflow", "torch", "torchvision", "numpy", "scipy", "pillow", "safetensors", "numba", "pandas", "pyyaml",
@@ -55,10 +56,10 @@ def get_client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def pip_requirements() -> list[str]:
-    """`name==installed version` for every runtime dependency of the pyfunc."""
+def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
+    """`name==installed version` for every runtime dependency of the pyfunc (and `extra` ones)."""
     pins = []
-    for dist in REQUIREMENT_DISTRIBUTIONS:
+    for dist in (*REQUIREMENT_DISTRIBUTIONS, *extra):
         try:
             pins.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:
@@ -90,11 +91,13 @@ def _fusionnet_code_copy(tmp: Path) -> Path:
 
 def log_matting_model(
     run_id: str, weights: Path, settings: Mapping[str, Any], name: str = "model", trained_by: str | None = None,
-    also_output_of: tuple[str, ...] = (), tags: Mapping[str, str] | None = None,
+    also_output_of: tuple[str, ...] = (), tags: Mapping[str, str] | None = None, onnx: Path | None = None,
 ):
     """Log `weights` (a fusionnet model file) as a pyfunc in run `run_id`; returns MLflow's ModelInfo.
 
     settings: the pyfunc's inference settings (max_side, precision, refine, radius, eps, device).
+    onnx: an ONNX export of the same weights (`fusionnet.onnx_export`), carried as artifact "onnx"
+    beside them (a pulled model can then run on ONNX Runtime: `fusionnet matte --model .../x.onnx`).
     The MLflow 3 LoggedModel `name` is an output of run `run_id` (which packaged it), of
     `trained_by` (the run that trained the weights: the model's source run when given) and of the
     runs `also_output_of` (e.g. the pipeline's parent run), so their Models column shows it.
@@ -108,6 +111,8 @@ def log_matting_model(
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no model file to register")
+    if onnx is not None and not Path(onnx).is_file():
+        raise FileNotFoundError(f"{onnx}: no ONNX file to register")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -128,11 +133,12 @@ def log_matting_model(
                 name=name,
                 model_id=logged.model_id,
                 python_model=str(PYFUNC_CODE),
-                artifacts={"weights": str(weights), "settings": str(settings_path)},
+                artifacts={"weights": str(weights), "settings": str(settings_path),
+                           **({"onnx": str(onnx)} if onnx is not None else {})},
                 code_paths=[str(code)],
                 signature=model_signature(int(settings["max_side"]), bool(settings["refine"])),
                 input_example=images_frame([np.full((32, 32, 3), 128, np.uint8)]),  # also a serving smoke test
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements(ONNX_DISTRIBUTIONS if onnx is not None else ()),
             )
     for other in dict.fromkeys((source_run, *also_output_of)):  # in order, once each
         if other != run_id:
@@ -294,11 +300,23 @@ def weights_file(model_dir: str | os.PathLike) -> Path:
     return model_dir / relative
 
 
+def onnx_file(model_dir: str | os.PathLike) -> Path | None:
+    """The ONNX export inside a downloaded pyfunc model folder (artifact "onnx"), or None if it has none."""
+    model_dir = Path(model_dir)
+    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
+    try:
+        relative = spec["flavors"]["python_function"]["artifacts"]["onnx"]["path"]
+    except (KeyError, TypeError):
+        return None
+    return model_dir / relative
+
+
 def download_model(uri: str, dest: str | os.PathLike) -> Path:
     """Download model `uri` (models:/..., runs:/...) into folder `dest`, atomically; returns dest.
 
     The files land in a temporary sibling first and are renamed into place when complete; an
-    existing `dest` is replaced. A file `fusionnet-model.json` records the uri it came from.
+    existing `dest` is replaced. A file `fusionnet-model.json` records the uri it came from (and
+    "onnx", the ONNX file's path in the folder, when the model carries one).
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per file on stderr
     dest = Path(dest).resolve()
@@ -310,7 +328,9 @@ def download_model(uri: str, dest: str | os.PathLike) -> Path:
             artifact_uri=uri, dst_path=str(tmp), tracking_uri=uri_store, registry_uri=uri_store
         )
         weights_file(tmp)  # fail before the rename when this is not a matting model
-        (tmp / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **describe(uri)}, indent=2))
+        onnx = onnx_file(tmp)
+        carried = {"onnx": str(onnx.relative_to(tmp))} if onnx is not None else {}
+        (tmp / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **describe(uri), **carried}, indent=2))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -21,8 +21,8 @@ from PIL import Image
 from fusionnet.data.backgrounds import Background, BackgroundList, background_lists_from_params
 from fusionnet.data.composite import composite_downscaled, dim_list_assignment
 from fusionnet.data.imagefiles import read_alpha, read_rgb
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _save(path: Path, array: np.ndarray) -> None:

@@ -16,10 +16,8 @@ from PIL import Image
 from fusionnet.data.collect import CollectConfig, InvalidForegroundError, assign_splits, collect_foregrounds
 from fusionnet.data.imagefiles import ImageFileError, read_alpha, read_rgb
 from fusionnet.data.sources import cap_size, dim_candidates, folder_candidates, load_candidate
+from tests.helpers import ALPHAMATTING, ROOT, require_shared_data
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-ALPHAMATTING = SHARED_DATA / "alphamatting-dev"
 SERIAL = CollectConfig(max_side=None, workers=1, test_fraction=0.0, val_fraction=0.0)
 
 
@@ -235,8 +233,7 @@ def test_load_candidate_caps_only_with_max_side(tmp_path: Path) -> None:
 
 @pytest.mark.shared_data
 def test_folder_source_on_real_alphamatting_subset(tmp_path: Path) -> None:
-    if not ALPHAMATTING.is_dir():
-        pytest.skip(f"real data not available: {ALPHAMATTING} is missing (../shared/data)")
+    require_shared_data(ALPHAMATTING)
     root = tmp_path / "subset"
     for name in ("GT01.png", "GT02.png", "GT05.png"):  # links, not copies, of the shared data
         for kind in ("image", "alpha"):
