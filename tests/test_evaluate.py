@@ -35,8 +35,6 @@ from fusionnet.evaluate import (
 from fusionnet.refine import guided_filter
 from fusionnet.report import photo_comparisons
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 # ----------------------------------------------------------------------------- builders
 
@@ -416,8 +414,8 @@ def test_photo_exclusions_match_train_and_val_sources(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_real_photos_with_the_trimap_baselines():
-    root = SHARED_DATA / "alphamatting-dev"
+def test_real_photos_with_the_trimap_baselines(shared_data):
+    root = shared_data / "alphamatting-dev"
     if not (root / "image").is_dir():
         pytest.skip(f"{root} is absent: real photographs not available on this machine")
     photos = load_photos(root)[:2]
