@@ -83,10 +83,18 @@ def test_dvc_repro_runs_data_stages_once_and_only_when_their_params_change(proje
     assert ran_stages(output) == set(), output
     assert "up to date" in output.lower() or "didn't change" in output.lower(), output
 
-    # a training-only key: no data stage reads it, so nothing re-runs
+    # training-only keys of the real params.yaml: the training stage declares them, no data stage does,
+    # so nothing re-runs here
+    real = yaml.safe_load((ROOT / "params.yaml").read_text())
+    training = {"train_seg": "epochs", "train_common": "batch_size"}
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(training) <= set(declared["train_seg"]["params"]), declared["train_seg"]["params"]
+    for section, key in training.items():
+        assert key in real[section], f"params.yaml has no {section}.{key}"
+        assert not any(section in stage["params"]["params.yaml"] for stage in lock["stages"].values()), section
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train_seg"]["epochs"] = 5
-    params["train_common"]["batch_size"] = 2
+    params["train_seg"]["epochs"] = real["train_seg"]["epochs"] + 2
+    params["train_common"]["batch_size"] = real["train_common"]["batch_size"] + 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = dvc(project, "repro")
     assert ran_stages(output) == set(), output
