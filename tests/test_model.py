@@ -13,12 +13,6 @@ from fusionnet import model as fm
 from fusionnet.model import BACKBONES, LateFusionNet, count_parameters
 
 
-@pytest.fixture(scope="module")
-def small_model() -> LateFusionNet:
-    torch.manual_seed(0)
-    return LateFusionNet("densenet121").eval()
-
-
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_output_structure_for_every_backbone(backbone):
     torch.manual_seed(0)
@@ -53,18 +47,18 @@ def test_encoder_taps_match_method_notes():
     assert fusion.head.out_channels == 1
 
 
-def test_eq2_blend_is_exact(small_model):
+def test_eq2_blend_is_exact(tiny_model):
     with torch.no_grad():
-        out = small_model(torch.rand(1, 3, 64, 64))
+        out = tiny_model(torch.rand(1, 3, 64, 64))
     expected = out.blend_weight * out.fg_prob + (1 - out.blend_weight) * (1 - out.bg_prob)
     assert torch.equal(out.alpha, expected)
 
 
-def test_side_outputs_come_from_four_resolutions(small_model):
+def test_side_outputs_come_from_four_resolutions(tiny_model):
     # a coarse side output, upsampled bilinearly from 1/8, is smoother than the full-resolution one
     torch.manual_seed(1)
     with torch.no_grad():
-        out = small_model(torch.rand(1, 3, 128, 128))
+        out = tiny_model(torch.rand(1, 3, 128, 128))
     logits = out.fg_side_logits
 
     def roughness(x):
@@ -97,14 +91,14 @@ def test_gradients_reach_every_parameter_group():
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 100, 64), (1, 3, 64, 70)])
-def test_bad_size_names_nearest_valid_size(small_model, shape):
+def test_bad_size_names_nearest_valid_size(tiny_model, shape):
     with pytest.raises(ValueError, match=r"not a multiple of 32; nearest valid sizes are (96 and 128|64 and 96)"):
-        small_model(torch.rand(*shape))
+        tiny_model(torch.rand(*shape))
 
 
-def test_bad_channels(small_model):
+def test_bad_channels(tiny_model):
     with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
-        small_model(torch.rand(1, 4, 64, 64))
+        tiny_model(torch.rand(1, 4, 64, 64))
 
 
 def test_unknown_backbone():
@@ -145,15 +139,15 @@ def test_input_norms_differ():
         LateFusionNet("densenet121", input_norm="caffe")
 
 
-def test_save_load_round_trip(small_model, tmp_path):
-    path = fm.save(small_model, tmp_path / "m.safetensors")
+def test_save_load_round_trip(tiny_model, tmp_path):
+    path = fm.save(tiny_model, tmp_path / "m.safetensors")
     loaded = fm.load(path).eval()
-    assert loaded.config == small_model.config
-    for (k1, v1), (k2, v2) in zip(small_model.state_dict().items(), loaded.state_dict().items()):
+    assert loaded.config == tiny_model.config
+    for (k1, v1), (k2, v2) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(small_model(x).alpha, loaded(x).alpha)
+        assert torch.equal(tiny_model(x).alpha, loaded(x).alpha)
     assert not list(tmp_path.glob(".*tmp")), "temporary file left behind"
 
 
@@ -178,8 +172,8 @@ def test_load_rejects_foreign_and_broken_files(tmp_path):
         fm.load(wrong)
 
 
-def test_checkpoint_is_not_pickle(small_model, tmp_path):
-    path = fm.save(small_model, tmp_path / "m.safetensors")
+def test_checkpoint_is_not_pickle(tiny_model, tmp_path):
+    path = fm.save(tiny_model, tmp_path / "m.safetensors")
     head = Path(path).read_bytes()[:16]
     assert not head.startswith(b"\x80") and not head.startswith(b"PK"), "pickle/zip checkpoint"
 
@@ -213,18 +207,18 @@ def test_decoder_max_width_survives_save_and_load(tmp_path):
         assert torch.equal(model(x).alpha, loaded(x).alpha)
 
 
-def test_the_same_weights_give_the_same_file_bytes(small_model, tmp_path):
+def test_the_same_weights_give_the_same_file_bytes(tiny_model, tmp_path):
     """A model file's bytes depend only on weights, config and extras (DVC md5s compare across runs and
     machines); safetensors alone writes the metadata in a per-map random order."""
     import subprocess
     import sys
 
     extra = {"step": "joint", "iterations": 7, "kept_iteration": 5, "data_version": "abc"}
-    paths = [fm.save(small_model, tmp_path / f"m{i}.safetensors", extra=extra) for i in range(3)]
+    paths = [fm.save(tiny_model, tmp_path / f"m{i}.safetensors", extra=extra) for i in range(3)]
     script = ("import sys, torch; from fusionnet import model as m; net = m.load(sys.argv[1]);"
               "m.save(net, sys.argv[2], extra=dict(a.split('=', 1) for a in sys.argv[3:]))")
     subprocess.run([sys.executable, "-c", script, str(paths[0]), str(tmp_path / "other-process.safetensors"),
                     *(f"{k}={v}" for k, v in extra.items())], check=True, timeout=120)
     contents = {p.read_bytes() for p in [*paths, tmp_path / "other-process.safetensors"]}
     assert len(contents) == 1
-    assert fm.load(paths[0]).config == small_model.config
+    assert fm.load(paths[0]).config == tiny_model.config
