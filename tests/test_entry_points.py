@@ -105,7 +105,6 @@ def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     return tmp, dict(zip(cases, results))
 
 
-@pytest.mark.slow
 def test_train_cli_device_and_precision_flags_override_params(cli_runs):
     tmp, runs = cli_runs
     if not torch.cuda.is_available():  # as written (cuda, fp16) the params cannot run on this machine
@@ -117,7 +116,6 @@ def test_train_cli_device_and_precision_flags_override_params(cli_runs):
     assert history["finished"] and history["iterations"] == 1
 
 
-@pytest.mark.slow
 def test_train_cli_resumes_a_finished_step_unless_no_resume(cli_runs):
     tmp, runs = cli_runs
     assert runs["resumed"]["code"] == 0 and runs["no_resume"]["code"] == 0, runs["no_resume"]["stderr"]
@@ -130,7 +128,6 @@ def test_train_cli_resumes_a_finished_step_unless_no_resume(cli_runs):
     assert runs["resumed"]["stdout"].count("precision fp32") == 1 and "precision fp32" in runs["no_resume"]["stdout"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     ("missing", ["absent.yaml", "no such params file"]),
     ("bad_yaml", ["bad.yaml", "YAML"]),

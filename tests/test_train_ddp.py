@@ -8,7 +8,6 @@ and that the training set was split across ranks.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import yaml
 from safetensors.torch import load_file
 
 from fusionnet.train.toy import write_toy_shards
+from tests.helpers import ROOT, one_thread_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = r"""
 import json, os, sys
@@ -68,7 +67,7 @@ def test_two_process_gloo_ddp(tmp_path, step):
     out = tmp_path / "run" / step
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "driver.py"), str(tmp_path / "params.yaml"), str(shards), str(out), step]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = one_thread_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -138,7 +137,7 @@ def test_two_process_resume_after_a_crash_gives_identical_weights(tmp_path):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "driver.py").write_text(RESUME_DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FUSIONNET_PROGRESS": "off"}
+    env = one_thread_env(FUSIONNET_PROGRESS="off")
 
     def torchrun(out: Path, crash_at: int) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from fusionnet.train import STATE_FILE, StepConfig, run_step
 from fusionnet.train.state import load_state
 from fusionnet.train.toy import write_toy_shards
+from tests.helpers import ROOT, one_thread_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def resume_params() -> dict:
@@ -98,7 +98,7 @@ def test_sigkill_and_rerun_gives_identical_weights(shards, tmp_path):
     p = resume_params()
     p["train_seg"]["max_iters_per_epoch"] = 4
     params.write_text(yaml.safe_dump(p))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = one_thread_env()
     subprocess.run(_cli(params, shards, tmp_path / "reference"), check=True, env=env, cwd=ROOT, timeout=300)
 
     out = tmp_path / "killed"
