@@ -153,7 +153,10 @@ def load_params(params_path: str | os.PathLike) -> dict[str, Any]:
     path = Path(params_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: params file not found")
-    params = yaml.safe_load(path.read_text())
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:  # the parser's own message names no file
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return params

@@ -191,8 +191,6 @@ def test_load_params_errors_name_the_file(tmp_path):
     assert load_params(tmp_path / "good.yaml") == {"seed": 3, "evaluate": {"max_side": 64}}
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/provenance.py lets yaml's ParserError through, which names no file "
-                                       "(requested in /tmp/h/requests.md; remove this marker with the fix)")
 def test_load_params_names_a_file_that_is_not_yaml(tmp_path):
     from pipeline.provenance import load_params
 
