@@ -5,7 +5,7 @@ composites, weights int8 per output channel, QDQ format (Quantize/DequantizeLine
 Runtime's CPU provider fuses into int8 convolutions on VNNI/AMX). Activations uint8 by default.
 
 Kept in float32, because alpha is read straight off them: the 1-channel convolutions that give
-the decoders' side-output logits and the fusion network's beta logit (int8 steps in a logit move
+fg_prob's and bg_prob's logits and the fusion network's beta logit (int8 steps in a logit move
 the sigmoid by up to a few 1/255 near 0.5) and everything after them (sigmoids, the Eq. 2 blend).
 They are a negligible share of the FLOPs; the full-resolution fusion and FPN convolutions, which are
 most of them, are int8.
@@ -113,6 +113,25 @@ def logit_convolutions(model) -> list[str]:
             if node.op_type == "Conv" and len(node.input) > 1 and weights.get(node.input[1], (0,))[0] == 1]
 
 
+def float_tail(model) -> list[str]:
+    """The logit convolutions and every node downstream of them (sigmoids, the Eq. 2 blend's Mul/Add)."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    by_name = {node.name: node for node in model.graph.node}
+    todo = [by_name[name] for name in logit_convolutions(model)]
+    seen: dict[str, None] = {}
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen[node.name] = None
+        for output in node.output:
+            todo.extend(consumers.get(output, []))
+    return list(seen)
+
+
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -127,7 +146,7 @@ def quantize_onnx(
     """Static int8 quantisation of `fp32_path`, calibrated on `images`, written atomically to `out`.
 
     quant_format "QDQ" or "QOperator"; activation_type "uint8" or "int8"; weights int8 (per channel).
-    keep_logits_fp32: leave the 1-channel logit convolutions in float32 (see the module doc).
+    keep_logits_fp32: leave the 1-channel logit convolutions and all after them in float32 (module doc).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -142,7 +161,7 @@ def quantize_onnx(
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(os.fspath(fp32_path), os.fspath(prepared), skip_symbolic_shape=True)
         model = onnx.load(os.fspath(prepared))
-        exclude = logit_convolutions(model) if keep_logits_fp32 else []
+        exclude = float_tail(model) if keep_logits_fp32 else []
         quantized = Path(work) / "int8.onnx"
         quantize_static(
             os.fspath(prepared), os.fspath(quantized), _reader(images, side),
@@ -162,7 +181,7 @@ def quantize_onnx(
         set_metadata(proto, {"precision": "int8", "quantization": f"onnxruntime static {quant_format}, "
                              f"{activation_type} activations, int8 {'per-channel' if per_channel else 'per-tensor'} "
                              f"weights, MinMax on {len(images)} images at side {side}, "
-                             f"{len(exclude)} logit convs fp32"})
+                             f"{len(exclude)} nodes from the logit convs on fp32"})
         tmp = Path(work) / "final.onnx"
         onnx.save(proto, os.fspath(tmp))
         os.chmod(tmp, 0o644)
