@@ -26,13 +26,14 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fusionnet" / "models")
 
 
-def cached_model_dir(uri: str) -> Path:
+def cached_model_dir(uri: str, info: dict[str, str] | None = None) -> Path:
     """The cache folder for `uri`: <store>/<name>/<version> for registered versions, else <store>/uri/<hash>.
 
     <store> is a hash of the tracking URI: version 1 of one registry is not version 1 of another.
+    info: `describe(uri)` when the caller already has it (an alias is looked up once, not twice).
     """
     store = cache_root() / hashlib.sha256(tracking_uri().encode()).hexdigest()[:12]
-    info = describe(uri)
+    info = describe(uri) if info is None else info
     if info:
         return store / info["name"] / info["version"]
     return store / "uri" / hashlib.sha256(uri.encode()).hexdigest()[:24]
@@ -41,12 +42,15 @@ def cached_model_dir(uri: str) -> Path:
 def resolve(spec: str) -> Path:
     """The fusionnet model file (safetensors) of MLflow model `spec`, downloaded if not cached.
 
+    An alias is looked up once and the version it named is downloaded (models:/<name>/<version>), so
+    an alias moved meanwhile cannot put another version's files in this version's cache folder.
     An unknown model, version or alias raises LookupError naming the URI and the tracking store.
     """
     try:
-        folder = cached_model_dir(spec)
+        info = describe(spec)
+        folder = cached_model_dir(spec, info)
         if not (folder / "MLmodel").is_file():
-            download_model(spec, folder)
+            download_model(f"models:/{info['name']}/{info['version']}" if info else spec, folder)
     except MlflowException as exc:
         raise LookupError(f"{spec}: {exc.message} (MLflow store {tracking_uri()})") from exc
     return weights_file(folder)

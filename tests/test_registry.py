@@ -370,6 +370,30 @@ def test_the_resolver_follows_a_moved_alias(registry):
     assert resolve(f"models:/{name}@champion") == first
 
 
+@pytest.mark.slow
+def test_an_alias_moved_during_the_download_does_not_mix_versions(registry, monkeypatch):
+    """@champion promoted between the resolver's lookup and its download: the cache folder of the version
+    looked up holds that version's files, and the next call sees the new champion."""
+    import pipeline.resolver as resolver
+    from pipeline.registry import get_client, register_version
+
+    client, weights, name = get_client(), registry["weights"], "alias-moved-mid-download"
+    for version in ("1", "2"):
+        register_version(client, client.get_model_version(MODEL, version).source, None, {}, "", name=name)
+    client.set_registered_model_alias(name, "champion", "1")
+    download = resolver.download_model
+
+    def promoted_meanwhile(uri, dest):
+        client.set_registered_model_alias(name, "champion", "2")
+        return download(uri, dest)
+
+    monkeypatch.setattr(resolver, "download_model", promoted_meanwhile)
+    looked_up = resolver.resolve(f"models:/{name}@champion")
+    assert resolver.cached_model_dir(f"models:/{name}/1") in looked_up.parents
+    assert sha256(looked_up) == sha256(weights["1"])
+    assert sha256(resolver.resolve(f"models:/{name}@champion")) == sha256(weights["2"])
+
+
 def test_a_resolver_that_returns_no_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
     """A resolver plugin answering a folder or a missing path: resolve_model_path says which plugin
     returned what, and `fusionnet matte` makes it a usage error (exit 2) with nothing written."""
