@@ -1,63 +1,73 @@
-"""Inference speed: plain fp32 eager against the fast path, per image, at 512x512 and 800x800.
+"""Inference speed per precision at 512x512 and 800x800, the auto choice, and accuracy on real photos.
 
-    .venv/bin/python benchmarks/bench_inference.py [--model CHECKPOINT] [--sizes 512 800] [--repeats 3]
+    .venv/bin/python benchmarks/bench_inference.py [--model CKPT] [--accuracy-model CKPT] [--quick]
 
-Variants (each one forward of the network on one image, no guided filter):
-  fp32-eager        float32, NCHW: the reference (`Matter(precision="fp32")`)
-  fp32-cl           float32, channels-last
-  bf16-autocast-cl  channels-last, torch.autocast(bfloat16)
-  bf16-cl           channels-last, weights cast to bfloat16: `Matter(precision="bf16")`, the fast path
-  bf16-cl-compiled  the fast path under torch.compile (`Matter(..., compile=True)`), unless --no-compile
-
-Rounds interleave the variants so that load from other processes hits them alike; the figure per
-variant is the median over rounds after one warm-up call (whose time, for compiled variants, is the
-compile time). The speed-up is fp32-eager / bf16-cl from the same rounds.
-
-Accuracy. Without --model the network is a densenet201 with torch's deterministic default init
-(seed 0, BatchNorm in eval mode). Its alpha is about 0.5 everywhere, so the absolute difference is
-easy; it is also reported relative to alpha's standard deviation. A second, "calibrated" network
-(BatchNorm statistics estimated on the image, sigmoid heads rescaled so alpha covers [0,1]) is a
-stress test: a random 200-layer network with normalised activations is chaotic (tiny input changes
-change alpha a lot), so its bf16 difference is set beside the change that one 8-bit quantisation
-step of input noise causes in fp32. A trained checkpoint (--model) replaces both.
-Target: bf16-cl at least 3x faster than fp32-eager at 512x512, mean |alpha diff| <= 0.005.
+Header: the CPU model, logical CPUs, the flags that decide precision (amx*, avx512_bf16, avx512_vnni,
+avx_vnni, avx2), torch/onnxruntime versions and the load. Variants (one network call on one image,
+no guided filter), measured in interleaved rounds (the median after one warm-up call), ratios against
+fp32-eager from the same rounds:
+  fp32-eager   Matter(precision="fp32"): the reference
+  fp32-cl      BatchNorm folded, channels-last, float32
+  bf16         the same in bfloat16 (only where a bf16 CPU flag exists: elsewhere it is emulated)
+  int8-torch   Matter(precision="int8"): torch.ao FX static quantisation (fusionnet/quantize.py)
+  ort-fp32     ONNX Runtime on the exported graph (fusionnet/onnx_export.py), when onnxruntime is installed
+  ort-int8     ONNX Runtime static QDQ int8 (fusionnet/onnx_quantize.py)
+  auto         what `precision: auto` picks here, and why (fusionnet/precision.py)
+Speed is measured on --model (default: densenet201 at the paper's widths, deterministic random init:
+timings do not depend on the weights). Accuracy needs a trained model (--accuracy-model, default
+models/joint/model.safetensors when present): each variant's raw alpha at 800 px on the
+alphamatting-dev photos in ../shared/data against fp32-eager (mean |d alpha|) and the ground truth
+(SAD, whole image), int8 calibrated on the model's training shards (data/shards/train beside it) or,
+without them, on photos not used for the accuracy figures. Results go to benchmarks/results/inference.json.
+Targets (issue 12): 800x800 in <= 4 s on the fastest path and >= 4x fp32-eager; mean |d alpha| <= 0.005
+and SAD within 1% of fp32 on real photos.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fusionnet.infer import Matter, load_model
-from fusionnet.model import LateFusionNet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import header, machine, record  # noqa: E402
 
-TARGET_SPEEDUP = 3.0
-TARGET_MEAN_DIFF = 0.005
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHARED_IMAGE = SHARED_DATA / "alphamatting-dev" / "image" / "GT04.png"
+from fusionnet.infer import Matter, load_model  # noqa: E402
+from fusionnet.model import LateFusionNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT.parent / "shared" / "data" / "alphamatting-dev"
+TARGET_800_S, TARGET_SPEEDUP, TARGET_MEAN_DIFF, TARGET_SAD_CHANGE = 4.0, 4.0, 0.005, 0.01
+AUTO_VARIANT = {"fp32-cl": "fp32-cl", "bf16": "bf16", "int8": "int8-torch"}
+Network = Callable[[Tensor], Tensor]  # (N,3,h,w) float [0,1] -> (N,3,h,w) maps
+
+
+def load_text() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def benchmark_image(size: int) -> tuple[Tensor, str]:
     """`(1,3,size,size)` float32 in [0,1]: a real photo (centre crop) when ../shared/data is there."""
-    if SHARED_IMAGE.is_file():
+    photo = PHOTOS / "image" / "GT04.png"
+    if photo.is_file():
         from PIL import Image
 
-        with Image.open(SHARED_IMAGE) as im:
+        with Image.open(photo) as im:
             im = im.convert("RGB")
             scale = size / min(im.size)
             im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
             left, top = (im.width - size) // 2, (im.height - size) // 2
             rgb = np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255
-        source = f"{SHARED_IMAGE.name} (centre crop)"
+        source = f"{photo.name} (centre crop)"
     else:
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[0:size, 0:size] / size
@@ -69,14 +79,17 @@ def benchmark_image(size: int) -> tuple[Tensor, str]:
 
 
 def default_model(seed: int = 0) -> LateFusionNet:
-    """densenet201 LateFusionNet with torch's default init from `seed`, in eval mode."""
+    """densenet201 LateFusionNet at the paper's widths, torch's default init from `seed`, eval mode."""
     torch.manual_seed(seed)
     return LateFusionNet(backbone="densenet201", pretrained=False).eval()
 
 
 @torch.no_grad()
 def calibrated_model(image: Tensor, seed: int = 0, head_std: float = 3.0, blend_std: float = 2.0) -> LateFusionNet:
-    """`default_model` with BatchNorm statistics from `image` and heads rescaled to spread over [0,1]."""
+    """`default_model` with BatchNorm statistics from `image` and heads rescaled to spread over [0,1]
+    (a random network whose alpha is not ~0.5 everywhere; bench_video uses it)."""
+    from torch import nn
+
     model = default_model(seed)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -100,122 +113,211 @@ def calibrated_model(image: Tensor, seed: int = 0, head_std: float = 3.0, blend_
     return model
 
 
-def stress_test(image: Tensor) -> None:
-    """bf16 against fp32 on the calibrated network, beside fp32's own sensitivity to 8-bit input noise."""
-    model = calibrated_model(image)
-    reference = Matter(model, device="cpu", precision="fp32", refine=False)
-    alpha = reference.run_network(image)[:, :1]
-    fast = Matter(model, device="cpu", precision="bf16", refine=False).run_network(image)[:, :1]
-    noise = (torch.rand(image.shape, generator=torch.Generator().manual_seed(1)) - 0.5) / 255
-    noisy = reference.run_network((image + noise).clamp(0, 1))[:, :1]
-    std = alpha.std().item()
-    bf16_diff, noise_diff = (fast - alpha).abs().mean().item(), (noisy - alpha).abs().mean().item()
-    print(f"   stress test, calibrated random network: alpha std {std:.3f}; mean |alpha diff| "
-          f"bf16 vs fp32 {bf16_diff:.4f} ({bf16_diff / std:.2f} std), fp32 with +-0.5/255 input noise "
-          f"{noise_diff:.4f} ({noise_diff / std:.2f} std)")
-    verdict = "within" if bf16_diff <= 1.5 * noise_diff else "BEYOND"
-    print(f"   -> bf16 error is {verdict} 1.5x the effect of 8-bit input noise on this (chaotic) network")
+def calibration_for(model_path: Path | None, count: int, exclude: set[str]) -> tuple[list[np.ndarray], str]:
+    """Training composites of `model_path`'s pipeline (data/shards/train), else photos not in `exclude`."""
+    from fusionnet.quantize import calibration_images
+
+    if model_path is not None:
+        for parent in model_path.resolve().parents:
+            shards = parent / "data" / "shards" / "train"
+            if shards.is_dir():
+                return calibration_images([shards], limit=count), f"{count} training composites from {shards}"
+    files = [p for p in sorted((PHOTOS / "image").glob("*.png")) if p.stem not in exclude]
+    if files:
+        return calibration_images(images=files, limit=count), f"{min(count, len(files))} photos (not scored)"
+    rng = np.random.default_rng(0)
+    return [(rng.random((320, 320, 3)) * 255).astype(np.uint8) for _ in range(count)], "random images"
 
 
-def variants(model: LateFusionNet, use_compile: bool) -> dict[str, Callable[[Tensor], Tensor]]:
-    """name -> function `(1,3,H,W) float32 -> (1,1,H,W) float32 alpha`."""
-    reference = Matter(model, device="cpu", precision="fp32", refine=False)
-    fast = Matter(model, device="cpu", precision="bf16", refine=False)
-    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+def build(model: LateFusionNet, calibration: list[np.ndarray], onnx_dir: Path | None,
+          log: Callable[[str], None]) -> dict[str, Network]:
+    """name -> network for every variant this machine can run (see the module docstring)."""
+    from fusionnet.precision import cpu_flags
 
-    def fp32_cl(x: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return channels_last(x.contiguous(memory_format=torch.channels_last)).alpha
-
-    def bf16_autocast_cl(x: Tensor) -> Tensor:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return channels_last(x.contiguous(memory_format=torch.channels_last)).alpha.float()
-
-    table = {
-        "fp32-eager": lambda x: reference.run_network(x)[:, :1],
-        "fp32-cl": fp32_cl,
-        "bf16-autocast-cl": bf16_autocast_cl,
-        "bf16-cl": lambda x: fast.run_network(x)[:, :1],
-    }
-    if use_compile:
-        compiled = Matter(model, device="cpu", precision="bf16", refine=False, compile=True)
-        table["bf16-cl-compiled"] = lambda x: compiled.run_network(x)[:, :1]
+    table: dict[str, Network] = {}
+    for name, precision in (("fp32-eager", "fp32"), ("fp32-cl", "fp32-cl"), ("bf16", "bf16")):
+        if name == "bf16" and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+            log("   bf16: skipped, no avx512_bf16/amx_bf16 (emulated bf16 is several times slower than fp32)")
+            continue
+        table[name] = Matter(model, device="cpu", precision=precision, refine=False).run_network
+    started = time.perf_counter()
+    int8 = Matter(model, device="cpu", precision="int8", refine=False, calibration=calibration)
+    log(f"   int8-torch: calibrated in {time.perf_counter() - started:.0f} s, mean |d alpha| on 2 held-out "
+        f"calibration images {int8.int8_info['mean_abs_diff']:.5f}")
+    table["int8-torch"] = int8.run_network
+    if onnx_dir is not None:
+        table.update(onnx_variants(model, calibration, onnx_dir, log))
     return table
 
 
-def load_text() -> str:
-    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+def onnx_variants(model: LateFusionNet, calibration: list[np.ndarray], folder: Path,
+                  log: Callable[[str], None]) -> dict[str, Network]:
+    try:
+        from fusionnet.onnx_export import export_onnx
+        from fusionnet.onnx_quantize import quantize_onnx
+        from fusionnet.onnx_runtime import OnnxMatter
+    except ImportError as exc:
+        log(f"   ort-*: skipped ({exc})")
+        return {}
+    from fusionnet.infer import as_float_image
+
+    started = time.perf_counter()
+    fp32 = export_onnx(model, folder / "model.onnx")
+    int8 = quantize_onnx(fp32, folder / "model-int8.onnx", [as_float_image(image) for image in calibration])
+    log(f"   ort-fp32/ort-int8: exported and quantised in {time.perf_counter() - started:.0f} s")
+    return {name: OnnxMatter(path, device="cpu", refine=False).run_network
+            for name, path in (("ort-fp32", fp32), ("ort-int8", int8))}
 
 
-def run_size(size: int, model_spec: str | None, repeats: int, use_compile: bool) -> dict[str, float]:
+def time_size(table: dict[str, Network], size: int, repeats: int, log: Callable[[str], None]) -> dict:
     image, source = benchmark_image(size)
-    model = load_model(model_spec) if model_spec else default_model()
-    table = variants(model, use_compile)
-    print(f"\n== {size}x{size}, input: {source}, model: {model_spec or 'densenet201, default init (seed 0)'}")
-    print(f"   before: {load_text()}, torch threads {torch.get_num_threads()}")
-    alphas: dict[str, Tensor] = {}
-    warmup: dict[str, float] = {}
+    log(f"\n== {size}x{size}, input {source}; before: {load_text()}, torch threads {torch.get_num_threads()}")
+    alphas, warmup = {}, {}
     for name, fn in table.items():
-        start = time.perf_counter()
-        alphas[name] = fn(image).float()
-        warmup[name] = time.perf_counter() - start
+        started = time.perf_counter()
+        alphas[name] = fn(image)[:, :1].float()
+        warmup[name] = time.perf_counter() - started
     times: dict[str, list[float]] = {name: [] for name in table}
     for round_index in range(repeats):
         for name, fn in table.items():
-            start = time.perf_counter()
+            started = time.perf_counter()
             fn(image)
-            times[name].append(time.perf_counter() - start)
-        print(f"   round {round_index + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items())
-              + f"  ({load_text()})")
-    reference = alphas["fp32-eager"]
-    std = reference.std().item()
-    transition = ((reference > 0.05) & (reference < 0.95)).float().mean().item()
-    print(f"   fp32 alpha: mean {reference.mean():.3f}, std {std:.3f}, share in (0.05, 0.95) {transition:.2f}")
+            times[name].append(time.perf_counter() - started)
+        log(f"   round {round_index + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items())
+            + f" ({load_text()})")
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median["fp32-eager"]
-    header = ("s/image", "min", "speed-up", "warm-up", "mean|da|", "/std", "max|da|")
-    print(f"   {'variant':<18} " + " ".join(f"{h:>8}" for h in header))
+    log(f"   {'variant':<12} {'s/image':>8} {'min':>7} {'vs eager':>9} {'warm-up':>8} {'mean|da|':>9}")
     for name in table:
-        diff = (alphas[name] - reference).abs()
-        print(f"   {name:<18} {median[name]:8.2f} {min(times[name]):8.2f} {base / median[name]:7.2f}x "
-              f"{warmup[name]:7.1f}s {diff.mean():8.5f} {diff.mean() / max(std, 1e-8):8.3f} {diff.max():8.4f}")
-    fastest = min(median, key=median.get)
-    print(f"   fastest: {fastest}; after: {load_text()}")
-    if not model_spec:
-        stress_test(image)
-    fast_diff = (alphas["bf16-cl"] - reference).abs().mean().item()
-    return {"speedup": base / median["bf16-cl"], "mean_diff": fast_diff, "fp32": base, "fast": median["bf16-cl"]}
+        diff = (alphas[name] - alphas["fp32-eager"]).abs().mean().item()
+        log(f"   {name:<12} {median[name]:8.2f} {min(times[name]):7.2f} {base / median[name]:8.2f}x "
+            f"{warmup[name]:7.1f}s {diff:9.5f}")
+    log(f"   after: {load_text()}")
+    return {"median_s": median, "speedup": {n: base / s for n, s in median.items()}}
 
 
-def main() -> int:
+@torch.inference_mode()
+def accuracy(model: LateFusionNet, table: dict[str, Network], photos: list[Path], side: int,
+             log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Per variant: mean |d alpha| vs fp32-eager and mean SAD vs ground truth on `photos` at `side`."""
+    from fusionnet.imageio import fit_within, load_image
+    from fusionnet.infer import resize_maps
+    from fusionnet.metrics import sad
+
+    diffs: dict[str, list[float]] = {name: [] for name in table}
+    sads: dict[str, list[float]] = {name: [] for name in table}
+    for path in photos:
+        rgb = load_image(path).rgb
+        gt = load_image(PHOTOS / "alpha" / path.name).rgb[..., 0]
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+        size = tuple(rgb.shape[:2])
+        x = resize_maps(x, fit_within(size, side)).clamp_(0, 1)
+        alphas = {name: resize_maps(fn(x)[:, :1], size).clamp_(0, 1)[0, 0].numpy() for name, fn in table.items()}
+        for name, alpha in alphas.items():
+            diffs[name].append(float(np.abs(alpha - alphas["fp32-eager"]).mean()))
+            sads[name].append(sad(alpha, gt))
+    base = float(np.mean(sads["fp32-eager"]))
+    out = {name: {"mean_abs_diff": float(np.mean(diffs[name])), "sad": float(np.mean(sads[name])),
+                  "sad_change": float(np.mean(sads[name])) / base - 1 if base else 0.0} for name in table}
+    log(f"\n== accuracy on {len(photos)} real photos ({', '.join(p.stem for p in photos)}) at {side} px, raw alpha")
+    log(f"   {'variant':<12} {'mean|da|':>9} {'SAD':>8} {'vs fp32':>8}")
+    for name, r in out.items():
+        log(f"   {name:<12} {r['mean_abs_diff']:9.5f} {r['sad']:8.2f} {100 * r['sad_change']:+7.2f}%")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a trained checkpoint (default: calibrated random densenet201)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
+    parser.add_argument("--model", help="checkpoint to time (default: densenet201, paper widths, random init)")
+    parser.add_argument("--accuracy-model", default=None,
+                        help="trained checkpoint for the accuracy figures (default: models/joint/model.safetensors if present)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 800], help="image sides timed (none: accuracy only)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (median reported)")
+    parser.add_argument("--photos", type=int, default=4, help="real photos (GT01..) scored for accuracy")
+    parser.add_argument("--calibration", type=int, default=16, help="int8 calibration images")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the torch.compile'd fast path (minutes of compile time per size)")
-    args = parser.parse_args()
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="ONNX Runtime variants")
+    parser.add_argument("--quick", action="store_true", help="1 timed round, 2 photos, 8 calibration images")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.photos, args.calibration = 1, 2, 8
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, avx512_bf16: {'avx512_bf16' in cpu_flags}, "
-          f"amx_bf16: {'amx_bf16' in cpu_flags}, {load_text()}")
-    results = {size: run_size(size, args.model, args.repeats, args.compile) for size in args.sizes}
-    print("\n== summary (fast path = bf16-cl, what fusionnet.infer uses for --precision bf16 / fast=True)")
-    ok = True
-    for size, r in results.items():
-        print(f"   {size}x{size}: fp32-eager {r['fp32']:.2f} s/image, fast {r['fast']:.2f} s/image, "
-              f"speed-up {r['speedup']:.2f}x, mean |alpha diff| {r['mean_diff']:.5f}")
-        ok &= r["mean_diff"] <= TARGET_MEAN_DIFF
-    if 512 in results:
-        ok &= results[512]["speedup"] >= TARGET_SPEEDUP
-    else:
-        print("   (512 not measured: the speed-up target is defined at 512x512)")
-        ok = False
-    print(f"{'PASS' if ok else 'FAIL'}: target speed-up >= {TARGET_SPEEDUP}x at 512x512 and mean |alpha diff| <= "
-          f"{TARGET_MEAN_DIFF} ({load_text()})")
+    lines: list[str] = []
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    log(header() + f"; torch threads {torch.get_num_threads()}")
+    accuracy_path = args.accuracy_model or (ROOT / "models" / "joint" / "model.safetensors")
+    accuracy_path = Path(accuracy_path) if Path(accuracy_path).is_file() else None
+    photos = sorted((PHOTOS / "image").glob("*.png"))[: args.photos]
+    from fusionnet.precision import resolve_inference_precision
+
+    model = load_model(args.model) if args.model else default_model()
+    label = args.model or "densenet201, paper widths, random init (seed 0)"
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        calibration, calib_source = calibration_for(Path(args.model) if args.model else None, args.calibration,
+                                                    {p.stem for p in photos})
+        log(f"\n== speed model: {label}; int8 calibration: {calib_source}")
+        if args.model and accuracy_path and Path(args.model).resolve() == accuracy_path.resolve():
+            log("   (the accuracy model is the speed model: its variants are built once more for the photos)")
+        speed, auto, why = {}, "", "(speed not measured)"
+        if args.sizes:
+            table = build(model, calibration, Path(tmp) / "speed" if args.onnx else None, log)
+            speed = {size: time_size(table, size, args.repeats, log) for size in args.sizes}
+            auto, why = resolve_inference_precision(model, torch.device("cpu"))
+            log(f"\nauto on this CPU for the speed model: {auto} ({why})")
+        acc = None
+        if accuracy_path and photos:
+            acc_model = load_model(accuracy_path)
+            acc_calibration, acc_source = calibration_for(accuracy_path, args.calibration, {p.stem for p in photos})
+            log(f"\n== accuracy model: {accuracy_path}; int8 calibration: {acc_source}")
+            acc_table = build(acc_model, acc_calibration, Path(tmp) / "accuracy" if args.onnx else None, log)
+            acc = accuracy(acc_model, acc_table, photos, 800, log)
+            acc_auto, acc_why = resolve_inference_precision(acc_model, torch.device("cpu"))
+            log(f"auto for the accuracy model: {acc_auto} ({acc_why})")
+        else:
+            log("\n(no accuracy figures: give --accuracy-model, a trained checkpoint, and ../shared/data photos)")
+    rows, ok = summary(speed, acc, auto, why, label, log)
+    record("inference", rows)
+    log(f"{'PASS' if ok else 'FAIL'} ({load_text()})")
     return 0 if ok else 1
+
+
+def summary(speed: dict, acc: dict | None, auto: str, why: str, label: str, log: Callable[[str], None]) -> tuple[list[dict], bool]:
+    """README rows from the figures, and whether the issue's targets were met."""
+    command = "`python benchmarks/bench_inference.py`"
+    rows, ok = [], True
+    for size, r in speed.items():
+        figures = ", ".join(f"{n} {s:.2f} s ({r['speedup'][n]:.2f}x)" for n, s in r["median_s"].items())
+        rows.append({"what": f"inference {size}x{size}, {label}: s/image (x fp32-eager, one run)",
+                     "command": command, "result": figures + f"; auto: {auto}",
+                     "target": "<= 4 s and >= 4x on the fastest path" if size == 800 else ""})
+    if 800 in speed:
+        fastest = min(speed[800]["median_s"], key=speed[800]["median_s"].get)
+        seconds, ratio = speed[800]["median_s"][fastest], speed[800]["speedup"][fastest]
+        met = seconds <= TARGET_800_S and ratio >= TARGET_SPEEDUP
+        ok &= met
+        log(f"\n800x800 fastest: {fastest} {seconds:.2f} s/image, {ratio:.2f}x fp32-eager: "
+            f"{'met' if met else 'NOT met'} (<= {TARGET_800_S} s, >= {TARGET_SPEEDUP}x)")
+    rows.append({"what": "precision auto on this CPU (speed model)", "command": "(same run)", "result": why, "target": ""})
+    if acc:
+        text = "; ".join(f"{n} {r['mean_abs_diff']:.4f} / {100 * r['sad_change']:+.1f}%" for n, r in acc.items()
+                         if n != "fp32-eager")
+        rows.append({"what": "accuracy on real photos at 800 px, trained model: mean |d alpha| vs fp32 / SAD change",
+                     "command": "(same run, --accuracy-model)", "result": text,
+                     "target": "<= 0.005 and within 1%"})
+        if 800 in speed:
+            fastest = min(speed[800]["median_s"], key=speed[800]["median_s"].get)
+            if fastest in acc:
+                r = acc[fastest]
+                met = r["mean_abs_diff"] <= TARGET_MEAN_DIFF and abs(r["sad_change"]) <= TARGET_SAD_CHANGE
+                ok &= met
+                log(f"fastest path {fastest} on real photos: mean |d alpha| {r['mean_abs_diff']:.5f}, SAD "
+                    f"{100 * r['sad_change']:+.2f}%: {'met' if met else 'NOT met'}")
+    return rows, ok
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from fusionnet.refine import estimate_foreground, guided_filter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import header, record  # noqa: E402
 
 GUIDED_FILTER_TARGET_MS = 50.0
 GUIDED_FILTER_SETTINGS = [(8, 1e-4), (2, 1e-4), (8, 1e-2), (16, 1e-4), (32, 1e-6)]  # (radius, eps); first is headline
@@ -43,7 +47,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     image = rng.random((args.size, args.size, 3), dtype=np.float32)
     alpha = rng.random((args.size, args.size), dtype=np.float32)
-    print(f"cpu cores: {os.cpu_count()}, load average at start: {os.getloadavg()[0]:.2f}")
+    print(header())
+    rows = []
 
     start = time.perf_counter()
     guided_filter(image, alpha, 8, 1e-4)
@@ -52,6 +57,10 @@ def main() -> None:
         median, fastest, cpu = time_calls(lambda: guided_filter(image, alpha, radius, eps), args.repeats)
         verdict = "PASS" if median < GUIDED_FILTER_TARGET_MS else "FAIL"
         label = "  <- headline" if index == 0 else ""
+        if index == 0:
+            rows.append({"what": f"guided filter, {args.size}x{args.size}, r={radius}, eps={eps:.0e}",
+                         "command": "`python benchmarks/bench_refine.py`",
+                         "result": f"{median:.1f} ms median ({cpu:.1f} ms CPU)", "target": f"< {GUIDED_FILTER_TARGET_MS:.0f} ms"})
         print(
             f"guided_filter {args.size}x{args.size} r={radius:<2d} eps={eps:.0e}: median {median:6.1f} ms, "
             f"min {fastest:6.1f} ms, cpu {cpu:6.1f} ms, target {GUIDED_FILTER_TARGET_MS:.0f} ms: {verdict}{label}"
@@ -65,6 +74,9 @@ def main() -> None:
         f"estimate_foreground {args.size}x{args.size}: median {median:6.1f} ms, min {fastest:6.1f} ms, "
         f"cpu {cpu:6.1f} ms (pymatting's kernels may use both cores)"
     )
+    rows.append({"what": f"foreground estimation, {args.size}x{args.size}", "command": "(same run)",
+                 "result": f"{median:.0f} ms median", "target": ""})
+    record("refine", rows)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 

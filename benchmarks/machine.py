@@ -1,0 +1,68 @@
+"""What every benchmark prints first and records with its figures: the CPU, its flags, the versions, the load.
+
+`record(name, rows)` writes benchmarks/results/<name>.json ({"machine": machine(), "rows": rows}); each row
+is {"what", "command", "result", "target"} as in README's speed table, which `scripts/speed_table.py`
+regenerates from these files (`make bench` does both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "amx_fp16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown CPU", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def machine() -> dict:
+    """CPU model, logical CPUs, the flags that decide precision (of FLAGS), torch/onnxruntime versions, load."""
+    model, flags = _cpuinfo()
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "flags": [f for f in FLAGS if f in flags],
+        "torch": _version("torch"),
+        "onnxruntime": _version("onnxruntime"),
+        "load": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def header() -> str:
+    m = machine()
+    return (f"CPU: {m['cpu']}, {m['cpus']} logical CPUs; flags: {' '.join(m['flags']) or 'none of ' + ', '.join(FLAGS)}; "
+            f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; load average {' '.join(map(str, m['load']))}")
+
+
+def record(name: str, rows: list[dict]) -> Path:
+    """Write rows (what, command, result, target) to benchmarks/results/<name>.json, atomically."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
