@@ -300,13 +300,9 @@ def test_bad_requests_are_counted_and_the_server_still_serves(servers):
 
 
 @pytest.mark.slow
-def test_full_server_answers_503_and_slow_or_long_requests_time_out(model_file, tmp_path):
-    tight = Server(model_file, "--max-side", "64", "--workers", "1", "--queue", "0", "--timeout", "1",
-                   "--socket-timeout", "2", log=tmp_path / "tight.log").wait_ready()
-    try:
-        _one_place_server(tight)
-    finally:
-        tight.stop()
+def test_full_server_answers_503_and_slow_or_long_requests_time_out(model_file, serve, tmp_path):
+    _one_place_server(serve(model_file, "--max-side", "64", "--workers", "1", "--queue", "0", "--timeout", "1",
+                            "--socket-timeout", "2", log=tmp_path / "tight.log"))
 
 
 def _one_place_server(tight: Server) -> None:
