@@ -11,7 +11,6 @@ import re
 import select
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,22 +18,15 @@ import yaml
 from fusionnet.train import PrintLogger, StepConfig, run_step
 from fusionnet.train.progress import ENV, StepProgress, resolve_mode
 from fusionnet.train.toy import write_toy_shards
+from tests.helpers import ROOT, tiny_train_params
 
-ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"^\[segmentation\] epoch (\d+)/(\d+) done: mean loss (\S+), val SAD (\S+), "
                      r"(\S+) s \+ val (\S+) s, (\d+) it, (\S+) it/s$")
 
 
 def tiny_params(epochs: int) -> dict:
-    step = {"epochs": epochs, "max_iters_per_epoch": 2, "base_lr": 5e-4, "max_lr": 1.5e-3, "half_cycle_epochs": 1}
-    return {
-        "seed": 0,
-        "model": {"backbone": "densenet121", "pretrained": False, "input_norm": "imagenet",  # narrow heads: fast
-                  "fpn_width": 16, "fusion_widths": [32, 16, 16, 8, 32], "decoder_max_width": 32},
-        "train_common": {"device": "cpu", "precision": "fp32", "channels_last": False, "threads": 1, "batch_size": 2,
-                         "num_workers": 0, "checkpoint_every": 50, "val_max_images": 1, "visual_count": 0},
-        "train_seg": step, "train_fusion": step, "train_joint": step,
-    }
+    """Narrow heads (fast), 2 iterations an epoch, one val image, no visuals, no checkpoint mid-step."""
+    return tiny_train_params(epochs=epochs, narrow=True, checkpoint_every=50)
 
 
 @pytest.fixture(scope="module")
