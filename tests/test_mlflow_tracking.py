@@ -22,11 +22,39 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from pipeline import tracking
 from pipeline.provenance import PIPELINE_RUN_ENV, dvc_md5, flatten_params, pipeline_run_key
-from tests.helpers import ROOT, free_port, wait_http
+from tests.helpers import ROOT, free_port, tiny_train_params, wait_http
 from tests.test_hashing import content_sha256_by_hand, dvc_dir_md5_by_hand
 
 
 # ---------------------------------------------------------------------------------- helpers
+def prefect_env(tmp_path: Path) -> dict[str, str]:
+    """base_env, keeping the temporary Prefect server's start-up limit (base_env drops every PREFECT_ variable,
+    and Prefect's default 20 s is too short on a loaded 2-core host: "Timed out ... ephemeral Prefect API server")."""
+    from tests.test_prefect_deployment import base_env
+
+    timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    return {**base_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": timeout}
+
+
+def git_head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def is_between(commit: str, first: str, last: str) -> bool:
+    """`commit` is `first`, `last`, or on the history from `first` to `last`."""
+    def ancestor(a: str, b: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", a, b], cwd=ROOT, capture_output=True).returncode == 0
+    return len(commit) == 40 and ancestor(first, commit) and ancestor(commit, last)
+
+
+def narrow_heads(params_path: Path) -> Path:
+    """The params file with narrow FPN/fusion/decoder widths: each step process trains several times faster."""
+    params = yaml.safe_load(params_path.read_text())
+    params["model"].update(tiny_train_params(narrow=True)["model"])
+    params_path.write_text(yaml.safe_dump(params))
+    return params_path
+
+
 def blob_png(path: Path, size: int = 16) -> Path:
     yy, xx = np.mgrid[:size, :size]
     Image.fromarray(((xx + yy) * 255 // (2 * size - 2)).astype(np.uint8)).save(path)
@@ -234,14 +262,14 @@ def record_evaluation(model_path: Path, parent_run_id: str) -> None:
 @pytest.mark.timeout(300)
 def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
     from fusionnet.train.toy import write_toy_shards
-    from tests.test_prefect_deployment import base_env, tiny_params
+    from tests.test_prefect_deployment import tiny_params
 
     shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=2, size=64)
-    params = tiny_params(tmp_path / "params.yaml", iters=1)
+    params = narrow_heads(tiny_params(tmp_path / "params.yaml", iters=1))
     models = tmp_path / "models"
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    env = base_env(tmp_path)
+    env = prefect_env(tmp_path)
     server_log = open(tmp_path / "mlflow-server.log", "w")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -256,6 +284,7 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
             f"print('MODEL', train(params_path={str(params)!r}, shards_dir={str(shards)!r}, "
             f"models_dir={str(models)!r}, evaluate='tests.test_mlflow_tracking:record_evaluation'))"
         )
+        head_before = git_head()
         flow = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=240)
         assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
@@ -270,8 +299,8 @@ def test_train_flow_logs_parent_and_step_runs_to_a_tracking_server(tmp_path):
         assert parent.data.params["train_joint.max_iters_per_epoch"] == "1"
         assert parent.data.metrics["hook/called"] == 1.0
         assert parent.data.tags["hook.model_path"] == str(models / "joint" / "model.safetensors")
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        assert parent.data.tags[MLFLOW_GIT_COMMIT] == head
+        # the checkout's commit when the flow started: HEAD then, or one committed meanwhile (shared checkouts)
+        assert is_between(parent.data.tags[MLFLOW_GIT_COMMIT], head_before, git_head())
         assert parent.data.tags["fusionnet.data.sha256"] == content_sha256_by_hand(shards)
         # what the UI shows: named after profile and data, the shards as dataset, the flow as source
         assert parent.info.run_name == "synthetic-8fg"
@@ -314,20 +343,20 @@ def test_dvc_repro_groups_the_training_stages_under_one_parent(tmp_path):
     DVC project: one `dvc repro` = one parent run with a child per step, tagged with DVC's md5 of
     the shards; a train_fusion key change leaves train_seg alone, a train_common change does not."""
     from fusionnet.train.toy import write_toy_shards
-    from tests.test_prefect_deployment import base_env, tiny_params
+    from tests.test_prefect_deployment import tiny_params
 
     project = tmp_path / "project"
     (project / "stages").mkdir(parents=True)
     (project / "stages" / "train.py").write_text((ROOT / "stages" / "train.py").read_text())
     write_toy_shards(project / "data" / "shards", n_train=8, n_val=2, size=64)
-    tiny_params(project / "params.yaml", iters=1)
+    narrow_heads(tiny_params(project / "params.yaml", iters=1))
     stages = {name: stage for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
               if name.startswith("train_")}
     assert list(stages) == ["train_seg", "train_fusion", "train_joint"]
     for stage in stages.values():
         stage["deps"] = [d for d in stage["deps"] if d.startswith(("data/", "models/", "stages/"))]
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    env = base_env(tmp_path)
+    env = prefect_env(tmp_path)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     dvc = [str(Path(sys.executable).with_name("dvc"))]
 
