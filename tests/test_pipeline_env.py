@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -10,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from pipeline.env import wait_for_prefect_api
+from tests.helpers import free_port
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -29,9 +29,7 @@ def test_returns_at_once_without_a_url():
 
 
 def test_waits_for_a_server_that_comes_up_later():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = HTTPServer(("127.0.0.1", port), _Health)
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     starter = threading.Timer(1.0, serving.start)
@@ -49,9 +47,7 @@ def test_waits_for_a_server_that_comes_up_later():
 
 
 def test_names_the_url_when_nothing_answers():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     url = f"http://127.0.0.1:{port}/api"
     with pytest.raises(RuntimeError, match=f"PREFECT_API_URL={url}: no Prefect server answered"):
         wait_for_prefect_api(timeout_s=1, environ={"PREFECT_API_URL": url})
