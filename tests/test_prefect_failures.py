@@ -16,7 +16,7 @@ import yaml
 
 import pipeline  # noqa: F401  (offline switches first)
 from fusionnet.train.toy import write_toy_shards
-from tests.helpers import ROOT, one_thread_env
+from tests.helpers import ROOT
 from tests.prefect_servers import BIN, base_env, deploy, flow_runs, prefect_api, start_worker, stop, task_runs  # noqa: F401
 from tests.test_prefect_deployment import tiny_params
 
@@ -29,7 +29,8 @@ def scenarios(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("scenarios")
     write_toy_shards(work / "shards", n_train=2, n_val=2, size=32)
     tiny_params(work / "params.yaml", iters=1)
-    env = one_thread_env(**base_env(work), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    # no PREFECT_API_URL / MLFLOW_* of the caller's: Prefect's temporary server, the scenario's own store
+    env = {**base_env(work), "OMP_NUM_THREADS": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     run = subprocess.run([sys.executable, "-m", "tests.prefect_scenarios", str(work), *SCENARIOS], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=400)
     lines = [line for line in run.stdout.splitlines() if line.startswith("SCENARIOS-JSON ")]
