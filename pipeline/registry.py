@@ -324,16 +324,17 @@ def download_model(uri: str, dest: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         uri_store = tracking_uri()
-        mlflow.artifacts.download_artifacts(
+        local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=str(tmp), tracking_uri=uri_store, registry_uri=uri_store
-        )
-        weights_file(tmp)  # fail before the rename when this is not a matting model
-        onnx = onnx_file(tmp)
-        carried = {"onnx": str(onnx.relative_to(tmp))} if onnx is not None else {}
-        (tmp / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **describe(uri), **carried}, indent=2))
+        ))
+        model_dir = local if local.is_dir() else tmp  # MLflow 3: runs:/<run>/<name> lands in tmp/<name>
+        weights_file(model_dir)  # fail before the rename when this is not a matting model
+        onnx = onnx_file(model_dir)
+        carried = {"onnx": str(onnx.relative_to(model_dir))} if onnx is not None else {}
+        (model_dir / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **describe(uri), **carried}, indent=2))
         if dest.exists():
             shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        os.replace(model_dir, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
