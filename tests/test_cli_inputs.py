@@ -26,7 +26,8 @@ from fusionnet.infer import Matter, load_model
 
 SUMMARY = re.compile(r"matted (\d+) of (\d+) images \((\d+) failed(?:, (\d+) skipped: outputs exist)?\)")
 PNG_END = b"IEND\xaeB`\x82"
-FAST = ("--max-side", "64", "--device", "cpu")  # 40x56 images: the network sees them at their own size
+# 40x56 images: the network sees them at their own size; fp32 pinned (auto times this CPU and may pick bf16/int8)
+FAST = ("--max-side", "64", "--device", "cpu", "--precision", "fp32")
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 56)) -> Path:
@@ -209,7 +210,8 @@ def test_out_is_required_unless_piping(tiny_checkpoint, tmp_path, capfd):
 def test_stdin_to_stdout_matches_the_file_output(tiny_checkpoint, tmp_path, capfd):
     photo = write_image(tmp_path / "photo.png", 9)
     data = photo.read_bytes()
-    command = [sys.executable, "-m", "fusionnet.cli", "matte", "-", "--model", str(tiny_checkpoint), "--max-side", "64"]
+    command = [sys.executable, "-m", "fusionnet.cli", "matte", "-", "--model", str(tiny_checkpoint), "--max-side", "64",
+               "--precision", "fp32"]
     # Both pipes at once: two cores, and each process spends most of its time importing torch.
     good = subprocess.Popen([*command, "--device", "cpu"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
