@@ -23,9 +23,12 @@ FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def base_env(tmp_path: Path) -> dict[str, str]:
-    """The caller's env minus anything pointing Prefect/MLflow elsewhere; stores under tmp_path."""
+    """The caller's env minus anything pointing Prefect/MLflow elsewhere; stores under tmp_path. Keeps a
+    temporary Prefect server's start-up limit (180 s unless set: Prefect's 20 s fails on a loaded host)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FUSIONNET_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=os.environ.get(
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
     return env
 
 

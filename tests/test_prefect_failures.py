@@ -30,7 +30,7 @@ def scenarios(tmp_path_factory) -> dict:
     write_toy_shards(work / "shards", n_train=2, n_val=2, size=32)
     tiny_params(work / "params.yaml", iters=1)
     # no PREFECT_API_URL / MLFLOW_* of the caller's: Prefect's temporary server, the scenario's own store
-    env = {**base_env(work), "OMP_NUM_THREADS": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env = {**base_env(work), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "tests.prefect_scenarios", str(work), *SCENARIOS], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=400)
     lines = [line for line in run.stdout.splitlines() if line.startswith("SCENARIOS-JSON ")]
