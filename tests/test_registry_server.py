@@ -61,7 +61,7 @@ def server(tmp_path_factory):
             yield {"uri": uri, "root": root, "artifacts": artifacts, "client_dir": client_dir, "weights": weights,
                    "decisions": decisions}
     finally:
-        stop_process(proc, timeout=5, group=True)  # it may linger on SIGTERM: killed after 5 s
+        stop_process(proc, timeout=3, group=True)  # it lingers on SIGTERM (open connections): killed after 3 s
         log.close()
 
 
@@ -91,7 +91,7 @@ def test_the_register_step_stores_the_model_on_the_server(server):
     assert not any(server["client_dir"].iterdir())
 
 
-def test_pull_by_alias_and_by_version_number(server, pulled, tmp_path):
+def test_pull_by_alias_version_number_and_run(server, pulled, tmp_path):
     from fusionnet.cli import main as fusionnet
     from pipeline.registry import weights_file
 
@@ -103,6 +103,10 @@ def test_pull_by_alias_and_by_version_number(server, pulled, tmp_path):
     assert fusionnet(["pull", f"models:/{MODEL}/1", "--out", str(tmp_path / "v1")]) == 0
     assert sha256(weights_file(tmp_path / "v1")) == sha256(server["weights"]["1"])
     assert json.loads((tmp_path / "v1" / "fusionnet-model.json").read_text())["version"] == "1"
+    # and the model v1's register run logged, by run
+    run_uri = f"runs:/{server['decisions']['1']['run_id']}/{MODEL}"
+    assert fusionnet(["pull", run_uri, "--out", str(tmp_path / "run")]) == 0
+    assert sha256(weights_file(tmp_path / "run")) == sha256(server["weights"]["1"])
 
 
 def test_the_resolver_follows_a_moved_alias_on_the_server(server):
