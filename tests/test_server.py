@@ -40,8 +40,9 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(model_file, tmp_path_factory):
+    # fp32 pinned: served values are compared with an fp32 Matter here (auto times this CPU and may pick bf16)
     main = Server(model_file, "--max-side", "64", "--workers", "2", "--queue", "8", "--max-bytes", str(BODY_LIMIT),
-                  log=tmp_path_factory.mktemp("serve-logs") / "main.log")
+                  "--precision", "fp32", log=tmp_path_factory.mktemp("serve-logs") / "main.log")
     try:
         yield {"main": main.wait_ready()}
     finally:
