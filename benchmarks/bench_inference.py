@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(speed: dict, acc: dict | None, auto: str, why: str, label: str, log: Callable[[str], None]) -> tuple[list[dict], bool]:
     """README rows from the figures, and whether the issue's targets were met."""
-    command = "`python benchmarks/bench_inference.py`"
+    command = "`" + " ".join(["python benchmarks/bench_inference.py", *sys.argv[1:]]) + "`"  # as run
     rows, ok = [], True
     for size, r in speed.items():
         figures = ", ".join(f"{n} {s:.2f} s ({r['speedup'][n]:.2f}x)" for n, s in r["median_s"].items())
@@ -306,12 +306,13 @@ def summary(speed: dict, acc: dict | None, auto: str, why: str, label: str, log:
         ok &= met
         log(f"\n800x800 fastest: {fastest} {seconds:.2f} s/image, {ratio:.2f}x fp32-eager: "
             f"{'met' if met else 'NOT met'} (<= {TARGET_800_S} s, >= {TARGET_SPEEDUP}x)")
-    rows.append({"what": "precision auto on this CPU (speed model)", "command": "(same run)", "result": why, "target": ""})
+    if speed:
+        rows.append({"what": "precision auto on this CPU (speed model)", "command": "(same run)", "result": why, "target": ""})
     if acc:
         text = "; ".join(f"{n} {r['mean_abs_diff']:.4f} / {100 * r['sad_change']:+.1f}%" for n, r in acc.items()
                          if n != "fp32-eager")
         rows.append({"what": "accuracy on real photos at 800 px, trained model: mean |d alpha| vs fp32 / SAD change",
-                     "command": "(same run, --accuracy-model)", "result": text,
+                     "command": "(same run, --accuracy-model)" if speed else command, "result": text,
                      "target": "<= 0.005 and within 1%"})
         if 800 in speed:
             fastest = min(speed[800]["median_s"], key=speed[800]["median_s"].get)
