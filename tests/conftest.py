@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHARED_DATA, require_shared_data, stop_process, tiny_net
+from tests.helpers import SHARED_DATA, isolate_mlflow, require_shared_data, stop_process, tiny_net
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,7 @@ def mlflow_store(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for name in ("MLFLOW_RUN_ID", "FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "DVC_ROOT"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_mlflow(monkeypatch, uri)
     return MlflowClient(uri)
 
 

@@ -76,6 +76,24 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0, group: bool = Fa
     return proc.returncode
 
 
+# What a test run inherits from a surrounding pipeline run or DVC stage and would otherwise log into.
+INHERITED_RUN_ENV = ("MLFLOW_RUN_ID", "FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "DVC_ROOT")
+
+
+def isolate_mlflow(mp: pytest.MonkeyPatch, uri: str, *, experiment: str | None = None,
+                   model_cache: Path | None = None) -> None:
+    """Point MLflow at `uri` through `mp` (a MonkeyPatch): no run, parent run, pipeline run or DVC stage
+    inherited; optionally the experiment fusionnet logs to and the resolver's model cache; no progress bars."""
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in INHERITED_RUN_ENV:
+        mp.delenv(name, raising=False)
+    if experiment is not None:
+        mp.setenv("FUSIONNET_MLFLOW_EXPERIMENT", experiment)
+    if model_cache is not None:
+        mp.setenv("FUSIONNET_MODEL_CACHE", str(model_cache))
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def require_shared_data(path: Path = ALPHAMATTING) -> Path:
     """`path` (under ../shared/data) if it is there, else skip the test saying what is missing."""
     if not path.exists():

@@ -22,7 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from pipeline import tracking
 from pipeline.provenance import PIPELINE_RUN_ENV, dvc_md5, flatten_params, pipeline_run_key
-from tests.helpers import ROOT, free_port, tiny_train_params, wait_http
+from tests.helpers import ROOT, free_port, isolate_mlflow, tiny_train_params, wait_http
 from tests.test_hashing import content_sha256_by_hand, dvc_dir_md5_by_hand
 
 
@@ -176,9 +176,7 @@ def ui_store(tmp_path_factory) -> MlflowClient:
     """One SQLite store for the tests below (creating a store's schema costs seconds)."""
     root = tmp_path_factory.mktemp("ui-store")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        for name in (tracking.PARENT_RUN_ENV, PIPELINE_RUN_ENV, "DVC_STAGE", "DVC_ROOT", "MLFLOW_RUN_ID"):
-            mp.delenv(name, raising=False)
+        isolate_mlflow(mp, f"sqlite:///{root / 'mlflow.db'}")
         yield MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
 
 

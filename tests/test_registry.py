@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.test_evaluate import make_checkpoints
+from tests.helpers import isolate_mlflow
 
 MODEL = "late-fusion-matting"
 SET_A, SET_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64  # two test-set data versions
@@ -31,12 +32,7 @@ def registry_env(root: Path):
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("FUSIONNET_MLFLOW_EXPERIMENT", "fusionnet-test")
-        mp.setenv("FUSIONNET_MODEL_CACHE", str(root / "cache"))
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        for name in ("FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "MLFLOW_RUN_ID"):
-            mp.delenv(name, raising=False)
+        isolate_mlflow(mp, uri, experiment="fusionnet-test", model_cache=root / "cache")
         mp.chdir(root)  # anything MLflow puts relative to the working directory stays in root
         MlflowClient(uri).create_experiment("fusionnet-test", artifact_location=(root / "artifacts").as_uri())
         yield uri

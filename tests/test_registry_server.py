@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, free_port, one_thread_env, stop_process, wait_http
+from tests.helpers import ROOT, free_port, isolate_mlflow, one_thread_env, stop_process, wait_http
 from tests.test_registry import MODEL, image_file, model_file, only_match, raw_alpha, register, sha256
 
 pytestmark = pytest.mark.slow  # a server start, and each test a second or more through HTTP
@@ -49,12 +49,7 @@ def server(tmp_path_factory):
         client_dir = root / "client"
         client_dir.mkdir()
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MLFLOW_TRACKING_URI", uri)
-            mp.setenv("FUSIONNET_MLFLOW_EXPERIMENT", "fusionnet-server-test")
-            mp.setenv("FUSIONNET_MODEL_CACHE", str(root / "cache"))
-            mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            for name in ("FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "MLFLOW_RUN_ID"):
-                mp.delenv(name, raising=False)
+            isolate_mlflow(mp, uri, experiment="fusionnet-server-test", model_cache=root / "cache")
             mp.chdir(client_dir)  # whatever the client would write locally shows up here
             weights = {v: model_file(root / "models" / f"v{v}" / "model.safetensors", seed=10 + int(v)) for v in SADS}
             decisions = {v: register(root, weights[v], sad=sad, tag=f"v{v}") for v, sad in SADS.items()}
