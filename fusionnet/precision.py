@@ -164,12 +164,18 @@ def inference_candidates(model: nn.Module, flags: set[str]) -> tuple[list[str], 
     """(precisions auto may choose on this CPU for `model`, why each other one is left out)."""
     from fusionnet import quantize
 
+    return _candidates(flags, quantize.calibration_info(model))
+
+
+def _candidates(flags: set[str], info: dict | None) -> tuple[list[str], list[str]]:
+    """`inference_candidates` given the model's int8 calibration info (None: not calibrated)."""
+    from fusionnet import quantize
+
     candidates, left_out = ["fp32-cl"], []
     if any(f in flags for f in _BF16_FLAGS):
         candidates.append("bf16")
     else:
         left_out.append("bf16: no avx512_bf16/amx_bf16 (emulated, slower)")
-    info = quantize.calibration_info(model)
     if info is None:
         left_out.append("int8: no calibration of this model (python -m fusionnet.quantize)")
     elif info.get("mean_abs_diff") is None or info["mean_abs_diff"] > info.get("bound", quantize.INT8_MEAN_DIFF_BOUND):
@@ -196,15 +202,16 @@ def resolve_inference_precision(model: nn.Module, device: torch.device, margin: 
         if torch.cuda.is_bf16_supported():
             return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"
         return "fp32-cl", "auto: this GPU has no bf16"
+    from fusionnet import quantize
+
     flags = cpu_flags()
-    candidates, left_out = inference_candidates(model, flags)
+    info = quantize.calibration_info(model)  # hashes the weights and reads the cache file: once
+    candidates, left_out = _candidates(flags, info)
     skipped = f"; not tried: {'; '.join(left_out)}" if left_out else ""
     if len(candidates) == 1:
         return "fp32-cl", f"auto: fp32-cl, the only candidate{skipped}"
-    from fusionnet import quantize
-
     have = sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
-    int8 = quantize.calibration_info(model)["digest"] if "int8" in candidates else "none"
+    int8 = info["digest"] if "int8" in candidates else "none"
     key = f"infer|{_machine_key(have)}|model={getattr(model, 'config', {})}|int8={int8}"
     timing = _cached_timing(key, set(candidates), lambda: probe_inference(model, candidates))
     choice = choose(timing, candidates, margin)
