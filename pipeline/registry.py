@@ -286,29 +286,31 @@ def promote(
 # ----------------------------------------------------------------------------- pulling
 
 
-def weights_file(model_dir: str | os.PathLike) -> Path:
-    """The fusionnet model file inside a downloaded pyfunc model folder (from its MLmodel)."""
+def model_artifacts(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """{artifact name: file} of a downloaded pyfunc model folder, from its MLmodel (weights, settings, onnx)."""
     model_dir = Path(model_dir)
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
         raise FileNotFoundError(f"{model_dir}: not an MLflow model folder (no MLmodel file)")
     spec = yaml.safe_load(mlmodel.read_text())
     try:
-        relative = spec["flavors"]["python_function"]["artifacts"]["weights"]["path"]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{mlmodel}: not a fusionnet matting model (no 'weights' artifact)") from exc
-    return model_dir / relative
+        artifacts = spec["flavors"]["python_function"]["artifacts"]
+        return {name: model_dir / entry["path"] for name, entry in artifacts.items()}
+    except (KeyError, TypeError, AttributeError):
+        return {}
+
+
+def weights_file(model_dir: str | os.PathLike) -> Path:
+    """The fusionnet model file inside a downloaded pyfunc model folder (from its MLmodel)."""
+    try:
+        return model_artifacts(model_dir)["weights"]
+    except KeyError as exc:
+        raise ValueError(f"{Path(model_dir) / 'MLmodel'}: not a fusionnet matting model (no 'weights' artifact)") from exc
 
 
 def onnx_file(model_dir: str | os.PathLike) -> Path | None:
     """The ONNX export inside a downloaded pyfunc model folder (artifact "onnx"), or None if it has none."""
-    model_dir = Path(model_dir)
-    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
-    try:
-        relative = spec["flavors"]["python_function"]["artifacts"]["onnx"]["path"]
-    except (KeyError, TypeError):
-        return None
-    return model_dir / relative
+    return model_artifacts(model_dir).get("onnx")
 
 
 def download_model(uri: str, dest: str | os.PathLike) -> Path:
