@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from fusionnet.precision import cpu_flags, cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "amx_fp16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown CPU", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, flags
 
 
 def _version(package: str) -> str:
@@ -40,9 +28,9 @@ def _version(package: str) -> str:
 
 def machine() -> dict:
     """CPU model, logical CPUs, the flags that decide precision (of FLAGS), torch/onnxruntime versions, load."""
-    model, flags = _cpuinfo()
+    flags = cpu_flags()
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "flags": [f for f in FLAGS if f in flags],
         "torch": _version("torch"),

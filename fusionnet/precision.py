@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["cpu_flags", "probe_cpu", "probe_inference", "resolve_inference_precision", "resolve_precision"]
+__all__ = ["cpu_flags", "cpu_model", "probe_cpu", "probe_inference", "resolve_inference_precision", "resolve_precision"]
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -47,7 +47,8 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -88,7 +89,7 @@ def probe_cpu(repeats: int = 3, size: int = 64, width: int = 64) -> dict[str, fl
 
 
 def _machine_key(flags: Sequence[str]) -> str:
-    return f"{_cpu_model()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return f"{cpu_model()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 def _cached_timing(key: str, needed: set[str], probe: Callable[[], dict[str, float]]) -> dict[str, float]:
