@@ -18,13 +18,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `export` subcommand's options."""
-    from fusionnet.onnx_defaults import DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE, INT8_TOLERANCE
+    from fusionnet.onnx_defaults import DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE, INT8_TOLERANCE, MIN_OPSET
 
     parser.add_argument("model", metavar="MODEL", help="model file (.safetensors) or a URI such as models:/name@alias")
     parser.add_argument("--format", choices=FORMATS, required=True, help="export format (onnx)")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="file to write (replaced atomically)")
-    parser.add_argument("--opset", type=int_at_least(18), default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}; the dynamo exporter writes 18 and up)")
+    parser.add_argument("--opset", type=int_at_least(MIN_OPSET), default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}; the dynamo exporter writes {MIN_OPSET} and up)")
     parser.add_argument("--int8", action="store_true",
                         help="quantise to int8 (ONNX Runtime static QDQ, per-channel weights); needs --calibrate")
     parser.add_argument("--calibrate", type=Path, metavar="SHARDS_OR_IMAGE_DIR",
