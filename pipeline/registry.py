@@ -228,8 +228,13 @@ def promote(
     Both values are read from the versions' "metric.<metric>" tags (set by register_version), and
     compared only when both versions carry the same TEST_SET_TAG: metrics on different test data
     (or on unrecorded data) do not rank models, so then the new version is challenger, the
-    champion alias stays, and the reason says why. A champion without the metric tag (registered
-    by other means) but on the same test set counts as beaten.
+    champion alias stays, and the reason says why. A missing metric tag reads as NaN:
+    - `version` without the metric never takes the alias from an existing champion, whatever the
+      test sets and even from a champion that lacks the metric too (challenger, "v<version> has no
+      <metric>, ..."); with no champion yet it is champion ("no champion yet; v<version> has no
+      <metric>").
+    - A champion without the metric (registered by other means) but on the same test set counts as
+      beaten by a `version` that has it ("champion v<n> has no <metric>").
     """
     new = client.get_model_version(name, version)
     value = float(new.tags.get(f"{METRIC_TAG_PREFIX}{metric}", "nan"))
@@ -242,9 +247,14 @@ def promote(
     champion_test_set = None if champion is None else (champion.tags.get(TEST_SET_TAG) or None)
     compared = False
     if champion is None:
-        alias, reason = champion_alias, "no champion yet"
+        alias = champion_alias
+        reason = "no champion yet" + (f"; v{version} has no {metric}" if math.isnan(value) else "")
     elif str(champion.version) == str(version):
         alias, reason = champion_alias, "already the champion"
+    elif math.isnan(value):
+        # nothing to rank it by: the champion keeps the alias, also one that lacks the metric too
+        alias = challenger_alias
+        reason = f"v{version} has no {metric}, so @{champion_alias} stays on v{champion.version}"
     elif test_set is None or test_set != champion_test_set:
         alias = challenger_alias
         reason = (f"not compared with champion v{champion.version}: v{version} was evaluated on test set "

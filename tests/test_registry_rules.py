@@ -51,7 +51,9 @@ def test_greater_is_better_and_a_version_without_the_metric(versions):
     assert [d.alias for d in decisions] == ["champion", "champion", "challenger"]
     assert versions["champion"]() == registered[1]
     no_metric = new({"other": 1.0})
-    assert promote(client, no_metric, "score", greater_is_better=True, name=name).alias == "challenger"  # NaN never wins
+    decision = promote(client, no_metric, "score", greater_is_better=True, name=name)
+    assert (decision.alias, decision.compared) == ("challenger", False)
+    assert decision.reason == f"v{no_metric} has no score, so @champion stays on v{registered[1]}"
     assert versions["champion"]() == registered[1]
 
 
@@ -62,7 +64,8 @@ def test_a_champion_without_the_metric_is_beaten_on_the_same_test_set(versions):
 
     client, name, new, champion = versions["client"], versions["name"], versions["new"], versions["champion"]
     old = new({"other": 1.0})
-    assert promote(client, old, "raw.band.sad", name=name).alias == "champion"  # no champion yet
+    first = promote(client, old, "raw.band.sad", name=name)
+    assert (first.alias, first.reason) == ("champion", f"no champion yet; v{old} has no raw.band.sad")
     better = new({"raw.band.sad": 0.3})
     decision = promote(client, better, "raw.band.sad", name=name)
     assert (decision.alias, decision.compared, decision.champion_version) == ("champion", True, old)
@@ -74,6 +77,31 @@ def test_a_champion_without_the_metric_is_beaten_on_the_same_test_set(versions):
     # on another test set nothing is compared, whatever the numbers: the champion stays
     assert promote(client, new({"raw.band.sad": 0.01}, SET_B), "raw.band.sad", name=name).compared is False
     assert champion() == better
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True])
+def test_a_version_without_the_metric_never_takes_the_alias_from_a_champion(versions, greater_is_better):
+    """Not from a champion that has the metric, nor from one that lacks it too (nothing ranks them), on the
+    same test set or another; the reason names the version and the metric, and is kept as its tag."""
+    from pipeline.registry import promote
+
+    client, name, new, champion = versions["client"], versions["name"], versions["new"], versions["champion"]
+    bare = new({"other": 1.0})
+    promote(client, bare, "raw.band.sad", greater_is_better, name=name)
+    for test_set in (SET_A, SET_B):  # the champion lacks the metric too
+        second = new({"other": 0.5}, test_set)
+        decision = promote(client, second, "raw.band.sad", greater_is_better, name=name)
+        assert (decision.alias, decision.compared, decision.champion_version) == ("challenger", False, bare)
+        assert decision.reason == f"v{second} has no raw.band.sad, so @champion stays on v{bare}"
+        assert client.get_model_version(name, second).tags["fusionnet.promotion"] == decision.reason
+        assert champion() == bare
+    scored = new({"raw.band.sad": 0.3})
+    assert promote(client, scored, "raw.band.sad", greater_is_better, name=name).alias == "champion"
+    for test_set in (SET_A, SET_B):  # the champion has the metric
+        later = new({"other": 0.1}, test_set)
+        decision = promote(client, later, "raw.band.sad", greater_is_better, name=name)
+        assert (decision.alias, decision.reason) == ("challenger", f"v{later} has no raw.band.sad, so @champion stays on v{scored}")
+        assert decision.champion_value is None and champion() == scored
 
 
 def test_a_metric_the_evaluation_lacks_is_an_error_naming_it(store, tmp_path, tiny_checkpoint):
