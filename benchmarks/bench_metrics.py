@@ -22,7 +22,7 @@ from scipy import ndimage
 from fusionnet.metrics import connectivity_error, gradient_error, mse, sad, transition_band
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import record  # noqa: E402
+from machine import header, record  # noqa: E402
 
 TARGET_S = 0.5  # all four metrics on one 800x800 image
 
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure; the median is printed")
     args = parser.parse_args()
 
+    print(header())
     pred, gt = realistic_pair(args.size)
     band_s = median_time(lambda: transition_band(gt, 25), args.repeats)
     band = transition_band(gt, 25)

@@ -12,6 +12,8 @@ when ../shared/data is present. "old" is tests/scipy_reference.py, patched into 
 OpenCV runs single-threaded (cv2.setNumThreads(1), the library's setting). Times are the best of
 interleaved old/new runs; the machine may be shared, so compare ratios within one run.
 Usage: python benchmarks/bench_opencv.py [--repeats 5] [--foregrounds 8]
+Records one row per section (old/new ratios) in benchmarks/results/opencv.json (benchmarks/machine.py);
+no target.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from fusionnet.data.sources import synthetic_candidates  # noqa: E402
 from fusionnet.data.trimap import band_trimap  # noqa: E402
 from tests import scipy_reference as ref  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import command, header, record  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data"
 METRICS = {"SAD": metrics.sad, "MSE": metrics.mse, "Grad": metrics.gradient_error, "Conn": metrics.connectivity_error}
 
@@ -75,15 +80,26 @@ def with_old(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 class Table:
+    """Prints old s | new s | old/new per row; keeps each section's ratios for the recorded rows."""
+
     def __init__(self) -> None:
         print(f"{'':<58} {'old s':>9} {'new s':>9} {'old/new':>8}  note")
+        self.sections: dict[str, list[str]] = {}
 
     def section(self, title: str) -> None:
         print(f"-- {title}")
+        self.sections[title] = []
 
     def row(self, name: str, times: tuple[float, float], note: str = "") -> None:
         old, new = times
         print(f"{name:<58} {old:9.4f} {new:9.4f} {old / new:7.2f}x  {note}")
+        self.sections[next(reversed(self.sections))].append(f"{name.split(' (')[0]} {old / new:.2f}x")
+
+    def rows(self) -> list[dict]:
+        """One {what, command, result, target} row per section: its old/new ratios."""
+        return [{"what": f"OpenCV swaps (old scipy/FFT/PIL / new OpenCV, one run): {title}",
+                 "command": command() if i == 0 else "(same run)", "result": "; ".join(cells), "target": ""}
+                for i, (title, cells) in enumerate(self.sections.items())]
 
 
 def level_diff(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> str:
@@ -207,11 +223,12 @@ def relative_change(old: float, new: float) -> float:
     return abs(new - old) / max(abs(old), 1e-300)
 
 
-def real_matte_values() -> None:
+def real_matte_values() -> dict[str, float]:
+    """Prints the metrics' values before and after on 4 real mattes; returns the largest relative change per metric."""
     folder = SHARED / "alphamatting-dev"
     if not folder.is_dir():
         print(f"\nreal mattes: skipped ({folder} absent)")
-        return
+        return {}
     print("\nmetric values before -> after on real mattes (pred = GT blurred s=2.5 + noise 0.02, 8-bit; -25 band):")
     rng = np.random.default_rng(0)
     worst = dict.fromkeys(METRICS, 0.0)
@@ -229,6 +246,7 @@ def real_matte_values() -> None:
             cells.append(f"{k} {old[k]:.6g} -> {new[k]:.6g}")
         print(f"  {name}: band {'same' if np.array_equal(band, new_band) else 'DIFFERENT'}; " + "; ".join(cells))
     print("  largest relative change: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    return worst
 
 
 def main() -> None:
@@ -237,6 +255,7 @@ def main() -> None:
     parser.add_argument("--foregrounds", type=int, default=8, help="synthetic foregrounds for the data stages")
     args = parser.parse_args()
     cv2.setNumThreads(1)  # what fusionnet.metrics / data.synthetic / data.crops set on import
+    print(header())
     print(f"CPU: {cpu_flags()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at start")
     print(f"OpenCV {cv2.__version__}, {cv2.getNumThreads()} thread; numpy {np.__version__}; best of "
           f"{args.repeats} interleaved runs. Shared machine: absolute seconds are noisy, ratios count.")
@@ -245,7 +264,13 @@ def main() -> None:
     dropped_swaps(table, args.repeats)
     data_stages(table, args.repeats, args.foregrounds)
     metric_timings(table, args.repeats)
-    real_matte_values()
+    worst = real_matte_values()
+    rows = table.rows()
+    if worst:
+        rows.append({"what": "OpenCV swaps: metric values on 4 real alphamatting.com mattes, -25 band, largest "
+                             "relative change old -> new", "command": "(same run)",
+                     "result": ", ".join(f"{k} {v:.1e}" for k, v in worst.items()), "target": ""})
+    record("opencv", rows)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

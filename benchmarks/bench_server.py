@@ -11,6 +11,8 @@ result cache never answers; it still fills up to its budget) and the outputs cyc
 rgba, composite and trimap. A 503 (every place taken) is counted, not retried. Figures: requests/s
 of the 200s over the run's wall time, latency percentiles of the 200s, RSS after the warm-up and
 at the end. tests/test_server.py runs the same soak with bounds on the statuses and on RSS growth.
+Records the figures in benchmarks/results/server.json (benchmarks/machine.py); exit 1 when RSS grew
+more than RSS_BOUND_MIB, a request failed (other than 503) or the server did not exit cleanly (still recorded).
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import command, header, record  # noqa: E402
+
 OUTPUTS = ("alpha", "rgba", "composite", "trimap")
+RSS_BOUND_MIB = 50.0  # README: memory stays flat under load; tests/test_server.py's bound
 READY = re.compile(r"serving .* on http://\[?([0-9a-fA-F.:]+)\]?:(\d+)/")
 OFFLINE_ENV = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
@@ -182,7 +188,7 @@ def run_load(port: int, requests: int, clients: int, size: tuple[int, int] = (64
     return result
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model file (default: a small random densenet121)")
     parser.add_argument("--requests", type=int, default=300)
@@ -195,6 +201,7 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=int, default=4,
                         help="the server's result cache (small: it is full after the warm-up, so RSS growth is not it)")
     args = parser.parse_args()
+    print(header())
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         model = args.model or tiny_model(Path(tmp) / "tiny.safetensors")
         server = Server(model, "--workers", str(args.workers), "--queue", str(args.queue), "--threads",
@@ -222,7 +229,21 @@ def main() -> None:
           f"(growth {(rss_after - rss_before) / 2**20:+.1f} MiB); server exit status {code}")
     for line in load.errors[:5]:
         print(f"error: {line}")
+    growth = (rss_after - rss_before) / 2**20
+    model_text = f"trained checkpoint {args.model}" if args.model else "small random densenet121 (NO trained model)"
+    result = (f"{load.ok}/{args.requests} answered 200 ({dict(sorted(load.statuses.items()))}), "
+              f"{load.ok / load.wall_s:.1f} req/s")
+    if load.latencies:
+        result += f", p50 {load.percentile(50):.2f} s, p95 {load.percentile(95):.2f} s"
+    result += f"; RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB ({growth:+.1f} MiB); exit status {code}"
+    record("server", [{"what": f"`fusionnet serve`: {args.requests} requests from {args.clients} clients, {args.workers} "
+                               f"workers x {args.threads} thread(s), {args.size} px images; model: {model_text}",
+                       "command": command(), "result": result,
+                       "target": f"RSS flat (growth <= +{RSS_BOUND_MIB:.0f} MiB), no failed request"}])
+    passed = growth <= RSS_BOUND_MIB and not load.errors and code == 0
+    print(f"target: RSS growth <= +{RSS_BOUND_MIB:.0f} MiB, no failed request, clean exit: {'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,6 +9,9 @@ oneDNN kernel selection) is excluded by running one warm-up iteration before the
 
 Usage: python benchmarks/bench_train.py [--params params.yaml] [--sizes 160 512] [--iters 6]
            [--paper-batch 2] [--backbone densenet201] [--threads N]
+
+Records one row per crop size in benchmarks/results/train.json (benchmarks/machine.py); exit 1 when a
+step's data wait is 10% or more (still recorded).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +29,11 @@ import yaml
 from fusionnet.train import STEPS, StepConfig, run_step
 from fusionnet.train.toy import write_toy_shards
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import command, header, record  # noqa: E402
+
 PAPER_CROP = 512
+WAIT_TARGET = 0.10  # share of the training-loop time spent waiting for data
 
 
 def cpu_seconds() -> float:
@@ -45,7 +53,7 @@ def bench_step(step: str, cfg: StepConfig, shards: Path, out: Path, iters: int) 
             "cpu_per_sample": cpu / max(1, result.iterations * cfg.batch_size), "samples": result.iterations * cfg.batch_size}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="crop sizes (default: params crops.out_size and 512)")
@@ -59,11 +67,15 @@ def main() -> None:
     params = yaml.safe_load(args.params.read_text())
     default_size = int(params.get("crops", {}).get("out_size", 160))
     sizes = args.sizes or [default_size, PAPER_CROP]
+    print(header())
+    table: list[dict] = []
+    worst_wait = 0.0
     print(f"bench_train: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (other processes slow every figure)")
     print(f"{'step':<13}{'crop':>6}{'batch':>6}{'precision':>10}{'samples/s':>11}{'cpu s/sample':>14}{'data wait':>11}")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for size in sizes:
             shards = write_toy_shards(Path(tmp) / f"shards{size}", n_train=64, n_val=1, size=size)
+            figures = []
             for step in args.steps:
                 cfg = StepConfig.from_params(params, step)
                 changes = {"warmup_epochs": 0}
@@ -79,8 +91,18 @@ def main() -> None:
                 print(f"{step:<13}{size:>6}{cfg.batch_size:>6}{cfg.precision:>10}{r['samples_per_s']:>11.2f}"
                       f"{r['cpu_per_sample']:>14.2f}{r['wait']:>10.1%}   ({r['samples']} samples, {time.perf_counter() - t0:.0f} s with setup)",
                       flush=True)
+                figures.append(f"{step} {r['samples_per_s']:.2f}/s ({r['cpu_per_sample']:.2f} CPU s/sample, "
+                               f"data wait {r['wait']:.1%})")
+                worst_wait = max(worst_wait, r["wait"])
+            table.append({"what": f"training samples/s, {size} px crops, batch {cfg.batch_size}, {cfg.backbone}, "
+                                  f"{cfg.precision}, threads {cfg.threads or 'default'}",
+                          "command": command() if not table else "(same run)", "result": "; ".join(figures),
+                          "target": f"data wait < {WAIT_TARGET:.0%}"})
     print(f"backbone {cfg.backbone}, channels_last {cfg.channels_last}, num_workers {cfg.num_workers}, threads {cfg.threads or 'default'}")
+    record("train", table)
+    print(f"data wait target < {WAIT_TARGET:.0%}: {'PASS' if worst_wait < WAIT_TARGET else 'FAIL'} (worst {worst_wait:.1%})")
+    return 0 if worst_wait < WAIT_TARGET else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -25,6 +25,7 @@ from the clip's first frame and heads rescaled so alpha spreads over [0,1]; such
 (small input changes move alpha a lot), so it overstates flicker: a stress test. "plain" is a random
 densenet121 whose alpha is ~0.5 everywhere and hardly flickers. Random figures show the mechanism,
 not what a trained model does. Set OMP_NUM_THREADS (e.g. 1) when the host is shared.
+Records the figures, naming the model, in benchmarks/results/video.json (benchmarks/machine.py); no target.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +48,9 @@ from fusionnet.model import LateFusionNet
 from fusionnet.temporal import DEFAULT_MOTION_THRESHOLD, AlphaSmoother
 from fusionnet.video import matte_frames
 from fusionnet.videoio import VideoReader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import command, header, record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ROOT / "models" / "joint" / "model.safetensors"
@@ -177,8 +182,9 @@ def main() -> int:
     photo, true_alpha, source = base_photo(args.size, PAN_PX * args.frames)
     width = photo.shape[1] - PAN_PX * args.frames
     spec = args.model or (str(TRAINED) if TRAINED.is_file() else None)
+    print(header())
     if spec:
-        model, model_text = load_model(spec), spec
+        model, model_text = load_model(spec), f"trained checkpoint {spec}"
     elif args.random == "calibrated":
         from bench_inference import calibrated_model  # the sibling benchmark script
 
@@ -216,15 +222,15 @@ def main() -> int:
           "|smoothed - unsmoothed|;\n   pan = flicker on the panning clip vs off; smear = the true alpha as each "
           "frame's matte on the pan,\n   mean |smoothed - true alpha| where it changed since the last frame "
           "(moving edges; 0 = no smear)")
-    header = f"{'flicker':>10} {'vs off':>7} {'change':>9} {'pan':>10} {'smear':>10}"
-    print(f"   {'smooth':>6} {'threshold':>10} {header}")
+    columns = f"{'flicker':>10} {'vs off':>7} {'change':>9} {'pan':>10} {'smear':>10}"
+    print(f"   {'smooth':>6} {'threshold':>10} {columns}")
     print(f"   {'off':>6} {'':>10} {row(off)}")
     for st in args.strengths:
         for setting in ((st, threshold), (st, inf)):
             label = f"{setting[1]:g}" if setting[1] != inf else "ungated"
             print(f"   {st:6.2f} {label:>10} {row(setting)}")
     print(f"\n== motion threshold sweep at smooth {sweep:g}")
-    print(f"   {'threshold':>10} {header}")
+    print(f"   {'threshold':>10} {columns}")
     for t in args.thresholds:
         print(f"   {t:10g} {row((sweep, t))}")
 
@@ -234,6 +240,21 @@ def main() -> int:
     for b, value in fps.items():
         print(f"   batch {b:>2}: {value:7.3f} frames/s ({value / base:.2f}x batch {args.batch_sizes[0]})")
     print(f"   after: {load_text()} (figures on a shared host are noisy; ratios from one run are safer)")
+    flick_off = static_figures[off][0]
+    gated = "; ".join(f"{st:g}: {static_figures[(st, threshold)][0] / flick_off:.2f}x" for st in args.strengths)
+    smear_text = "; ".join(f"{st:g}: {smear[(st, threshold)]:.3f} gated vs {smear[(st, inf)]:.3f} ungated"
+                           for st in args.strengths)
+    clip = f"{source}, {width}x{photo.shape[0]}, {args.frames} frames, noise {args.noise:g}/255, MJPG"
+    record("video", [
+        {"what": f"video flicker, static clip ({clip}), off vs `--smooth S` (motion threshold {threshold:g}); "
+                 f"model: {model_text}, {args.precision}", "command": command(),
+         "result": f"flicker {flick_off:.4f} off; x off at S = {gated}", "target": ""},
+        {"what": f"video smear on a {PAN_PX} px/frame pan (true alpha as each frame's matte), gated vs ungated",
+         "command": "(same run)", "result": smear_text, "target": ""},
+        {"what": f"video frames/s, `matte_frames` (network + guided filter), {width}x{photo.shape[0]}, "
+                 f"torch threads {torch.get_num_threads()}; model: {model_text}", "command": "(same run)",
+         "result": "; ".join(f"batch {b}: {v:.2f} frames/s ({v / base:.2f}x)" for b, v in fps.items()), "target": ""},
+    ])
     return 0
 
 

@@ -2,13 +2,16 @@
 
 `record(name, rows)` writes benchmarks/results/<name>.json ({"machine": machine(), "rows": rows}); each row
 is {"what", "command", "result", "target"} as in README's speed table, which `scripts/speed_table.py`
-regenerates from these files (`make bench` does both).
+regenerates from these files (`make bench` does both). `command()` is the row's command: the script
+and its arguments as run. FUSIONNET_BENCH_RESULTS names another results folder (the tests use one).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,10 +49,21 @@ def header() -> str:
             f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; load average {' '.join(map(str, m['load']))}")
 
 
+def command() -> str:
+    """The running benchmark's command line as a table cell: `python benchmarks/<script> ARGS...`."""
+    return "`" + shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]) + "`"
+
+
+def results_folder() -> Path:
+    """$FUSIONNET_BENCH_RESULTS when set, else benchmarks/results (RESULTS)."""
+    return Path(os.environ.get("FUSIONNET_BENCH_RESULTS") or RESULTS)
+
+
 def record(name: str, rows: list[dict]) -> Path:
-    """Write rows (what, command, result, target) to benchmarks/results/<name>.json, atomically."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write rows (what, command, result, target) to <results_folder()>/<name>.json, atomically."""
+    folder = results_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     os.replace(tmp, path)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -58,3 +63,32 @@ def test_record_writes_what_the_table_reads(tmp_path, monkeypatch):
     assert path == tmp_path / "x.json" and data["rows"][0]["result"] == "r"
     assert set(data["machine"]) >= {"cpu", "cpus", "flags", "torch", "onnxruntime", "load", "date"}
     assert set(data["machine"]["flags"]) <= set(machine.FLAGS)
+
+
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def _called(path: Path) -> set[str]:
+    """Names of the plain functions a script calls (ast: `header()`, `record(...)`), comments and strings aside."""
+    return {node.func.id for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
+def test_every_benchmark_prints_the_machine_and_records_its_figures(script):
+    assert {"header", "record"} <= _called(script), f"{script.name} must call machine.header() and machine.record()"
+
+
+def test_a_light_benchmark_run_writes_its_json_to_the_results_folder(tmp_path):
+    env = {**os.environ, "FUSIONNET_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = ["--foregrounds", "2", "--size", "48", "--bg-per-fg", "1", "--backgrounds", "2"]
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_composite.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("CPU: ")  # header() first
+    data = speed_table.load_results(tmp_path)["composite"]
+    assert [row["command"] for row in data["rows"]] == ["`python benchmarks/bench_composite.py " + " ".join(args) + "`",
+                                                        "(same run)", "(same run)"]
+    assert "2 workers" in data["rows"][0]["what"] and data["rows"][0]["result"].endswith(" foregrounds/s")
+    assert all(set(row) == {"what", "command", "result", "target"} for row in data["rows"])
+    assert data["machine"]["cpus"] == os.cpu_count()
