@@ -34,6 +34,8 @@ DEFAULT_CALIBRATION_COUNT = 16
 DEFAULT_CALIBRATION_SIDE = 320  # activation ranges barely depend on size; 320 keeps calibration minutes short
 QUANT_FORMATS = ("QDQ", "QOperator")
 ACTIVATION_TYPES = ("uint8", "int8")
+QUANTIZED_OPS = ("Conv", "Concat", "MaxPool", "AveragePool", "Resize", "Relu", "Add")
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 def calibration_images(
@@ -132,6 +134,18 @@ def float_tail(model) -> list[str]:
     return list(seen)
 
 
+def in_scopes(model, scopes: Sequence[str]) -> list[str]:
+    """Names of the nodes whose PyTorch module (the exporter's `pkg.torch.onnx.name_scopes`) is in `scopes`."""
+    import ast
+
+    wanted, names = set(scopes), []
+    for node in model.graph.node if wanted else ():
+        meta = {p.key: p.value for p in node.metadata_props}
+        if wanted & set(ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))):
+            names.append(node.name)
+    return names
+
+
 def quantize_onnx(
     fp32_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -142,18 +156,26 @@ def quantize_onnx(
     activation_type: str = "uint8",
     per_channel: bool = True,
     keep_logits_fp32: bool = True,
+    method: str = "minmax",
+    exclude_scopes: Sequence[str] = (),
+    op_types: Sequence[str] = QUANTIZED_OPS,
+    extra_options: dict | None = None,
 ) -> Path:
     """Static int8 quantisation of `fp32_path`, calibrated on `images`, written atomically to `out`.
 
     quant_format "QDQ" or "QOperator"; activation_type "uint8" or "int8"; weights int8 (per channel).
     keep_logits_fp32: leave the 1-channel logit convolutions and all after them in float32 (module doc).
+    method: activation-range calibration, one of CALIBRATION_METHODS; exclude_scopes: module paths
+    (`model.fusion.rgb`, `model.encoder.stem`) whose nodes stay fp32; extra_options: more of
+    `quantize_static`'s extra_options (they win over ours).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if quant_format not in QUANT_FORMATS or activation_type not in ACTIVATION_TYPES:
-        raise ValueError(f"quant_format one of {QUANT_FORMATS}, activation_type one of {ACTIVATION_TYPES}")
+    if quant_format not in QUANT_FORMATS or activation_type not in ACTIVATION_TYPES or method not in CALIBRATION_METHODS:
+        raise ValueError(f"quant_format one of {QUANT_FORMATS}, activation_type one of {ACTIVATION_TYPES}, "
+                         f"method one of {tuple(CALIBRATION_METHODS)}")
     if not images:
         raise ExportError("no calibration images")
     out = Path(out)
@@ -161,7 +183,10 @@ def quantize_onnx(
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(os.fspath(fp32_path), os.fspath(prepared), skip_symbolic_shape=True)
         model = onnx.load(os.fspath(prepared))
-        exclude = float_tail(model) if keep_logits_fp32 else []
+        for scope in exclude_scopes:  # a misspelt scope would silently quantise everything
+            if not in_scopes(model, [scope]):
+                raise ExportError(f"exclude scope {scope!r}: no node of {fp32_path} comes from that module")
+        exclude = list(dict.fromkeys((float_tail(model) if keep_logits_fp32 else []) + in_scopes(model, exclude_scopes)))
         quantized = Path(work) / "int8.onnx"
         quantize_static(
             os.fspath(prepared), os.fspath(quantized), _reader(images, side),
@@ -170,9 +195,9 @@ def quantize_onnx(
             activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
-            op_types_to_quantize=["Conv", "Concat", "MaxPool", "AveragePool", "Resize", "Relu", "Add"],
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": activation_type == "int8"},
+            op_types_to_quantize=list(op_types),
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+            extra_options={"ActivationSymmetric": activation_type == "int8", **(extra_options or {})},
         )
         proto = onnx.load(os.fspath(quantized))
         source = onnx.load(os.fspath(fp32_path), load_external_data=False)
@@ -180,8 +205,9 @@ def quantize_onnx(
                              if p.key.startswith(META_PREFIX)})
         set_metadata(proto, {"precision": "int8", "quantization": f"onnxruntime static {quant_format}, "
                              f"{activation_type} activations, int8 {'per-channel' if per_channel else 'per-tensor'} "
-                             f"weights, MinMax on {len(images)} images at side {side}, "
-                             f"{len(exclude)} nodes from the logit convs on fp32"})
+                             f"weights, {CALIBRATION_METHODS[method]} on {len(images)} images at side {side}, "
+                             f"{len(exclude)} nodes on fp32 (logit convs{''.join(', ' + x for x in exclude_scopes)}), "
+                             f"ops {'+'.join(op_types)}"})
         tmp = Path(work) / "final.onnx"
         onnx.save(proto, os.fspath(tmp))
         os.chmod(tmp, 0o644)

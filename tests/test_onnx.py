@@ -197,6 +197,41 @@ def test_int8_export_stays_near_fp32(exported, tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_keeps_the_named_modules_and_op_types_in_float(exported, tmp_path):
+    """exclude_scopes leaves the convolutions of those modules float (weights straight from an initializer);
+    op_types=("Conv",) quantises convolutions only; a scope that names no module is an error."""
+    import onnx
+
+    from fusionnet.onnx_export import ExportError
+    from fusionnet.onnx_quantize import in_scopes, quantize_onnx
+
+    _, _, onnx_path = exported
+    images = [_image(96, 96, seed) for seed in (30, 31)]
+    fp32 = onnx.load(str(onnx_path))
+    fusion = set(in_scopes(fp32, ["model.fusion"]))
+    assert sum(n.op_type == "Conv" and n.name in fusion for n in fp32.graph.node) >= 3  # rgb, body, head
+    path = quantize_onnx(onnx_path, tmp_path / "a.onnx", images, side=96, exclude_scopes=["model.fusion"])
+    graph = onnx.load(str(path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    kept = [n for n in graph.node if n.op_type == "Conv" and n.name in fusion]
+    assert len(kept) >= 3 and all(n.input[1] not in producers for n in kept)  # float weights, float arithmetic
+    int8_convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1] in producers]
+    assert len(int8_convs) > 50  # the encoder's and decoders' are int8
+    default = onnx.load(str(quantize_onnx(onnx_path, tmp_path / "d.onnx", images, side=96))).graph
+    made = {out for node in default.node for out in node.output}
+    default_float = [n for n in default.node if n.op_type == "Conv" and n.name in fusion and n.input[1] not in made]
+    assert len(default_float) == 1  # without the exclusion only the beta head (a logit conv) is float
+    # every tensor only a Concat/Add/Resize/pool reads is quantised by default, not with op_types=("Conv",)
+    conv_only = onnx.load(str(quantize_onnx(onnx_path, tmp_path / "c.onnx", images, side=96, op_types=("Conv",)))).graph
+    quantised = {name: sum(n.op_type == "QuantizeLinear" for n in g.node) for name, g in
+                 (("conv_only", conv_only), ("default", default))}
+    assert quantised["conv_only"] < quantised["default"], quantised
+    with pytest.raises(ExportError, match="model.fusoin"):
+        quantize_onnx(onnx_path, tmp_path / "b.onnx", images, side=96, exclude_scopes=["model.fusoin"])
+    assert not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.slow
 def test_registered_model_carries_the_onnx_file(exported, tmp_path, capsys):
     """register.onnx: true puts the export beside the weights as artifact "onnx"; `fusionnet pull`
     fetches it (recorded in fusionnet-model.json) and `fusionnet matte` runs the pulled file.
