@@ -46,7 +46,7 @@ test-fast: $(STAMP)
 # A benchmark that misses its target still lets the others run; the exit status says whether any failed.
 # QUICK=1: bench_inference with one timed round and two photos (~half the time). bench_server serves
 # make run's joint model when there is one (bench_video and bench_evaluate pick it up themselves).
-# Measured with their defaults on the 2-core AMX host: bench_train ~3 min, bench_evaluate ~1.2 min, the others < 1 min.
+# Measured with their defaults on the 2-core AMX host: bench_int8 ~5 min, bench_train ~3 min, bench_evaluate ~1.2 min, the others < 1 min.
 BENCH_INFERENCE_ARGS ?= $(if $(QUICK),--quick,)
 bench: $(STAMP)
 	@failed=""; for b in benchmarks/bench_*.py; do echo "== $$b"; \

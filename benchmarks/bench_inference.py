@@ -4,7 +4,7 @@
 
 Header: the CPU model, logical CPUs, the flags that decide precision (amx*, avx512_bf16, avx512_vnni,
 avx_vnni, avx2), torch/onnxruntime versions and the load. Variants (one network call on one image,
-no guided filter), measured in interleaved rounds (the median after one warm-up call), ratios against
+no guided filter), measured in interleaved rounds (the median after two warm-up calls), ratios against
 fp32-eager from the same rounds:
   fp32-eager   Matter(precision="fp32"): the reference
   fp32-cl      BatchNorm folded, channels-last, float32
@@ -181,6 +181,7 @@ def time_size(table: dict[str, Network], size: int, repeats: int, log: Callable[
         started = time.perf_counter()
         alphas[name] = fn(image)[:, :1].float()
         warmup[name] = time.perf_counter() - started
+        fn(image)  # ORT's second call at a new size is its slowest (4.8, 8.7, then 3.15 s): not a timed round
     times: dict[str, list[float]] = {name: [] for name in table}
     for round_index in range(repeats):
         for name, fn in table.items():
