@@ -28,12 +28,13 @@ from bench_inference import (  # noqa: E402
     PHOTOS, ROOT, TARGET_MEAN_DIFF, TARGET_SAD_CHANGE, calibration_for, default_model, load_text)
 from machine import command, header, record  # noqa: E402
 
-DECODERS = ("model.fg_decoder", "model.bg_decoder")
-VARIANTS = {
-    "all ops": {},
+from fusionnet.onnx_quantize import DECODERS, INT8_SCHEMES  # noqa: E402
+
+VARIANTS = {  # export --int8-scheme fast / accurate are the first and last
+    "all ops": INT8_SCHEMES["fast"],
     "conv only": {"op_types": ("Conv",)},
     "decoders fp32": {"exclude_scopes": DECODERS},
-    "conv only, decoders fp32": {"op_types": ("Conv",), "exclude_scopes": DECODERS},
+    "conv only, decoders fp32": INT8_SCHEMES["accurate"],
 }
 
 

@@ -5,7 +5,7 @@
     fusionnet matte - --model CHECKPOINT [--save KIND] < photo.jpg > photo_alpha.png
     fusionnet serve [MODEL] [--host 127.0.0.1] [--port 8000]
     fusionnet pull [models:/late-fusion-matting@champion] --out DIR
-    fusionnet export MODEL --format onnx --out model.onnx [--opset N] [--int8 --calibrate SHARDS_OR_IMAGE_DIR]
+    fusionnet export MODEL --format onnx --out model.onnx [--opset N] [--int8 --calibrate SHARDS_OR_IMAGE_DIR [--int8-scheme accurate|fast]]
     fusionnet --version
 
 `matte` writes, per input `<stem>.<ext>`: `<stem>_alpha.png` (L), `<stem>_rgba.png` (cut-out with
@@ -51,7 +51,8 @@ N, H, W dynamic and H, W multiples of 32, outputs "alpha", "fg_prob", "bg_prob";
 and stored in the file's metadata. It is checked against PyTorch fp32 on a photo (`--verify-image`,
 default ../shared/data/alphamatting-dev/image/GT01.png when present, else a synthetic image) and
 fails (exit 1, nothing written) beyond `--tolerance`. `--int8` quantises it with ONNX Runtime, calibrated
-on `--calibrate` (shards of training composites, or a folder of images).
+on `--calibrate` (shards of training composites, or a folder of images); `--int8-scheme` says what
+int8 touches (accurate, the default: encoder and fusion convolutions; fast: every op).
 
 Code: this module parses and dispatches; `fusionnet.cli_matte` runs `matte`, `fusionnet.cli_inputs`
 decides what it mattes and where each output goes.

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantise to int8 (ONNX Runtime static QDQ, per-channel weights); needs --calibrate")
     parser.add_argument("--calibrate", type=Path, metavar="SHARDS_OR_IMAGE_DIR",
                         help="training composites to calibrate int8 on: a shard folder (data/shards) or images")
+    parser.add_argument("--int8-scheme", choices=("accurate", "fast"), default="accurate",
+                        help="what int8 touches: accurate (default; convolutions of the encoder and fusion net, the "
+                        "decoders fp32) or fast (every op; ~1.5x faster, about 1.5x the error: benchmarks/bench_int8.py)")
     parser.add_argument("--calibration-images", type=int_at_least(1), default=16, metavar="N",
                         help="how many calibration images (default 16)")
     parser.add_argument("--verify-image", type=Path, metavar="IMAGE",
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = export_model_file(
             args.model, args.out, opset=args.opset, int8=args.int8, calibrate=args.calibrate,
-            calibration_count=args.calibration_images, verify_image=args.verify_image, verify_side=args.verify_side,
+            calibration_count=args.calibration_images, int8_scheme=args.int8_scheme, verify_image=args.verify_image, verify_side=args.verify_side,
             tolerance=args.tolerance, int8_tolerance=args.int8_tolerance,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )

@@ -187,6 +187,7 @@ def export_model_file(
     int8: bool = False,
     calibrate: str | os.PathLike | None = None,
     calibration_count: int = 16,
+    int8_scheme: str = "accurate",
     verify_image: str | os.PathLike | None = None,
     verify_side: int = DEFAULT_VERIFY_SIDE,
     tolerance: float = FP32_TOLERANCE,
@@ -195,6 +196,7 @@ def export_model_file(
 ) -> ExportReport:
     """Export model file/URI `spec` to `out` (fp32, or int8 calibrated on `calibrate`), checked.
 
+    int8_scheme: a key of onnx_quantize.INT8_SCHEMES (what int8 touches: "accurate" or "fast").
     fp32: max |d alpha| vs PyTorch on the check image must be <= `tolerance`; int8: the fp32 export
     is checked so, then the quantised one's mean |d alpha| vs PyTorch must be <= `int8_tolerance`.
     Raises ExportError (or OSError/ValueError/LookupError from loading) with nothing left at `out`.
@@ -225,13 +227,16 @@ def export_model_file(
                               f"(> tolerance {tolerance:g}) on {image_name}; nothing written")
         final = fp32_path
         if int8:
-            from fusionnet.onnx_quantize import calibration_images, quantize_onnx
+            from fusionnet.onnx_quantize import INT8_SCHEMES, calibration_images, quantize_onnx
+
+            if int8_scheme not in INT8_SCHEMES:
+                raise ExportError(f"int8 scheme {int8_scheme!r}: one of {', '.join(INT8_SCHEMES)}")
 
             images = calibration_images(calibrate, count=calibration_count)
             started = time.perf_counter()
-            final = quantize_onnx(fp32_path, Path(work) / "int8.onnx", images)
+            final = quantize_onnx(fp32_path, Path(work) / "int8.onnx", images, **INT8_SCHEMES[int8_scheme])
             report.quantize_s = time.perf_counter() - started
-            log(f"quantised to int8 (ONNX Runtime static QDQ, calibrated on {len(images)} images from {calibrate}) "
+            log(f"quantised to int8 ({int8_scheme} scheme, ONNX Runtime static QDQ, calibrated on {len(images)} images from {calibrate}) "
                 f"in {report.quantize_s:.1f} s")
             check = verify_onnx(final, model, image, side=verify_side, image_name=image_name, reference=reference)
             report.checks.append(check)

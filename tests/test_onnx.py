@@ -156,6 +156,42 @@ def test_a_failed_check_leaves_no_file(exported, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_export_int8_scheme_decides_what_is_quantised(exported, tmp_path, monkeypatch, capsys):
+    """`export --int8` defaults to the accurate scheme (decoders fp32, convolutions only) and says so;
+    `--int8-scheme fast` quantises the decoders too. (The fp32 export is the module's, copied.)"""
+    import onnx
+    from PIL import Image
+
+    import fusionnet.onnx_export as onnx_export
+    from fusionnet import cli
+    from fusionnet.onnx_quantize import in_scopes
+    from fusionnet.onnx_runtime import read_metadata
+
+    _, weights, onnx_path = exported
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda model, out, **kw: Path(shutil.copyfile(onnx_path, out)))
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((_image(96, 96, seed=40 + i) * 255).astype(np.uint8)).save(folder / f"c{i}.png")
+    decoder = set(in_scopes(onnx.load(str(onnx_path)), ["model.fg_decoder", "model.bg_decoder"]))
+    int8_decoder_convs = {}
+    for scheme in ("default", "fast"):
+        out = tmp_path / f"{scheme}.onnx"
+        extra = [] if scheme == "default" else ["--int8-scheme", scheme]
+        assert cli.main(["export", str(weights), "--format", "onnx", "--out", str(out), "--verify-side", "64",
+                         "--int8", "--calibrate", str(folder), *extra]) == 0
+        captured = capsys.readouterr()
+        said = captured.out + captured.err
+        assert f"int8 ({'accurate' if scheme == 'default' else scheme} scheme" in said
+        assert read_metadata(out)["precision"] == "int8"
+        graph = onnx.load(str(out)).graph
+        made = {o for n in graph.node for o in n.output}
+        int8_decoder_convs[scheme] = sum(n.op_type == "Conv" and n.name in decoder and n.input[1] in made
+                                         for n in graph.node)
+    assert int8_decoder_convs["default"] == 0 and int8_decoder_convs["fast"] >= 8, int8_decoder_convs
+
+
+@pytest.mark.slow
 def test_int8_export_stays_near_fp32(exported, tmp_path):
     """ORT static int8 calibrated on a few images: alpha within TINY_INT8_MEAN_BOUND of fp32 PyTorch,
     int8 weights in the file, the 1-channel logit convolutions left in float32."""
