@@ -11,7 +11,8 @@ fp32-eager from the same rounds:
   bf16         the same in bfloat16 (only where a bf16 CPU flag exists: elsewhere it is emulated)
   int8-torch   Matter(precision="int8"): torch.ao FX static quantisation (fusionnet/quantize.py)
   ort-fp32     ONNX Runtime on the exported graph (fusionnet/onnx_export.py), when onnxruntime is installed
-  ort-int8     ONNX Runtime static QDQ int8 (fusionnet/onnx_quantize.py)
+  ort-int8     ONNX Runtime static QDQ int8 (fusionnet/onnx_quantize.py), the "accurate" scheme that
+               `fusionnet export --int8` writes (benchmarks/bench_int8.py compares the schemes)
   auto         what `precision: auto` picks here, and why (fusionnet/precision.py)
 Speed is measured on --model (default: densenet201 at the paper's widths, deterministic random init:
 timings do not depend on the weights). Accuracy needs a trained model (--accuracy-model, default
@@ -155,7 +156,7 @@ def onnx_variants(model: LateFusionNet, calibration: list[np.ndarray], folder: P
                   log: Callable[[str], None]) -> dict[str, Network]:
     try:
         from fusionnet.onnx_export import export_onnx
-        from fusionnet.onnx_quantize import quantize_onnx
+        from fusionnet.onnx_quantize import INT8_SCHEMES, quantize_onnx
         from fusionnet.onnx_runtime import OnnxMatter
     except ImportError as exc:
         log(f"   ort-*: skipped ({exc})")
@@ -167,7 +168,7 @@ def onnx_variants(model: LateFusionNet, calibration: list[np.ndarray], folder: P
     # ORT's calibration keeps every activation of every image in memory (densenet201 at 320 px: ~10 GB
     # for 14 images, OOM on a 23 GB host), so it gets at most ORT_CALIBRATION of them.
     images = [as_float_image(image) for image in calibration[:ORT_CALIBRATION]]
-    int8 = quantize_onnx(fp32, folder / "model-int8.onnx", images)
+    int8 = quantize_onnx(fp32, folder / "model-int8.onnx", images, **INT8_SCHEMES["accurate"])
     log(f"   ort-fp32/ort-int8: exported and quantised in {time.perf_counter() - started:.0f} s")
     return {name: OnnxMatter(path, device="cpu", refine=False).run_network
             for name, path in (("ort-fp32", fp32), ("ort-int8", int8))}
@@ -299,14 +300,30 @@ def summary(speed: dict, acc: dict | None, auto: str, why: str, label: str, log:
         figures = ", ".join(f"{n} {s:.2f} s ({r['speedup'][n]:.2f}x)" for n, s in r["median_s"].items())
         rows.append({"what": f"inference {size}x{size}, {label}: s/image (x fp32-eager, one run)",
                      "command": command, "result": figures + f"; auto: {auto}",
-                     "target": "<= 4 s and >= 4x on the fastest path" if size == 800 else ""})
+                     "target": "<= 4 s and >= 4x on the fastest path within the accuracy bound" if size == 800 else ""})
     if 800 in speed:
-        fastest = min(speed[800]["median_s"], key=speed[800]["median_s"].get)
-        seconds, ratio = speed[800]["median_s"][fastest], speed[800]["speedup"][fastest]
-        met = seconds <= TARGET_800_S and ratio >= TARGET_SPEEDUP
-        ok &= met
-        log(f"\n800x800 fastest: {fastest} {seconds:.2f} s/image, {ratio:.2f}x fp32-eager: "
-            f"{'met' if met else 'NOT met'} (<= {TARGET_800_S} s, >= {TARGET_SPEEDUP}x)")
+        # the fastest path is the fastest variant within the accuracy bound (when accuracy was measured):
+        # an int8 that is quicker but misses it is not a path a user should take, nor one auto offers
+        times = speed[800]["median_s"]
+        usable = {n: t for n, t in times.items() if acc is None or (
+            n in acc and acc[n]["mean_abs_diff"] <= TARGET_MEAN_DIFF and abs(acc[n]["sad_change"]) <= TARGET_SAD_CHANGE)}
+        quickest = min(times, key=times.get)
+        if acc is not None and quickest not in usable:
+            log(f"\n800x800 quickest: {quickest} {times[quickest]:.2f} s, but on real photos mean |d alpha| "
+                f"{acc[quickest]['mean_abs_diff']:.5f}, SAD {100 * acc[quickest]['sad_change']:+.2f}%: beyond the bound")
+        if not usable:
+            ok = False
+            log("no variant is within the accuracy bound on real photos: NOT met")
+        else:
+            fastest = min(usable, key=usable.get)
+            seconds, ratio = times[fastest], speed[800]["speedup"][fastest]
+            met = seconds <= TARGET_800_S and ratio >= TARGET_SPEEDUP
+            ok &= met
+            within = "" if acc is None else (f" (real photos: mean |d alpha| {acc[fastest]['mean_abs_diff']:.5f}, "
+                                             f"SAD {100 * acc[fastest]['sad_change']:+.2f}%)")
+            log(f"\n800x800 fastest path{' within the accuracy bound' if acc is not None else ''}: {fastest} "
+                f"{seconds:.2f} s/image, {ratio:.2f}x fp32-eager{within}: {'met' if met else 'NOT met'} "
+                f"(<= {TARGET_800_S} s, >= {TARGET_SPEEDUP}x)")
     if speed:
         rows.append({"what": "precision auto on this CPU (speed model)", "command": "(same run)", "result": why, "target": ""})
     if acc:
@@ -315,14 +332,6 @@ def summary(speed: dict, acc: dict | None, auto: str, why: str, label: str, log:
         rows.append({"what": "accuracy on real photos at 800 px, trained model: mean |d alpha| vs fp32 / SAD change",
                      "command": "(same run, --accuracy-model)" if speed else command, "result": text,
                      "target": "<= 0.005 and within 1%"})
-        if 800 in speed:
-            fastest = min(speed[800]["median_s"], key=speed[800]["median_s"].get)
-            if fastest in acc:
-                r = acc[fastest]
-                met = r["mean_abs_diff"] <= TARGET_MEAN_DIFF and abs(r["sad_change"]) <= TARGET_SAD_CHANGE
-                ok &= met
-                log(f"fastest path {fastest} on real photos: mean |d alpha| {r['mean_abs_diff']:.5f}, SAD "
-                    f"{100 * r['sad_change']:+.2f}%: {'met' if met else 'NOT met'}")
     return rows, ok
 
 

@@ -92,3 +92,23 @@ def test_a_light_benchmark_run_writes_its_json_to_the_results_folder(tmp_path):
     assert "2 workers" in data["rows"][0]["what"] and data["rows"][0]["result"].endswith(" foregrounds/s")
     assert all(set(row) == {"what", "command", "result", "target"} for row in data["rows"])
     assert data["machine"]["cpus"] == os.cpu_count()
+
+
+def test_inference_targets_are_judged_on_the_fastest_path_within_the_accuracy_bound():
+    """A quicker int8 beyond the bound on real photos does not decide the target: the fastest variant
+    within it does (bf16 here); with none within the bound the benchmark fails."""
+    import bench_inference
+
+    speed = {800: {"median_s": {"fp32-eager": 16.0, "bf16": 3.4, "ort-int8": 3.3},
+                   "speedup": {"fp32-eager": 1.0, "bf16": 16 / 3.4, "ort-int8": 16 / 3.3}}}
+    good, bad = {"mean_abs_diff": 0.002, "sad_change": 0.001}, {"mean_abs_diff": 0.007, "sad_change": -0.001}
+    lines: list[str] = []
+    acc = {"fp32-eager": {"mean_abs_diff": 0.0, "sad_change": 0.0}, "bf16": good, "ort-int8": bad}
+    _, ok = bench_inference.summary(speed, acc, "bf16", "why", "model", lines.append)
+    assert ok and any("fastest path within the accuracy bound: bf16 3.40 s" in line for line in lines), lines
+    assert any("quickest: ort-int8" in line and "beyond the bound" in line for line in lines)
+    _, ok = bench_inference.summary(speed, {**acc, "bf16": bad, "fp32-eager": bad}, "bf16", "why", "model", lines.append)
+    assert not ok
+    slow = {800: {"median_s": {"fp32-eager": 16.0, "bf16": 5.0}, "speedup": {"fp32-eager": 1.0, "bf16": 3.2}}}
+    _, ok = bench_inference.summary(slow, {"fp32-eager": acc["fp32-eager"], "bf16": good}, "bf16", "", "m", lines.append)
+    assert not ok  # within the bound but slower than 4 s
