@@ -156,7 +156,8 @@ def onnx_variants(model: LateFusionNet, calibration: list[np.ndarray], folder: P
                   log: Callable[[str], None]) -> dict[str, Network]:
     try:
         from fusionnet.onnx_export import export_onnx
-        from fusionnet.onnx_quantize import INT8_SCHEMES, quantize_onnx
+        from fusionnet.onnx_defaults import DEFAULT_INT8_SCHEME, INT8_SCHEMES
+        from fusionnet.onnx_quantize import quantize_onnx
         from fusionnet.onnx_runtime import OnnxMatter
     except ImportError as exc:
         log(f"   ort-*: skipped ({exc})")
@@ -168,7 +169,7 @@ def onnx_variants(model: LateFusionNet, calibration: list[np.ndarray], folder: P
     # ORT's calibration keeps every activation of every image in memory (densenet201 at 320 px: ~10 GB
     # for 14 images, OOM on a 23 GB host), so it gets at most ORT_CALIBRATION of them.
     images = [as_float_image(image) for image in calibration[:ORT_CALIBRATION]]
-    int8 = quantize_onnx(fp32, folder / "model-int8.onnx", images, **INT8_SCHEMES["accurate"])
+    int8 = quantize_onnx(fp32, folder / "model-int8.onnx", images, **INT8_SCHEMES[DEFAULT_INT8_SCHEME])
     log(f"   ort-fp32/ort-int8: exported and quantised in {time.perf_counter() - started:.0f} s")
     return {name: OnnxMatter(path, device="cpu", refine=False).run_network
             for name, path in (("ort-fp32", fp32), ("ort-int8", int8))}

@@ -28,7 +28,7 @@ from bench_inference import (  # noqa: E402
     PHOTOS, ROOT, TARGET_MEAN_DIFF, TARGET_SAD_CHANGE, calibration_for, default_model, load_text)
 from machine import command, header, record  # noqa: E402
 
-from fusionnet.onnx_quantize import DECODERS, INT8_SCHEMES  # noqa: E402
+from fusionnet.onnx_defaults import DECODERS, INT8_SCHEMES  # noqa: E402
 
 VARIANTS = {  # export --int8-scheme fast / accurate are the first and last
     "all ops": INT8_SCHEMES["fast"],

@@ -18,7 +18,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `export` subcommand's options."""
-    from fusionnet.onnx_defaults import DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE, INT8_TOLERANCE, MIN_OPSET
+    from fusionnet.onnx_defaults import (DEFAULT_INT8_SCHEME, DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE,
+                                         INT8_SCHEMES, INT8_TOLERANCE, MIN_OPSET)
 
     parser.add_argument("model", metavar="MODEL", help="model file (.safetensors) or a URI such as models:/name@alias")
     parser.add_argument("--format", choices=FORMATS, required=True, help="export format (onnx)")
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantise to int8 (ONNX Runtime static QDQ, per-channel weights); needs --calibrate")
     parser.add_argument("--calibrate", type=Path, metavar="SHARDS_OR_IMAGE_DIR",
                         help="training composites to calibrate int8 on: a shard folder (data/shards) or images")
-    parser.add_argument("--int8-scheme", choices=("accurate", "fast"), default="accurate",
+    parser.add_argument("--int8-scheme", choices=tuple(INT8_SCHEMES), default=DEFAULT_INT8_SCHEME,
                         help="what int8 touches: accurate (default; convolutions of the encoder and fusion net, the "
                         "decoders fp32) or fast (every op; ~1.5x faster, about 1.5x the error: benchmarks/bench_int8.py)")
     parser.add_argument("--calibration-images", type=int_at_least(1), default=16, metavar="N",

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from fusionnet.infer import Matter, fold_batchnorms, load_model, resolve_model_path
 from fusionnet.model import LateFusionNet
-from fusionnet.onnx_defaults import DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE, INT8_TOLERANCE, MIN_OPSET
+from fusionnet.onnx_defaults import (DEFAULT_INT8_SCHEME, DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE,
+                                     INT8_SCHEMES, INT8_TOLERANCE, MIN_OPSET)
 from fusionnet.onnx_runtime import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxMatter
 
 # Example input the graph is traced on: batch 2, sides of 3 and 4 strides (a size-1 dim would be
@@ -187,7 +188,7 @@ def export_model_file(
     int8: bool = False,
     calibrate: str | os.PathLike | None = None,
     calibration_count: int = 16,
-    int8_scheme: str = "accurate",
+    int8_scheme: str = DEFAULT_INT8_SCHEME,
     verify_image: str | os.PathLike | None = None,
     verify_side: int = DEFAULT_VERIFY_SIDE,
     tolerance: float = FP32_TOLERANCE,
@@ -196,7 +197,7 @@ def export_model_file(
 ) -> ExportReport:
     """Export model file/URI `spec` to `out` (fp32, or int8 calibrated on `calibrate`), checked.
 
-    int8_scheme: a key of onnx_quantize.INT8_SCHEMES (what int8 touches: "accurate" or "fast").
+    int8_scheme: a key of onnx_defaults.INT8_SCHEMES (what int8 touches: "accurate" or "fast").
     fp32: max |d alpha| vs PyTorch on the check image must be <= `tolerance`; int8: the fp32 export
     is checked so, then the quantised one's mean |d alpha| vs PyTorch must be <= `int8_tolerance`.
     Raises ExportError (or OSError/ValueError/LookupError from loading) with nothing left at `out`.
@@ -227,7 +228,7 @@ def export_model_file(
                               f"(> tolerance {tolerance:g}) on {image_name}; nothing written")
         final = fp32_path
         if int8:
-            from fusionnet.onnx_quantize import INT8_SCHEMES, calibration_images, quantize_onnx
+            from fusionnet.onnx_quantize import calibration_images, quantize_onnx
 
             if int8_scheme not in INT8_SCHEMES:
                 raise ExportError(f"int8 scheme {int8_scheme!r}: one of {', '.join(INT8_SCHEMES)}")

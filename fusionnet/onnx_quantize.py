@@ -16,6 +16,7 @@ the composites training sees) or, when `source` is a folder of image files, thos
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -35,11 +36,6 @@ DEFAULT_CALIBRATION_SIDE = 320  # activation ranges barely depend on size; 320 k
 QUANT_FORMATS = ("QDQ", "QOperator")
 ACTIVATION_TYPES = ("uint8", "int8")
 QUANTIZED_OPS = ("Conv", "Concat", "MaxPool", "AveragePool", "Resize", "Relu", "Add")
-DECODERS = ("model.fg_decoder", "model.bg_decoder")
-# What int8 touches, by name (benchmarks/bench_int8.py measures both; 2-core AMX host, make run's checkpoint,
-# 4 real photos at 800 px): fast, every op, 3.16 s, mean |d alpha| 0.0067; accurate, only the encoder's and
-# fusion's convolutions, 4.79 s, 0.0043 (ORT fp32 7.10 s).
-INT8_SCHEMES = {"fast": {}, "accurate": {"op_types": ("Conv",), "exclude_scopes": DECODERS}}
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
@@ -188,10 +184,11 @@ def quantize_onnx(
         prepared = Path(work) / "prepared.onnx"
         quant_pre_process(os.fspath(fp32_path), os.fspath(prepared), skip_symbolic_shape=True)
         model = onnx.load(os.fspath(prepared))
-        for scope in exclude_scopes:  # a misspelt scope would silently quantise everything
-            if not in_scopes(model, [scope]):
+        kept = {scope: in_scopes(model, [scope]) for scope in exclude_scopes}
+        for scope, names in kept.items():  # a misspelt scope would silently quantise everything
+            if not names:
                 raise ExportError(f"exclude scope {scope!r}: no node of {fp32_path} comes from that module")
-        exclude = list(dict.fromkeys((float_tail(model) if keep_logits_fp32 else []) + in_scopes(model, exclude_scopes)))
+        exclude = list(dict.fromkeys([*(float_tail(model) if keep_logits_fp32 else []), *itertools.chain(*kept.values())]))
         quantized = Path(work) / "int8.onnx"
         quantize_static(
             os.fspath(prepared), os.fspath(quantized), _reader(images, side),
