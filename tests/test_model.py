@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fusionnet import backbones
 from fusionnet import model as fm
 from fusionnet.model import BACKBONES, LateFusionNet, count_parameters
 
@@ -117,7 +118,7 @@ def test_pretrained_loads_from_local_cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1
-    target = fm._torch_cache_file(weights)
+    target = backbones.torch_cache_file(weights)
     target.parent.mkdir(parents=True)
     torch.manual_seed(3)
     reference = torchvision.models.densenet121()

@@ -21,7 +21,7 @@ KEEPS = ("last", "best")
 MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths", "decoder_max_width")
 COMMON_KEYS = (
     "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "num_workers",
-    "optimizer", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
+    "optimizer", "encoder_lr_scale", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
     "val_max_images", "val_band_radius", "visual_count", "val_every", "keep",
 )
 STEP_KEYS = (
@@ -59,6 +59,7 @@ class StepConfig:
     batch_size: int = 2  # per process (paper: 2 per GPU)
     num_workers: int = 1
     optimizer: str = "sgd"  # sgd (paper, authors' code) | adam (a CPU-profile deviation: from scratch in minutes)
+    encoder_lr_scale: float = 1.0  # encoder LR = this x the schedule's (< 1: keep ImageNet features while decoders learn)
     grad_clip: float = 5.0  # gradient-norm clip (authors' code)
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -102,6 +103,8 @@ class StepConfig:
             raise ValueError(f"{where}.max_iters_per_epoch must be >= 1 or null, got {self.max_iters_per_epoch}")
         if not 0 < self.base_lr <= self.max_lr:
             raise ValueError(f"{where}: need 0 < base_lr <= max_lr, got {self.base_lr} and {self.max_lr}")
+        if not 0 < float(self.encoder_lr_scale) <= 1:
+            raise ValueError(f"params train_common.encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}")
         if self.half_cycle_epochs <= 0:
             raise ValueError(f"{where}.half_cycle_epochs must be > 0, got {self.half_cycle_epochs}")
         if self.num_workers < 0 or self.warmup_epochs < 0 or self.visual_count < 0:

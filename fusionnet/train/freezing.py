@@ -40,6 +40,16 @@ def set_trainable(model: LateFusionNet, step: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def lr_groups(model: LateFusionNet, trainable: list[nn.Parameter], encoder_lr_scale: float) -> list[dict]:
+    """Optimizer groups: the trainable encoder parameters at `encoder_lr_scale` x the schedule's LR,
+    the rest at 1x (a pretrained encoder fine-tuned gently while the decoders learn from scratch).
+    Each group's `lr_scale` is what the trainer multiplies the scheduled LR by."""
+    encoder = {id(p) for p in model.encoder.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) in encoder], "lr_scale": float(encoder_lr_scale)},
+              {"params": [p for p in trainable if id(p) not in encoder], "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
 def set_train_mode(model: LateFusionNet, step: str) -> None:
     """model.train() except what `step` freezes, which goes to eval mode (BN statistics fixed).
 

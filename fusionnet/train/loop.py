@@ -32,7 +32,7 @@ from fusionnet.precision import resolve_precision
 from fusionnet.hashing import file_sha256
 from fusionnet.train.files import write_atomic
 from fusionnet.train.forward import step_loss, step_module
-from fusionnet.train.freezing import set_train_mode, set_trainable
+from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable
 from fusionnet.train.progress import StepProgress
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
 from fusionnet.train.state import STATE_FILE, capture_rng, load_state, restore_rng, save_state
@@ -161,10 +161,11 @@ class _Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         trainable = set_trainable(model, self.step)
+        groups = lr_groups(model, trainable, cfg.encoder_lr_scale)
         if cfg.optimizer == "adam":  # betas (momentum, 0.999): train_common.momentum stays meaningful
-            optimizer = torch.optim.Adam(trainable, lr=cfg.base_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.SGD(trainable, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is None:
             state = self._fresh_state()
@@ -270,7 +271,7 @@ class _Trainer:
             image = image.contiguous(memory_format=torch.channels_last)
         lr = triangular_lr(self.state["iteration"], cfg.base_lr, cfg.max_lr, self.half_cycle)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         with self.autocast():
             output = self.module(image)
         with torch.autocast(self.device.type, enabled=False):  # every loss in float32
