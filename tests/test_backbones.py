@@ -122,3 +122,16 @@ def test_pretrained_lite_names_two_photos_correctly(name, no_network):
     assert int(cat.argmax()) in DOMESTIC_CATS
     assert float(cat[list(DOMESTIC_CATS)].sum()) > 0.8
     assert int(coffee.argmax()) == ESPRESSO and float(coffee[ESPRESSO]) > 0.5
+
+
+def test_static_same_padding_matches_timms_dynamic_same_padding():
+    import timm
+
+    torch.manual_seed(0)
+    dynamic = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    static = backbones.static_same_padding(timm.create_model("tf_efficientnet_lite0", pretrained=False)).eval()
+    static.load_state_dict(dynamic.state_dict())
+    assert sum(isinstance(m, backbones.StaticSameConv2d) for m in static.modules()) == 5  # the stride-2 convs
+    x = torch.rand(2, 3, 224, 160)
+    with torch.no_grad():
+        assert torch.allclose(static.forward_features(x), dynamic.forward_features(x), atol=1e-5)
