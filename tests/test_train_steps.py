@@ -174,3 +174,19 @@ def test_bad_inputs_are_named(shards, tmp_path):
     fmodel.save(fmodel.LateFusionNet(**{**MODEL, "decoder_max_width": 64}), capped)
     with pytest.raises(ValueError, match="does not match params model"):
         run_step("fusion", StepConfig.from_params(tiny_params(), "fusion"), shards, tmp_path / "out3", init_checkpoint=capped)
+
+
+@pytest.mark.parametrize("step, scales", [("segmentation", [0.25, 1.0]), ("fusion", [1.0]), ("joint", [0.25, 1.0])])
+def test_encoder_learns_at_encoder_lr_scale_times_the_schedule(shards, tmp_path, step, scales):
+    params = tiny_params(base_lr=0.01, max_lr=0.01)
+    params["model"] = {**params["model"], "backbone": "efficientnet_lite0"}
+    params["train_common"]["encoder_lr_scale"] = 0.25
+    cfg = StepConfig.from_params(params, step)
+    init = None
+    if step != "segmentation":  # the fusion and joint steps start from a model file
+        init = tmp_path / "init.safetensors"
+        fmodel.save(fmodel.LateFusionNet(**params["model"]), init)
+    run_step(step, cfg, shards, tmp_path / step, init_checkpoint=init)
+    groups = load_state(tmp_path / step / STATE_FILE)["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == scales  # the fusion step trains no encoder parameter
+    assert [g["lr"] for g in groups] == pytest.approx([0.01 * s for s in scales])
