@@ -118,3 +118,32 @@ def test_step_module_shares_weights(net):
     module = step_module(net, "segmentation")
     assert isinstance(module, nn.Module) and _ids(module.parameters()) == _ids(net.parameters())
     assert step_module(net, "joint") is net
+
+
+def test_freeze_encoder_bn_keeps_the_encoders_statistics_and_affine_in_every_step():
+    torch.manual_seed(0)
+    net = LateFusionNet("efficientnet_lite0", fpn_width=16, fusion_widths=(16, 16))
+    encoder_bns = batchnorm_modules(net.encoder)
+    assert encoder_bns
+    for step in ("segmentation", "joint"):
+        before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+        trainable = set_trainable(net, step, freeze_encoder_bn=True)
+        set_train_mode(net, step, freeze_encoder_bn=True)
+        assert not any(bn.training for bn in encoder_bns)
+        assert not _ids(p for bn in encoder_bns for p in bn.parameters(recurse=False)) & _ids(trainable)
+        assert net.encoder.conv_stem.weight.requires_grad  # the convolutions still learn
+        if step == "segmentation":  # the decoders' BNs still train in step 1
+            assert all(bn.training for bn in batchnorm_modules(net.fg_decoder))
+        opt = torch.optim.SGD(trainable, lr=0.05)
+        out = step_module(net, step)(torch.rand(2, 3, 64, 64))
+        loss, _ = step_loss(step, out, torch.rand(2, 1, 64, 64), StepConfig(step=step, pretrained=False))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = net.encoder.state_dict()
+        for name in before:
+            is_bn_state = any(name.startswith(prefix) for prefix in
+                              {n + "." for n, m in net.encoder.named_modules() if m in encoder_bns})
+            if is_bn_state:
+                assert torch.equal(before[name], after[name]), name
+        assert not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])

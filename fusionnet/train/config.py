@@ -21,7 +21,7 @@ KEEPS = ("last", "best")
 MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths", "decoder_max_width")
 COMMON_KEYS = (
     "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "num_workers",
-    "optimizer", "encoder_lr_scale", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
+    "optimizer", "encoder_lr_scale", "freeze_encoder_bn", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
     "val_max_images", "val_band_radius", "visual_count", "val_every", "keep",
 )
 STEP_KEYS = (
@@ -60,6 +60,7 @@ class StepConfig:
     num_workers: int = 1
     optimizer: str = "sgd"  # sgd (paper, authors' code) | adam (a CPU-profile deviation: from scratch in minutes)
     encoder_lr_scale: float = 1.0  # encoder LR = this x the schedule's (< 1: keep ImageNet features while decoders learn)
+    freeze_encoder_bn: bool = False  # encoder BNs in eval mode, affine fixed, in every step (a pretrained encoder, small batches)
     grad_clip: float = 5.0  # gradient-norm clip (authors' code)
     momentum: float = 0.9
     weight_decay: float = 1e-4

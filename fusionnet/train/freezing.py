@@ -25,18 +25,23 @@ def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
     return [m for m in module.modules() if isinstance(m, _BATCHNORMS)]
 
 
-def set_trainable(model: LateFusionNet, step: str) -> list[nn.Parameter]:
-    """Set requires_grad for `step` and return the trainable parameters, in model order."""
+def set_trainable(model: LateFusionNet, step: str, freeze_encoder_bn: bool = False) -> list[nn.Parameter]:
+    """Set requires_grad for `step` and return the trainable parameters, in model order.
+    freeze_encoder_bn: the encoder's BatchNorm affine weights are not trained in any step (with
+    `set_train_mode`'s eval mode: a pretrained encoder keeps its ImageNet statistics, which a
+    CPU batch of 4 would otherwise overwrite)."""
     if step not in TRAINED_GROUPS:
         raise ValueError(f"unknown step {step!r}; choose one of {', '.join(TRAINED_GROUPS)}")
     groups = model.parameter_groups()
     for name, params in groups.items():
         for p in params:
             p.requires_grad_(name in TRAINED_GROUPS[step])
-    if step == "joint":
-        for bn in batchnorm_modules(model):
-            for p in bn.parameters(recurse=False):
-                p.requires_grad_(False)
+    frozen_bns = batchnorm_modules(model) if step == "joint" else []
+    if freeze_encoder_bn:
+        frozen_bns += batchnorm_modules(model.encoder)
+    for bn in frozen_bns:
+        for p in bn.parameters(recurse=False):
+            p.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -50,8 +55,9 @@ def lr_groups(model: LateFusionNet, trainable: list[nn.Parameter], encoder_lr_sc
     return [g for g in groups if g["params"]]
 
 
-def set_train_mode(model: LateFusionNet, step: str) -> None:
-    """model.train() except what `step` freezes, which goes to eval mode (BN statistics fixed).
+def set_train_mode(model: LateFusionNet, step: str, freeze_encoder_bn: bool = False) -> None:
+    """model.train() except what `step` freezes, which goes to eval mode (BN statistics fixed);
+    freeze_encoder_bn: the encoder's BatchNorms too, in every step.
 
     Call before every epoch's training loop: validation switches the whole model to eval mode.
     """
@@ -66,3 +72,6 @@ def set_train_mode(model: LateFusionNet, step: str) -> None:
             bn.eval()
     else:
         raise ValueError(f"unknown step {step!r}; choose one of {', '.join(TRAINED_GROUPS)}")
+    if freeze_encoder_bn:
+        for bn in batchnorm_modules(model.encoder):
+            bn.eval()

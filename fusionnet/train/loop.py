@@ -160,7 +160,7 @@ class _Trainer:
         model = self._build_model().to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        trainable = set_trainable(model, self.step)
+        trainable = set_trainable(model, self.step, cfg.freeze_encoder_bn)
         groups = lr_groups(model, trainable, cfg.encoder_lr_scale)
         if cfg.optimizer == "adam":  # betas (momentum, 0.999): train_common.momentum stays meaningful
             optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
@@ -227,7 +227,7 @@ class _Trainer:
     # ------------------------------------------------------------------ epochs
     def _train_epoch(self, epoch: int) -> None:
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        set_train_mode(self.model, self.step)
+        set_train_mode(self.model, self.step, self.cfg.freeze_encoder_bn)
         dataset = self.warmup_set if epoch < cfg.warmup_epochs and self.warmup_set is not None else self.train_set
         indices = tdata.epoch_indices(len(dataset), cfg.seed, epoch, ctx.rank, ctx.world_size)
         n_batches = tdata.batches_in_epoch(len(indices), cfg.batch_size, cfg.max_iters_per_epoch)
