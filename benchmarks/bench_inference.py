@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lite", default="efficientnet_lite0",
                         help="also time this backbone at the photo profile's widths (none: skip)")
     parser.add_argument("--lite-model", default=None, help="trained checkpoint of the lite network (timed, and scored on photos)")
+    parser.add_argument("--record", default=None, help="results file name (default: inference, or inference-accuracy)")
     parser.add_argument("--quick", action="store_true", help="1 timed round, 2 photos, 8 calibration images")
     args = parser.parse_args(argv)
     if args.quick:
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.lite != "none":
         lite_rows, lite_ok = lite_part(args, photos, log)
         rows, ok = rows + lite_rows, ok and lite_ok
-    record("inference" if speed else "inference-accuracy", rows)  # an accuracy-only run keeps the speed figures
+    # an accuracy-only run keeps the speed figures; --record keeps another host's full run beside this one
+    record(args.record or ("inference" if speed else "inference-accuracy"), rows)
     log(f"{'PASS' if ok else 'FAIL'} ({load_text()})")
     return 0 if ok else 1
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
-ORDER = ("inference", "inference-accuracy", "refine", "metrics")  # the rest follow alphabetically
+ORDER = ("inference", "inference-accuracy", "inference-lite", "refine", "metrics")  # the rest follow alphabetically
 
 
 def machine_line(m: dict) -> str:
