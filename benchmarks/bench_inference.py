@@ -336,7 +336,7 @@ def lite_part(args: argparse.Namespace, photos: list[Path], log: Callable[[str],
         acc = accuracy(model, table, photos, 800, log) if args.lite_model and photos else None
     rows, ok = summary(speed, acc, auto, why, label, log, target_s=LITE_TARGET_S, target_speedup=1.0,
                        acc_label=f"lite {label}")
-    seconds, precision = matte_seconds(model, args.repeats, log)
+    seconds, precision = matte_seconds(model, args.repeats)
     met = seconds <= LITE_TARGET_S
     log(f"lite through Matter (what `fusionnet matte` calls: resize, network, guided filter) at 800x800, "
         f"precision auto ({precision}): {seconds:.2f} s/photo: {'met' if met else 'NOT met'} (<= {LITE_TARGET_S:g} s)")
@@ -345,7 +345,7 @@ def lite_part(args: argparse.Namespace, photos: list[Path], log: Callable[[str],
     return rows, ok and met
 
 
-def matte_seconds(model: LateFusionNet, repeats: int, log: Callable[[str], None]) -> tuple[float, str]:
+def matte_seconds(model: LateFusionNet, repeats: int) -> tuple[float, str]:
     """Median seconds of one `Matter(precision="auto", max_side=800, refine=True)` call on an 800x800
     photo (uint8 in, alpha out at full size), after two warm-up calls: matte's per-image cost."""
     image, _ = benchmark_image(800)
