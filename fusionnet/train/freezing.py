@@ -49,7 +49,7 @@ def lr_groups(model: LateFusionNet, trainable: list[nn.Parameter], encoder_lr_sc
     """Optimizer groups: the trainable encoder parameters at `encoder_lr_scale` x the schedule's LR,
     the rest at 1x (a pretrained encoder fine-tuned gently while the decoders learn from scratch).
     Each group's `lr_scale` is what the trainer multiplies the scheduled LR by."""
-    encoder = {id(p) for p in model.encoder.parameters()}
+    encoder = {id(p) for p in model.parameter_groups()["encoder"]}
     groups = [{"params": [p for p in trainable if id(p) in encoder], "lr_scale": float(encoder_lr_scale)},
               {"params": [p for p in trainable if id(p) not in encoder], "lr_scale": 1.0}]
     return [g for g in groups if g["params"]]
