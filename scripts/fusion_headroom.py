@@ -23,21 +23,20 @@ import numpy as np
 import torch
 
 from fusionnet.checkpoint import load
+from fusionnet.data.dataset import ShardDataset
 from fusionnet.infer import pad_to_multiple
+from fusionnet.losses import KNOWN_THRESHOLD
 from fusionnet.metrics import sad, transition_band
+from fusionnet.train.config import STEPS
 from fusionnet.train.data import open_split, val_band_radii
 from fusionnet.train.validate import _CroppedOutput
 
-STEPS = ("segmentation", "fusion", "joint")
-
 
 @torch.no_grad()
-def headroom(model_path: Path, shards: Path, band_radius: int, max_images: int | None) -> dict[str, float]:
+def headroom(model_path: Path, val: ShardDataset, radii: list[int], picks: np.ndarray) -> dict[str, float]:
+    """The figures above for one model on the validation rows `picks` (each with its band radius)."""
     model = load(model_path).eval()
-    val = open_split(shards, "val")
-    radii = val_band_radii(val, band_radius)
-    count = len(val) if max_images is None else min(max_images, len(val))
-    picks = np.linspace(0, len(val) - 1, count).round().astype(int)
+    count = len(picks)
     sums = {k: 0.0 for k in ("F", "1-B", "beta=0.5", "model beta", "oracle beta")}
     agree = bracketed = transition = 0
     for index in picks:
@@ -47,7 +46,7 @@ def headroom(model_path: Path, shards: Path, band_radius: int, max_images: int |
         out = _CroppedOutput(model(pad_to_multiple(image, model.stride)), height, width)
         fg, one_minus_bg = out.fg_prob[0, 0].double().numpy(), 1 - out.bg_prob[0, 0].double().numpy()
         lo, hi = np.minimum(fg, one_minus_bg), np.maximum(fg, one_minus_bg)
-        trans = (gt > 0.05) & (gt < 0.95)
+        trans = (gt > KNOWN_THRESHOLD) & (gt < 1 - KNOWN_THRESHOLD)  # the losses' transition region
         transition += int(trans.sum())
         agree += int((trans & (hi - lo < 0.02)).sum())
         bracketed += int((trans & (lo <= gt) & (gt <= hi)).sum())
@@ -68,12 +67,15 @@ def main() -> int:
     parser.add_argument("--band-radius", type=int, default=25)
     parser.add_argument("--max-images", type=int, default=24)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    val = open_split(Path(args.shards), "val")  # read once for the three models
+    radii = val_band_radii(val, args.band_radius)
+    count = len(val) if args.max_images is None else min(args.max_images, len(val))
+    picks = np.linspace(0, len(val) - 1, count).round().astype(int)
     rows = {}
     for step in STEPS:
         path = Path(args.models) / step / "model.safetensors"
         if path.is_file():
-            rows[step] = headroom(path, Path(args.shards), args.band_radius, args.max_images)
+            rows[step] = headroom(path, val, radii, picks)
     keys = list(next(iter(rows.values()))) if rows else []
     print("| model | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
