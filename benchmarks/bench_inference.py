@@ -9,11 +9,11 @@ fp32-eager from the same rounds:
   fp32-eager   Matter(precision="fp32"): the reference
   fp32-cl      BatchNorm folded, channels-last, float32
   bf16         the same in bfloat16 (only where a bf16 CPU flag exists: elsewhere it is emulated)
-  int8-torch   Matter(precision="int8"): torch.ao FX static quantisation (fusionnet/quantize.py)
-  ort-fp32     ONNX Runtime on the exported graph (fusionnet/onnx_export.py), when onnxruntime is installed
-  ort-int8     ONNX Runtime static QDQ int8 (fusionnet/onnx_quantize.py), the "accurate" scheme that
+  int8-torch   Matter(precision="int8"): torch.ao FX static quantisation (fusionnet/inference/int8.py)
+  ort-fp32     ONNX Runtime on the exported graph (fusionnet/onnx/export.py), when onnxruntime is installed
+  ort-int8     ONNX Runtime static QDQ int8 (fusionnet/onnx/quantize.py), the "accurate" scheme that
                `fusionnet export --int8` writes (benchmarks/bench_int8.py compares the schemes)
-  auto         what `precision: auto` picks here, and why (fusionnet/precision.py)
+  auto         what `precision: auto` picks here, and why (fusionnet/inference/precision.py)
 Speed is measured on --model (default: densenet201 at the paper's widths, deterministic random init:
 timings do not depend on the weights). Accuracy needs a trained model (--accuracy-model, default
 models/joint/model.safetensors when present): each variant's raw alpha at 800 px on the
@@ -46,7 +46,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header, machine, record  # noqa: E402
 
-from fusionnet.infer import Matter, load_model  # noqa: E402
+from fusionnet.inference.loading import load_model  # noqa: E402
+from fusionnet.inference.matter import Matter
 from fusionnet.model import LateFusionNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def calibrated_model(image: Tensor, seed: int = 0, head_std: float = 3.0, blend_
 
 def calibration_for(model_path: Path | None, count: int, exclude: set[str]) -> tuple[list[np.ndarray], str]:
     """Training composites of `model_path`'s pipeline (data/shards/train), else photos not in `exclude`."""
-    from fusionnet.quantize import calibration_images
+    from fusionnet.inference.int8 import calibration_images
 
     if model_path is not None:
         for parent in model_path.resolve().parents:
@@ -138,7 +139,7 @@ def calibration_for(model_path: Path | None, count: int, exclude: set[str]) -> t
 def build(model: LateFusionNet, calibration: list[np.ndarray], onnx_dir: Path | None,
           log: Callable[[str], None]) -> dict[str, Network]:
     """name -> network for every variant this machine can run (see the module docstring)."""
-    from fusionnet.precision import cpu_flags
+    from fusionnet.hardware import cpu_flags
 
     table: dict[str, Network] = {}
     for name, precision in (("fp32-eager", "fp32"), ("fp32-cl", "fp32-cl"), ("bf16", "bf16")):
@@ -159,14 +160,14 @@ def build(model: LateFusionNet, calibration: list[np.ndarray], onnx_dir: Path | 
 def onnx_variants(model: LateFusionNet, calibration: list[np.ndarray], folder: Path,
                   log: Callable[[str], None]) -> dict[str, Network]:
     try:
-        from fusionnet.onnx_export import export_onnx
-        from fusionnet.onnx_defaults import DEFAULT_INT8_SCHEME, INT8_SCHEMES
-        from fusionnet.onnx_quantize import quantize_onnx
-        from fusionnet.onnx_runtime import OnnxMatter
+        from fusionnet.onnx.export import export_onnx
+        from fusionnet.onnx.defaults import DEFAULT_INT8_SCHEME, INT8_SCHEMES
+        from fusionnet.onnx.quantize import quantize_onnx
+        from fusionnet.onnx.runtime import OnnxMatter
     except ImportError as exc:
         log(f"   ort-*: skipped ({exc})")
         return {}
-    from fusionnet.infer import as_float_image
+    from fusionnet.model.geometry import as_float_image
 
     started = time.perf_counter()
     fp32 = export_onnx(model, folder / "model.onnx")
@@ -211,8 +212,8 @@ def time_size(table: dict[str, Network], size: int, repeats: int, log: Callable[
 def accuracy(model: LateFusionNet, table: dict[str, Network], photos: list[Path], side: int,
              log: Callable[[str], None]) -> dict[str, dict[str, float]]:
     """Per variant: mean |d alpha| vs fp32-eager and mean SAD vs ground truth on `photos` at `side`."""
-    from fusionnet.imageio import fit_within, load_image
-    from fusionnet.infer import resize_maps
+    from fusionnet.io.images import fit_within, load_image
+    from fusionnet.model.geometry import resize_maps
     from fusionnet.metrics import sad
 
     diffs: dict[str, list[float]] = {name: [] for name in table}
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy_path = args.accuracy_model or (ROOT / "models" / "joint" / "model.safetensors")
     accuracy_path = Path(accuracy_path) if Path(accuracy_path).is_file() else None
     photos = sorted((PHOTOS / "image").glob("*.png"))[: args.photos]
-    from fusionnet.precision import resolve_inference_precision
+    from fusionnet.inference.precision import resolve_inference_precision
 
     model = load_model(args.model) if args.model else default_model()
     label = args.model or "densenet201, paper widths, random init (seed 0)"
@@ -322,7 +323,7 @@ def lite_part(args: argparse.Namespace, photos: list[Path], log: Callable[[str],
     """The photo profile's network (what a user pulls to matte photos): its variants at 800x800 in this
     same run, target <= LITE_TARGET_S on the fastest path within the accuracy bound; accuracy on the
     photos when --lite-model is a trained checkpoint."""
-    from fusionnet.precision import resolve_inference_precision
+    from fusionnet.inference.precision import resolve_inference_precision
 
     model, label = lite_model(args.lite, args.lite_model)
     with tempfile.TemporaryDirectory(prefix="bench-onnx-lite-") as tmp:

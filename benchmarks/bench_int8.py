@@ -1,7 +1,7 @@
 """int8 variants of ONNX Runtime static quantisation: accuracy on real photos vs seconds per 800x800.
 
 Which parts of the network int8 may touch decides both its error and its speed. For each variant of
-`fusionnet.onnx_quantize.quantize_onnx` (all in one run, CPU flags in the header):
+`fusionnet.onnx.quantize.quantize_onnx` (all in one run, CPU flags in the header):
   accuracy  mean |d alpha| vs ORT fp32 and SAD change on real photos (GT01.., 800 px, raw alpha), a
             trained checkpoint (default models/joint/model.safetensors, make run's), calibrated on its
             training composites (data/shards/train beside it);
@@ -28,7 +28,7 @@ from bench_inference import (  # noqa: E402
     PHOTOS, ROOT, TARGET_MEAN_DIFF, TARGET_SAD_CHANGE, calibration_for, default_model, load_text)
 from machine import command, header, record  # noqa: E402
 
-from fusionnet.onnx_defaults import DECODERS, INT8_SCHEMES  # noqa: E402
+from fusionnet.onnx.defaults import DECODERS, INT8_SCHEMES  # noqa: E402
 
 VARIANTS = {  # export --int8-scheme fast / accurate are the first and last
     "all ops": INT8_SCHEMES["fast"],
@@ -40,8 +40,8 @@ VARIANTS = {  # export --int8-scheme fast / accurate are the first and last
 
 def photo_inputs(photos: list[Path], side: int) -> list[tuple[torch.Tensor, tuple[int, int], np.ndarray]]:
     """(network input (1,3,h,w), original size, ground-truth alpha) per photo, longer side `side`."""
-    from fusionnet.imageio import fit_within, load_image
-    from fusionnet.infer import resize_maps
+    from fusionnet.io.images import fit_within, load_image
+    from fusionnet.model.geometry import resize_maps
 
     out = []
     for path in photos:
@@ -54,8 +54,8 @@ def photo_inputs(photos: list[Path], side: int) -> list[tuple[torch.Tensor, tupl
 
 @torch.inference_mode()
 def alphas(path: Path, inputs) -> list[np.ndarray]:
-    from fusionnet.infer import resize_maps
-    from fusionnet.onnx_runtime import OnnxMatter
+    from fusionnet.model.geometry import resize_maps
+    from fusionnet.onnx.runtime import OnnxMatter
 
     matter = OnnxMatter(path, device="cpu", refine=False)
     return [resize_maps(matter.run_network(x)[:, :1], size).clamp_(0, 1)[0, 0].numpy() for x, size, _ in inputs]
@@ -65,7 +65,7 @@ def seconds(path: Path, side: int, repeats: int) -> float:
     """Median seconds of one session.run on a (1,3,side,side) input, after two warm-up runs.
 
     Two: ORT's second run at a new size is its slowest (measured 4.8, 8.7, then 3.15 s steady)."""
-    from fusionnet.onnx_runtime import INPUT_NAME, create_session
+    from fusionnet.onnx.runtime import INPUT_NAME, create_session
 
     session, _ = create_session(path, device="cpu")
     x = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
     parser.add_argument("--no-speed", action="store_true", help="accuracy only (skips the densenet201 export)")
     args = parser.parse_args(argv)
-    from fusionnet.infer import as_float_image, load_model
+    from fusionnet.model.geometry import as_float_image
+    from fusionnet.inference.loading import load_model
     from fusionnet.metrics import sad
-    from fusionnet.onnx_export import export_onnx
-    from fusionnet.onnx_quantize import quantize_onnx
+    from fusionnet.onnx.export import export_onnx
+    from fusionnet.onnx.quantize import quantize_onnx
 
     print(header() + f"; torch threads {torch.get_num_threads()}", flush=True)
     photos = sorted((PHOTOS / "image").glob("*.png"))[: args.photos]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_server.py [--model FILE] [--requests 300] [--clients 8]
         [--size 64] [--workers 2] [--queue 6] [--warm-up 40] [--threads 1] [--cache-mb 4]
 
-Starts the real server (`python -m fusionnet.cli serve`, a subprocess on 127.0.0.1; without --model a
+Starts the real server (`python -m fusionnet.cli.main serve`, a subprocess on 127.0.0.1; without --model a
 small random densenet121 with narrow decoders, pretrained=False), sends --warm-up requests, reads the
 server's RSS (VmRSS of /proc/<pid>/status), then --requests POST /matte from --clients threads, each
 over its own keep-alive connection (http.client). Every request carries a different image (so the
@@ -92,7 +92,7 @@ class Server:
         self._log_file = open(self.log, "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE_ENV, **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fusionnet.cli", "serve", str(model), "--port", "0", *args],
+            [sys.executable, "-m", "fusionnet.cli.main", "serve", str(model), "--port", "0", *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
         )
         self.pid = self.process.pid

@@ -9,14 +9,14 @@ independent Gaussian sensor noise of --noise levels (of 255) per frame, written 
 decoded again (so compression noise is in it too). A second clip pans the same photo 2 px a frame
 (the camera moves): there smoothing must not smear.
 
-Flicker = mean over frames and pixels of |alpha_t - alpha_{t-1}| (as `fusionnet.temporal.flicker`)
+Flicker = mean over frames and pixels of |alpha_t - alpha_{t-1}| (as `fusionnet.video.temporal.flicker`)
 of the final alpha (guided-filter refined), computed streaming, without and with `AlphaSmoother` at
 each --strengths value, motion-gated (--motion-threshold) and ungated (a plain moving average), and
 in a sweep of --thresholds at --sweep-strength. Smear: the true alpha (../shared/data's ground truth,
 panned with the photo) stands in for each frame's matte, so the error of the smoothed matte against
 it, where the true alpha changed since the last frame, is what the smoothing alone smears.
 
-Frames/s: `fusionnet.video.matte_frames` over the decoded clip at each --batch-sizes value, in
+Frames/s: `fusionnet.video.matte.matte_frames` over the decoded clip at each --batch-sizes value, in
 interleaved rounds (median), network + guided filter, no rendering or encoding.
 
 Model: --model, else models/joint/model.safetensors if the pipeline has trained one, else a random
@@ -43,11 +43,13 @@ import cv2
 import numpy as np
 import torch
 
-from fusionnet.infer import Matter, load_model, pad_to_multiple
+from fusionnet.inference.loading import load_model
+from fusionnet.inference.matter import Matter
 from fusionnet.model import LateFusionNet
-from fusionnet.temporal import DEFAULT_MOTION_THRESHOLD, AlphaSmoother
-from fusionnet.video import matte_frames
-from fusionnet.videoio import VideoReader
+from fusionnet.model.geometry import pad_to_multiple
+from fusionnet.video.io import VideoReader
+from fusionnet.video.matte import matte_frames
+from fusionnet.video.temporal import DEFAULT_MOTION_THRESHOLD, AlphaSmoother
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import command, header, record  # noqa: E402

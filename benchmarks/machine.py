@@ -16,7 +16,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from fusionnet.precision import cpu_flags, cpu_model
+from fusionnet.hardware import cpu_flags, cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "amx_fp16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")

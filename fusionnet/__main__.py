@@ -1,5 +1,5 @@
 """`python -m fusionnet` is the `fusionnet` command."""
 
-from fusionnet.cli import main
+from fusionnet.cli.main import main
 
 raise SystemExit(main())

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 from pipeline import datasync, handoff
 from pipeline.provenance import load_params
 from pipeline.tracking import TAG_STEP, get_client, parent_run

@@ -12,7 +12,7 @@ the compact DVC metrics and logs to MLflow. Writes, atomically:
 - metrics/claims.json     {"composites"|"photos": {source: implicit-trimap IoU/recall, bracketing}}
 - metrics/photos.json     {"held_out": which photos were scored, which excluded and why,
                            "rows": {row: {"trimap1"|"trimap2"|"full": {...}}}, "comparisons": the claims'
-                           ratios (fusionnet.report.photo_comparisons)} or {"skipped": reason, ...}
+                           ratios (fusionnet.evaluation.report.photo_comparisons)} or {"skipped": reason, ...}
 - metrics/details.json    guided-filter choice, image counts, seconds, provenance (checkpoint + sha256),
                           "test_set": the test composites' data version (`split_data_version`)
 - reports/table.md, reports/per_image.csv, reports/per_image_photos.csv, reports/pictures/*.png
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from fusionnet import report
-from fusionnet.hashing import file_sha256
-from fusionnet.evaluate import (
+from fusionnet.evaluation import report
+from fusionnet.io.hashing import file_sha256
+from fusionnet.evaluation.rows import (
     ROW_BY_NAME,
     ROWS,
     RowSettings,
@@ -62,7 +62,7 @@ class EvalConfig:
 
     rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS if r.source != "none"])  # zeros: a photo row
     max_side: int = 320
-    precision: str = "auto"  # fastest measured here (fusionnet.precision); params.yaml sets fp32 for the tables
+    precision: str = "auto"  # fastest measured here (fusionnet.inference.precision); params.yaml sets fp32 for the tables
     device: str = "cpu"
     threads: int | None = 1
     workers: int = 1
@@ -125,8 +125,9 @@ def branches_identical(a: Path, b: Path) -> bool:
 
 
 def make_predictor(path: Path, config: EvalConfig):
-    """A fusionnet.evaluate Predictor running the model file at `path` (no refinement)."""
-    from fusionnet.infer import Matter, load_model
+    """A fusionnet.evaluation.rows Predictor running the model file at `path` (no refinement)."""
+    from fusionnet.inference.loading import load_model
+    from fusionnet.inference.matter import Matter
 
     matter = Matter(
         load_model(path, device=config.device),
@@ -307,19 +308,3 @@ def run_evaluation(
     )
     record["table_files"] = write_table_metrics(record, metrics_dir)  # the DVC metrics: table numbers only
     return record
-
-
-# ----------------------------------------------------------------------------- hook
-
-
-def evaluate_hook(
-    model_path: Path, parent_run_id: str, params_path: str = "params.yaml", project_dir: Path | None = None
-) -> dict[str, Any]:
-    """Hook form of the downstream tasks (`train(evaluate="pipeline.evaluation:evaluate_hook")`):
-    pipeline.tasks.evaluate_and_register over `project_dir` (default: this checkout), with the
-    models beside `model_path` (models/<step>/model.safetensors)."""
-    from pipeline.env import PROJECT_DIR
-    from pipeline.tasks import evaluate_and_register
-
-    root = Path(project_dir or PROJECT_DIR)
-    return evaluate_and_register(root, root / params_path, Path(model_path).resolve().parent.parent, parent_run_id)

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fusionnet.evaluate import photo_files
-from fusionnet.hashing import file_sha256
+from fusionnet.evaluation.rows import photo_files
+from fusionnet.io.hashing import file_sha256
 
 SEEN_SPLITS = ("train", "val")
 

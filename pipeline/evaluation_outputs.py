@@ -11,7 +11,7 @@ instead of one line of every number the step produces:
 the same names as metrics/evaluate.json[row] (register.metric `raw.band.sad` is column `band.sad`
 of composites/raw.json), rounded to 4 significant digits: full precision stays in evaluate.json and
 photos.json, which the registry compares. Claims, provenance, held-out lists, guided-filter grids
-and timings live in the plain (non-metric) outputs written by fusionnet.report.write_evaluation.
+and timings live in the plain (non-metric) outputs written by fusionnet.evaluation.report.write_evaluation.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fusionnet import report
+from fusionnet.evaluation import report
 
 TABLE_DIR = "table"  # metrics/table: the one DVC metrics entry of the evaluate stage
 SIGNIFICANT_DIGITS = 4
@@ -93,7 +93,7 @@ def write_table_metrics(record: Mapping[str, Any], metrics_dir: Path) -> list[st
 def photos_record(result, skipped: str | None, held_out: dict | None, trimaps: list[str]) -> dict[str, Any]:
     """metrics/photos.json: {"held_out": which photos were scored, which excluded and why, "rows":
     {row: {"trimap1"|"trimap2"|"full": {...}}}, "comparisons": the claims' ratios
-    (fusionnet.report.photo_comparisons)}, or {"skipped": reason[, "held_out"]}."""
+    (fusionnet.evaluation.report.photo_comparisons)}, or {"skipped": reason[, "held_out"]}."""
     selection = {k: v for k, v in held_out.items() if k != "files"} if held_out else None
     if result is None:
         return {"skipped": skipped, **({"held_out": selection} if selection else {})}
@@ -148,7 +148,7 @@ def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_
         metrics = [Metric(k, float(v), now, 0) for k, v in mlflow_metrics(record).items()]
         for start in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
-        tags = {f"fusionnet.checkpoint.{p['source']}": f"{p['checkpoint']} sha256:{p['sha256']}"
+        tags = {f"fusionnet.model.checkpoint.{p['source']}": f"{p['checkpoint']} sha256:{p['sha256']}"
                 for p in record["details"]["provenance"].values() if p["sha256"]}
         if "skipped" in record["photos"]:
             tags["fusionnet.photos_skipped"] = str(record["photos"]["skipped"])

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 
 ARTIFACT_DIR = "outputs"
 MANIFEST = "manifest.json"

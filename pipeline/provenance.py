@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 from pipeline.env import PROJECT_DIR
 
 PIPELINE_RUN_ENV = "FUSIONNET_PIPELINE_RUN"

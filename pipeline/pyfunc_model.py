@@ -15,7 +15,7 @@ image's size; base64 over REST), "height", "width". Params (optional, per reques
 
 A bad image raises MlflowException(INVALID_PARAMETER_VALUE) naming the row and the problem, which
 `mlflow models serve` answers with HTTP 400; the server keeps serving. Cells decode through
-fusionnet.imageio.load_image_bytes, the CLI's and `fusionnet serve`'s path (same EXIF handling,
+fusionnet.io.images.load_image_bytes, the CLI's and `fusionnet serve`'s path (same EXIF handling,
 pixel limit and messages).
 """
 
@@ -37,8 +37,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from fusionnet import imageio
-from fusionnet.imageio import ImageLoadError, load_image_bytes
+from fusionnet.io import images as imageio
+from fusionnet.io.images import ImageLoadError, load_image_bytes
 
 IMAGE_COLUMN = "image"
 MAX_PIXELS = 50_000_000  # refuse larger images from their header (decompression-bomb guard)
@@ -66,7 +66,7 @@ def _bad_input(message: str) -> MlflowException:
 def decode_image(value: Any, row: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One input cell (file bytes, or their base64 text) -> (H,W,3) float32 RGB in [0,1].
 
-    Decoded by fusionnet.imageio.load_image_bytes, as the CLI and `fusionnet serve` decode: EXIF
+    Decoded by fusionnet.io.images.load_image_bytes, as the CLI and `fusionnet serve` decode: EXIF
     orientation applied, images over `max_pixels` refused from their header.
     """
     if isinstance(value, str):
@@ -109,10 +109,10 @@ def images_frame(images: list[bytes | np.ndarray]) -> pd.DataFrame:
 
 
 class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around fusionnet.infer.Matter (see the module doc for input and output)."""
+    """pyfunc wrapper around fusionnet.inference.matter.Matter (see the module doc for input and output)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from fusionnet.infer import load_model
+        from fusionnet.inference.loading import load_model
 
         self.settings: dict[str, Any] = json.loads(Path(context.artifacts["settings"]).read_text())
         self.network = load_model(context.artifacts["weights"], device=self.settings.get("device", "cpu"))
@@ -120,7 +120,7 @@ class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
 
     def _matter(self, max_side: int, refine: bool):
         """A Matter per (max_side, refine), a few kept (a bf16 Matter holds its own weight copy)."""
-        from fusionnet.infer import Matter
+        from fusionnet.inference.matter import Matter
 
         key = (max_side, refine)
         if key not in self._matters:

@@ -4,7 +4,7 @@
 "register", links it to the training run that produced its weights (the step run tagged with the
 weights' sha256 becomes the LoggedModel's source run and the registered version's run; the
 parent run lists the model as an output too), registers it and applies the champion rule
-(pipeline.registry). With `register.onnx: true` the weights' ONNX export (fusionnet.onnx_export)
+(pipeline.registry). With `register.onnx: true` the weights' ONNX export (fusionnet.onnx.export)
 is carried beside them as artifact "onnx". `register_task` is the Prefect task around it.
 
 Its own module so that the DVC `register` stage, which runs only this task, depends on none of
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -52,7 +52,7 @@ class RegisterConfig:
     max_side: int = 320
     precision: str = "auto"  # the served model measures its fastest precision on its own host
     refine: bool = True
-    # Carry an ONNX export (fusionnet.onnx_export) beside the weights. Off by default: the export
+    # Carry an ONNX export (fusionnet.onnx.export) beside the weights. Off by default: the export
     # takes ~1 min on a loaded 2-core host (tiny densenet121 measured 55-70 s), a lot per test registration.
     onnx: bool = False
     onnx_opset: int = 20
@@ -156,7 +156,7 @@ def register_pipeline_model(
                                      onnx=onnx_path)
             version = register_version(
                 registry, info.model_uri, trained_by or run_id, metrics, table,
-                tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
+                tags={"fusionnet.model.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
                       "fusionnet.settings": json.dumps(settings, sort_keys=True), "fusionnet.register_run": run_id,
                       **({TEST_SET_TAG: test_set} if test_set else {})},
                 name=config.model_name,
@@ -191,11 +191,11 @@ def register_pipeline_model(
 
 
 def _export_onnx(weights: Path, folder: Path, opset: int, sha: str) -> tuple[Path, dict[str, Any]]:
-    """`weights` exported to folder/model.onnx (fp32; fusionnet.onnx_export); the path and {opset, export_s}."""
+    """`weights` exported to folder/model.onnx (fp32; fusionnet.onnx.export); the path and {opset, export_s}."""
     import time
 
-    from fusionnet.infer import load_model
-    from fusionnet.onnx_export import export_onnx
+    from fusionnet.inference.loading import load_model
+    from fusionnet.onnx.export import export_onnx
 
     started = time.perf_counter()
     path = export_onnx(load_model(weights), folder / "model.onnx", opset=opset, source_sha256=sha)

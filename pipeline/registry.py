@@ -96,7 +96,7 @@ def log_matting_model(
     """Log `weights` (a fusionnet model file) as a pyfunc in run `run_id`; returns MLflow's ModelInfo.
 
     settings: the pyfunc's inference settings (max_side, precision, refine, radius, eps, device).
-    onnx: an ONNX export of the same weights (`fusionnet.onnx_export`), carried as artifact "onnx"
+    onnx: an ONNX export of the same weights (`fusionnet.onnx.export`), carried as artifact "onnx"
     beside them (a pulled model can then run on ONNX Runtime: `fusionnet matte --model .../x.onnx`).
     The MLflow 3 LoggedModel `name` is an output of run `run_id` (which packaged it), of
     `trained_by` (the run that trained the weights: the model's source run when given) and of the

@@ -1,6 +1,6 @@
 """`fusionnet matte --model models:/late-fusion-matting@champion`: MLflow URIs -> a local model file.
 
-Registered for fusionnet.infer.resolve_model_path under entry-point group
+Registered for fusionnet.inference.loading.resolve_model_path under entry-point group
 `fusionnet.model_resolvers` (names "models" and "runs", the URI schemes). The model is downloaded
 once per registered version into a cache (FUSIONNET_MODEL_CACHE, default
 ~/.cache/fusionnet/models/<store>/<name>/<version>); an alias is looked up in the registry on every call,

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import pipeline  # noqa: F401  (applies the offline switches before mlflow is imported)
 import yaml
-from fusionnet.checkpoint import atomic_write_path
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
+from fusionnet.model.checkpoint import atomic_write_path
 from fusionnet.train import STEPS, StepConfig, run_step
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 

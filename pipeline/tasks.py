@@ -22,6 +22,9 @@ from typing import Any
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
 from prefect import task
 
+from pipeline.env import PROJECT_DIR
+from pipeline.evaluation import run_evaluation, tune_refinement
+from pipeline.evaluation_outputs import log_evaluation
 from pipeline.provenance import load_params
 from pipeline.registration import TASK_OPTIONS, log_to_run, register_task
 
@@ -29,8 +32,6 @@ from pipeline.registration import TASK_OPTIONS, log_to_run, register_task
 @task(name="tune-refinement", **TASK_OPTIONS)
 def tune_refinement_task(params_path: Path, joint_checkpoint: Path, composites: Path) -> dict[str, Any]:
     """Guided-filter radius/eps for the joint model on the validation composites (evaluation.tune_refinement)."""
-    from pipeline.evaluation import tune_refinement
-
     gf = tune_refinement(load_params(params_path), Path(joint_checkpoint), Path(composites))
     log_to_run(f"guided filter: radius {gf['radius']}, eps {gf['eps']} on {gf['val_images']} validation composites")
     return gf
@@ -49,9 +50,6 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """The paper's table rows, claims and pictures into metrics_dir/reports_dir; logged to MLflow
     as child run "evaluate" of parent_run_id (not logged when None). Returns the record."""
-    from pipeline.evaluation import run_evaluation
-    from pipeline.evaluation_outputs import log_evaluation
-
     params = load_params(params_path)
     base_dir = Path(params_path).resolve().parent  # a relative photos root is relative to params.yaml
     record = run_evaluation(params, checkpoints, Path(composites), Path(metrics_dir), Path(reports_dir), base_dir,
@@ -83,3 +81,16 @@ def evaluate_and_register(project_dir: Path, params_path: Path, models_dir: Path
     registration = register_task(params_path, checkpoints["joint"], root / "metrics", root / "reports",
                                  models / "registered.json", parent_run_id)
     return {"evaluation": record["details"], "registration": registration}
+
+
+# ----------------------------------------------------------------------------- hook
+
+
+def evaluate_hook(
+    model_path: Path, parent_run_id: str, params_path: str = "params.yaml", project_dir: Path | None = None
+) -> dict[str, Any]:
+    """Hook form of the downstream tasks (`train(evaluate="pipeline.tasks:evaluate_hook")`):
+    evaluate_and_register over `project_dir` (default: this checkout), with the
+    models beside `model_path` (models/<step>/model.safetensors)."""
+    root = Path(project_dir or PROJECT_DIR)
+    return evaluate_and_register(root, root / params_path, Path(model_path).resolve().parent.parent, parent_run_id)

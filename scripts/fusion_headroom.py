@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusionnet.checkpoint import load
 from fusionnet.data.dataset import ShardDataset
-from fusionnet.infer import pad_to_multiple
 from fusionnet.losses import KNOWN_THRESHOLD
 from fusionnet.metrics import sad, transition_band
+from fusionnet.model.checkpoint import load
+from fusionnet.model.geometry import pad_to_multiple
 from fusionnet.train.config import STEPS
 from fusionnet.train.data import open_split, val_band_radii
 from fusionnet.train.validate import _CroppedOutput

@@ -17,8 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fusionnet.imageio import load_image
-from fusionnet.infer import Matter, load_model
+from fusionnet.inference.loading import load_model
+from fusionnet.inference.matter import Matter
+from fusionnet.io.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "alphamatting-dev"

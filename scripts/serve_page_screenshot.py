@@ -55,7 +55,7 @@ def main() -> int:
     from tests.browser import all_shown, chromium_page, drop_file
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli", "serve", args.model, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli.main", "serve", args.model, "--port", str(port)],
                               env={**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
         wait_healthy(port, server, timeout=300)

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from fusionnet import backbones
-from fusionnet.backbones import BACKBONES, BACKBONE_TABLE, WeightsNotFound, backbone_spec, build_encoder
-from fusionnet.model import LateFusionNet
+from fusionnet.model import LateFusionNet, backbones
+from fusionnet.model.backbones import BACKBONES, BACKBONE_TABLE, WeightsNotFound, backbone_spec, build_encoder
 
 LITES = [name for name in BACKBONES if BACKBONE_TABLE[name].family == "efficientnet_lite"]
 DOMESTIC_CATS = range(281, 286)  # ImageNet-1k: tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -1,13 +1,13 @@
-"""Baselines of the evaluation table (fusionnet.baselines), on tiny images with known answers."""
+"""Baselines of the evaluation table (fusionnet.evaluation.baselines), on tiny images with known answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fusionnet import baselines
 from fusionnet.data.trimap import band_trimap
-from fusionnet.evaluate import RowSettings, composite_regions, EvalSample, evaluate_set
+from fusionnet.evaluation import baselines
+from fusionnet.evaluation.rows import EvalSample, RowSettings, composite_regions, evaluate_set
 from fusionnet.metrics import sad
 
 

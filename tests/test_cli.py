@@ -41,7 +41,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fusionnet.cli", *map(str, args)],
+        [sys.executable, "-m", "fusionnet.cli.main", *map(str, args)],
         capture_output=True, text=True, timeout=600, env=env or cli_env(),
     )
 
@@ -307,7 +307,7 @@ def test_huge_image_decodes_within_a_memory_bound(checkpoint, tmp_path, good):
     # The CLI process reports its own peak RSS: RUSAGE_CHILDREN would be the max over every
     # subprocess this pytest process ever waited for, including other tests' training runs.
     probe = (
-        "import resource, sys; from fusionnet.cli import main; rc = main(sys.argv[1:]); "
+        "import resource, sys; from fusionnet.cli.main import main; rc = main(sys.argv[1:]); "
         "sys.stderr.write('PEAK_RSS_KIB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
     )
     args = ["matte", str(path), "--model", str(checkpoint), "--out", str(tmp_path / "out"),

@@ -1,6 +1,6 @@
 """`fusionnet matte` over folders, globs, re-runs (--skip-existing), videos and a stdin -> stdout pipe.
 
-Most checks call `fusionnet.cli.main` in this process (a subprocess would only add a torch import);
+Most checks call `fusionnet.cli.main.main` in this process (a subprocess would only add a torch import);
 the pipe runs the real command in subprocesses, since stdin and stdout are what it is about.
 """
 
@@ -18,11 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fusionnet import video
-from fusionnet.cli import main
-from fusionnet.cli_inputs import collect_inputs, image_suffixes
-from fusionnet.imageio import to_uint8
-from fusionnet.infer import Matter, load_model
+from fusionnet.cli.inputs import collect_inputs
+from fusionnet.cli.main import main
+from fusionnet.inference.loading import load_model
+from fusionnet.inference.matter import Matter
+from fusionnet.io.images import image_suffixes, to_uint8
+from fusionnet.video import matte as video
 
 SUMMARY = re.compile(r"matted (\d+) of (\d+) images \((\d+) failed(?:, (\d+) skipped: outputs exist)?\)")
 PNG_END = b"IEND\xaeB`\x82"
@@ -210,7 +211,7 @@ def test_out_is_required_unless_piping(tiny_checkpoint, tmp_path, capfd):
 def test_stdin_to_stdout_matches_the_file_output(tiny_checkpoint, tmp_path, capfd):
     photo = write_image(tmp_path / "photo.png", 9)
     data = photo.read_bytes()
-    command = [sys.executable, "-m", "fusionnet.cli", "matte", "-", "--model", str(tiny_checkpoint), "--max-side", "64",
+    command = [sys.executable, "-m", "fusionnet.cli.main", "matte", "-", "--model", str(tiny_checkpoint), "--max-side", "64",
                "--precision", "fp32"]
     # Both pipes at once: two cores, and each process spends most of its time importing torch.
     good = subprocess.Popen([*command, "--device", "cpu"], stdin=subprocess.PIPE,

@@ -1,8 +1,8 @@
 """The real `fusionnet` CLI on usage errors (exit 2, a message naming the option, nothing written),
 `--version`, the console script, and `--model` URIs through a resolver plugin.
 
-Each usage error ends its command, so they run through `fusionnet.cli.main` one after another in one
-process (one torch import, `usage_results`); `python -m fusionnet.cli` itself runs in tests/test_cli.py.
+Each usage error ends its command, so they run through `fusionnet.cli.main.main` one after another in one
+process (one torch import, `usage_results`); `python -m fusionnet.cli.main` itself runs in tests/test_cli.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_console_script_is_installed():
 
 USAGE_DRIVER = """
 import contextlib, io, json, sys
-from fusionnet.cli import main
+from fusionnet.cli.main import main
 results = {}
 for name, argv in json.loads(sys.argv[1]).items():
     out, err = io.StringIO(), io.StringIO()

@@ -269,7 +269,7 @@ def test_a_deployment_run_with_steps_joint_retrains_only_joint_then_tunes_evalua
     """The deployed `train` flow, run by a process worker with steps=["joint"]: the task graph
     train-joint -> tune-refinement -> evaluate -> register; the first two steps' models untouched;
     the evaluation and the registration under the flow's MLflow parent run."""
-    from fusionnet.hashing import file_sha256
+    from fusionnet.io.hashing import file_sha256
     from tests.test_registry import runs_by_name, tiny_project
 
     api, env = prefect_api

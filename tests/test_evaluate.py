@@ -1,4 +1,4 @@
-"""The evaluation (fusionnet.evaluate, pipeline.evaluation): rows, regions, claims, provenance, files.
+"""The evaluation (fusionnet.evaluation.rows, pipeline.evaluation): rows, regions, claims, provenance, files.
 
 Helpers `make_composites` and `make_checkpoints` build a tiny data/composites layout (data contract)
 and three tiny densenet121 checkpoints; tests/test_registry.py and tests/test_serving.py reuse them.
@@ -19,7 +19,7 @@ from PIL import Image
 
 from fusionnet import metrics
 from fusionnet.data.trimap import band_trimap
-from fusionnet.evaluate import (
+from fusionnet.evaluation.rows import (
     ClaimCounts,
     EvalSample,
     RowSettings,
@@ -32,8 +32,8 @@ from fusionnet.evaluate import (
     summarise,
     tune_guided_filter,
 )
+from fusionnet.evaluation.report import photo_comparisons
 from fusionnet.refine import guided_filter
-from fusionnet.report import photo_comparisons
 
 
 # ----------------------------------------------------------------------------- builders
@@ -458,7 +458,8 @@ def reference_table(composites: Path, checkpoints: dict[str, Path], max_side: in
     each step's model through the inference API (no refinement), so the table's own scoring path
     (regions, per-image metrics, averaging, which checkpoint a row reads) is what is checked.
     """
-    from fusionnet.infer import Matter, load_model
+    from fusionnet.inference.loading import load_model
+    from fusionnet.inference.matter import Matter
 
     manifest = [r for r in pq.read_table(composites / "manifest.parquet").to_pylist() if r["split"] == "test"]
 

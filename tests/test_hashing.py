@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusionnet.data.shards import shards_digest
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 from pipeline.provenance import content_sha256
 
 ABC_SHA256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2 example "abc"

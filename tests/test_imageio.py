@@ -1,4 +1,4 @@
-"""fusionnet.imageio: every input quirk loads as the right RGB values, or fails with a clear error."""
+"""fusionnet.io.images: every input quirk loads as the right RGB values, or fails with a clear error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from fusionnet.imageio import (
+from fusionnet.io.images import (
     EXIF_ORIENTATION_TAG,
     ImageLoadError,
     fit_within,

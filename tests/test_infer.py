@@ -1,4 +1,4 @@
-"""fusionnet.infer: any image size in, maps at that size out; padding, resizing and refinement exact."""
+"""fusionnet.inference: any image size in, maps at that size out; padding, resizing and refinement exact."""
 
 from __future__ import annotations
 
@@ -9,19 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from fusionnet.infer import (
-    MODEL_RESOLVER_GROUP,
-    Matter,
-    fold_batchnorms,
-    load_model,
-    matte,
-    matte_files,
-    pad_to_multiple,
-    reflect_indices,
-    resize_maps,
-    resolve_device,
-    resolve_model_path,
-)
+from fusionnet.inference.loading import MODEL_RESOLVER_GROUP, load_model, resolve_device, resolve_model_path
+from fusionnet.inference.matter import Matter, matte, matte_files
+from fusionnet.inference.network import fold_batchnorms
+from fusionnet.model.geometry import pad_to_multiple, reflect_indices, resize_maps
 from fusionnet.refine import guided_filter
 
 

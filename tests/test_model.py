@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusionnet import backbones
 from fusionnet import model as fm
-from fusionnet.model import BACKBONES, LateFusionNet, count_parameters
+from fusionnet.model import BACKBONES, LateFusionNet, backbones, count_parameters
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -1,4 +1,4 @@
-"""ONNX export and ONNX Runtime inference (fusionnet.onnx_export, onnx_runtime, onnx_quantize).
+"""ONNX export and ONNX Runtime inference (fusionnet.onnx.export, onnx_runtime, onnx_quantize).
 
 One narrow tiny densenet121 (pretrained=False) is exported once for the module: the dynamo
 exporter takes ~1-3 min on a loaded 2-core host, so the tests that need it are slow-marked.
@@ -38,7 +38,7 @@ def _sha(path: Path) -> str:
 def exported(tmp_path_factory, one_thread):
     """(torch model, its .safetensors file, its fp32 .onnx export)."""
     from fusionnet.model import save
-    from fusionnet.onnx_export import export_onnx
+    from fusionnet.onnx.export import export_onnx
     from tests.helpers import tiny_net
 
     folder = tmp_path_factory.mktemp("onnx")
@@ -52,8 +52,8 @@ def exported(tmp_path_factory, one_thread):
 def test_export_matches_pytorch_at_two_sizes_with_padding(exported):
     """Sizes not multiples of 32 (Matter's reflection padding) and two different H,W (dynamic axes),
     plus a batch of two (dynamic N): ONNX Runtime alpha/fg/bg = PyTorch fp32 up to float rounding."""
-    from fusionnet.infer import Matter
-    from fusionnet.onnx_runtime import OnnxMatter, read_metadata
+    from fusionnet.inference.matter import Matter
+    from fusionnet.onnx.runtime import OnnxMatter, read_metadata
 
     model, _, onnx_path = exported
     meta = read_metadata(onnx_path)
@@ -81,7 +81,7 @@ def test_fusionnet_matte_with_an_onnx_model(exported, tmp_path, capsys):
     and says on stderr that ONNX Runtime ran and that --precision does not apply."""
     from PIL import Image
 
-    from fusionnet import cli
+    from fusionnet.cli import main as cli
 
     _, weights, onnx_path = exported
     photo = tmp_path / "photo.png"
@@ -103,7 +103,7 @@ def test_fusionnet_matte_with_an_onnx_model(exported, tmp_path, capsys):
 
 def test_export_of_a_bad_model_file_is_a_clear_error(tmp_path, capsys):
     """Not a model file: exit 2, the error names the file, nothing (not even a temp file) is left."""
-    from fusionnet import cli
+    from fusionnet.cli import main as cli
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"this is not a safetensors file")
@@ -120,7 +120,7 @@ def test_export_of_a_bad_model_file_is_a_clear_error(tmp_path, capsys):
 
 def test_an_unusable_onnx_file_is_a_usage_error(tmp_path, capsys):
     """`fusionnet matte --model broken.onnx`: exit 2 naming the file, before any input is touched."""
-    from fusionnet import cli
+    from fusionnet.cli import main as cli
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x00 not protobuf")
@@ -138,8 +138,8 @@ def test_an_unusable_onnx_file_is_a_usage_error(tmp_path, capsys):
 def test_a_failed_check_leaves_no_file(exported, tmp_path, monkeypatch, capsys):
     """The export is checked against PyTorch: beyond --tolerance the command fails (exit 1) and
     writes nothing. (The export itself is the module's, copied, to keep this test short.)"""
-    import fusionnet.onnx_export as onnx_export
-    from fusionnet import cli
+    import fusionnet.onnx.export as onnx_export
+    from fusionnet.cli import main as cli
 
     _, weights, onnx_path = exported
     monkeypatch.setattr(onnx_export, "export_onnx", lambda model, out, **kw: Path(shutil.copyfile(onnx_path, out)))
@@ -162,10 +162,10 @@ def test_export_int8_scheme_decides_what_is_quantised(exported, tmp_path, monkey
     import onnx
     from PIL import Image
 
-    import fusionnet.onnx_export as onnx_export
-    from fusionnet import cli
-    from fusionnet.onnx_quantize import in_scopes
-    from fusionnet.onnx_runtime import read_metadata
+    import fusionnet.onnx.export as onnx_export
+    from fusionnet.cli import main as cli
+    from fusionnet.onnx.quantize import in_scopes
+    from fusionnet.onnx.runtime import read_metadata
 
     _, weights, onnx_path = exported
     monkeypatch.setattr(onnx_export, "export_onnx", lambda model, out, **kw: Path(shutil.copyfile(onnx_path, out)))
@@ -198,9 +198,9 @@ def test_int8_export_stays_near_fp32(exported, tmp_path):
     import onnx
     from PIL import Image
 
-    from fusionnet.infer import Matter
-    from fusionnet.onnx_quantize import calibration_images, logit_convolutions, quantize_onnx
-    from fusionnet.onnx_runtime import OnnxMatter, read_metadata
+    from fusionnet.inference.matter import Matter
+    from fusionnet.onnx.quantize import calibration_images, logit_convolutions, quantize_onnx
+    from fusionnet.onnx.runtime import OnnxMatter, read_metadata
 
     model, _, onnx_path = exported
     folder = tmp_path / "calibration"
@@ -238,8 +238,8 @@ def test_int8_keeps_the_named_modules_and_op_types_in_float(exported, tmp_path):
     op_types=("Conv",) quantises convolutions only; a scope that names no module is an error."""
     import onnx
 
-    from fusionnet.onnx_export import ExportError
-    from fusionnet.onnx_quantize import in_scopes, quantize_onnx
+    from fusionnet.onnx.export import ExportError
+    from fusionnet.onnx.quantize import in_scopes, quantize_onnx
 
     _, _, onnx_path = exported
     images = [_image(96, 96, seed) for seed in (30, 31)]
@@ -272,8 +272,8 @@ def test_registered_model_carries_the_onnx_file(exported, tmp_path, capsys):
     """register.onnx: true puts the export beside the weights as artifact "onnx"; `fusionnet pull`
     fetches it (recorded in fusionnet-model.json) and `fusionnet matte` runs the pulled file.
     (The export is the module's, copied, to keep this test short.)"""
-    import fusionnet.onnx_export as onnx_export
-    from fusionnet import cli
+    import fusionnet.onnx.export as onnx_export
+    from fusionnet.cli import main as cli
     from pipeline.registration import register_pipeline_model
     from pipeline.registry import onnx_file, weights_file
     from tests.test_registry import registry_env, write_evaluation
@@ -313,8 +313,8 @@ def test_serve_loads_an_onnx_model(exported):
     import argparse
     from types import SimpleNamespace
 
-    from fusionnet import server
-    from fusionnet.onnx_runtime import OnnxMatter
+    from fusionnet.server import main as server
+    from fusionnet.onnx.runtime import OnnxMatter
 
     _, _, onnx_path = exported
     parser = argparse.ArgumentParser()

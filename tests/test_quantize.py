@@ -1,4 +1,4 @@
-"""int8 post-training quantisation (fusionnet.quantize) and Matter(precision="int8")."""
+"""int8 post-training quantisation (fusionnet.inference.int8) and Matter(precision="int8")."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from fusionnet import quantize
-from fusionnet.infer import Matter
+from fusionnet.inference import int8 as quantize
+from fusionnet.inference.matter import Matter
 from tests.helpers import ALPHAMATTING, tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,7 +105,7 @@ def test_matter_int8_uses_the_cached_calibration(narrow, calibrated):
 
 def test_matter_int8_without_calibration_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSIONNET_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match="python -m fusionnet.quantize"):
+    with pytest.raises(ValueError, match="python -m fusionnet.inference.int8"):
         Matter(tiny_net(seed=2, narrow=True), device="cpu", precision="int8")
     with pytest.raises(ValueError, match="int8 runs on CPU"):
         Matter(tiny_net(seed=2, narrow=True), device="cpu", precision="int8", compile=True)
@@ -123,9 +123,9 @@ def test_int8_accuracy_bound_on_real_photos(tmp_path, monkeypatch):
     (Measured with the CPU-profile model of `make run`: 0.018 > 0.005, and its held-out check, 0.007,
     also fails, so auto does not offer it. A check that passed while the photos fail is the bug caught.)
     """
-    from fusionnet.precision import inference_candidates
-    from fusionnet.imageio import load_image
-    from fusionnet.infer import load_model
+    from fusionnet.inference.precision import inference_candidates
+    from fusionnet.io.images import load_image
+    from fusionnet.inference.loading import load_model
 
     if not ALPHAMATTING.is_dir():
         pytest.skip(f"real photos not found at {ALPHAMATTING} (../shared/data is absent on this machine)")

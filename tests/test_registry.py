@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_evaluate import make_checkpoints
 from tests.helpers import isolate_mlflow
+from tests.test_evaluate import make_checkpoints
 
 MODEL = "late-fusion-matting"
 SET_A, SET_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64  # two test-set data versions
@@ -102,7 +102,8 @@ def image_file(path: Path, seed: int = 0, size=(40, 56)) -> Path:
 def raw_alpha(weights: Path, image: np.ndarray, **settings) -> np.ndarray:
     """(H,W) alpha in [0,1] that Matter gives for `image` with model file `weights` (max_side 64, no
     refinement unless `settings` say otherwise)."""
-    from fusionnet.infer import Matter, load_model
+    from fusionnet.inference.loading import load_model
+    from fusionnet.inference.matter import Matter
 
     settings = {"max_side": 64, "refine": False, **settings}
     return Matter(load_model(weights), device="cpu", precision="fp32", **settings)(image).alpha
@@ -187,7 +188,7 @@ def test_pull_downloads_the_champion(registry, tmp_path, capsys):
     done = subprocess.run([str(cli), "pull", "--out", str(tmp_path / "pulled")], capture_output=True, text=True,
                           env=os.environ.copy(), timeout=300)
     assert done.returncode == 0, done.stderr
-    from fusionnet.cli import main as fusionnet  # the same entry point in-process: one torch start-up less
+    from fusionnet.cli.main import main as fusionnet  # the same entry point in-process: one torch start-up less
 
     assert fusionnet(["pull", f"models:/{MODEL}@nope", "--out", str(tmp_path / "nope")]) == 2
     assert f"models:/{MODEL}@nope" in capsys.readouterr().err and not (tmp_path / "nope").exists()
@@ -208,7 +209,7 @@ def test_pull_downloads_the_champion(registry, tmp_path, capsys):
 def test_pull_by_version_number(registry, tmp_path, capsys):
     """`fusionnet pull models:/name/N` gets version N, not the champion. In-process: the same entry point
     as the console command, without another torch start-up."""
-    from fusionnet import cli
+    from fusionnet.cli import main as cli
     from pipeline.registry import weights_file
 
     weights = registry["weights"]
@@ -228,7 +229,7 @@ def test_pull_by_version_number(registry, tmp_path, capsys):
 def test_pull_by_run_uri(registry, tmp_path, capsys):
     """`fusionnet pull runs:/<run>/<name>`: the model that run logged (the register run of v2 here; MLflow 3
     downloads it into <folder>/<name>, which download_model must look in)."""
-    from fusionnet import cli
+    from fusionnet.cli import main as cli
     from pipeline.registry import weights_file
 
     run_uri = f"runs:/{registry['decisions']['2']['run_id']}/{MODEL}"  # logged under the model's name
@@ -266,7 +267,7 @@ def test_fusionnet_matte_with_a_registry_uri(registry, tmp_path, capsys):
     """The resolver plugin, found through its installed entry point, lets `fusionnet matte` take models:/ URIs."""
     source = image_file(tmp_path / "photo.png")
     env = os.environ.copy()
-    cmd = [sys.executable, "-m", "fusionnet.cli", "matte", str(source), "--model", f"models:/{MODEL}@champion",
+    cmd = [sys.executable, "-m", "fusionnet.cli.main", "matte", str(source), "--model", f"models:/{MODEL}@champion",
            "--out", str(tmp_path / "out"), "--max-side", "64", "--device", "cpu", "--no-refine"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -277,7 +278,7 @@ def test_fusionnet_matte_with_a_registry_uri(registry, tmp_path, capsys):
     assert only_match(alpha, references) == CHAMPION_AT_END
 
     # an alias nobody set: a clear usage error (exit 2), not a traceback (in-process: one torch start-up less)
-    from fusionnet.cli import main as fusionnet
+    from fusionnet.cli.main import main as fusionnet
 
     cmd[cmd.index(f"models:/{MODEL}@champion")] = f"models:/{MODEL}@nobody"
     assert fusionnet(cmd[3:]) == 2
@@ -334,7 +335,8 @@ def test_an_alias_moved_during_the_download_does_not_mix_versions(registry, monk
 def test_a_resolver_that_returns_no_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
     """A resolver plugin answering a folder or a missing path: resolve_model_path says which plugin
     returned what, and `fusionnet matte` makes it a usage error (exit 2) with nothing written."""
-    from fusionnet import cli, infer
+    from fusionnet.cli import main as cli
+    from fusionnet.inference import loading as infer
 
     answers = {"fake:/a-folder": tmp_path, "fake:/gone": tmp_path / "gone.safetensors"}
 

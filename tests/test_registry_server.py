@@ -87,13 +87,13 @@ def test_the_register_step_stores_the_model_on_the_server(server):
 
 
 def test_pull_by_alias_version_number_and_run(server, pulled, tmp_path):
-    from fusionnet.cli import main as fusionnet
+    from fusionnet.cli.main import main as fusionnet
     from pipeline.registry import weights_file
 
     info = json.loads((pulled / "fusionnet-model.json").read_text())
     assert info == {"uri": f"models:/{MODEL}@champion", "name": MODEL, "version": CHAMPION, "alias": "champion"}
     assert sha256(weights_file(pulled)) == sha256(server["weights"][CHAMPION])
-    assert (pulled / "code" / "fusionnet" / "infer.py").is_file()
+    assert (pulled / "code" / "fusionnet" / "inference" / "matter.py").is_file()
     # version 1 by number (in-process: the same entry point as the console command)
     assert fusionnet(["pull", f"models:/{MODEL}/1", "--out", str(tmp_path / "v1")]) == 0
     assert sha256(weights_file(tmp_path / "v1")) == sha256(server["weights"]["1"])
@@ -107,7 +107,7 @@ def test_pull_by_alias_version_number_and_run(server, pulled, tmp_path):
 def test_the_resolver_follows_a_moved_alias_on_the_server(server):
     from mlflow import MlflowClient
 
-    from fusionnet.infer import resolve_model_path
+    from fusionnet.inference.loading import resolve_model_path
 
     client, weights, alias_uri = MlflowClient(server["uri"]), server["weights"], f"models:/{MODEL}@champion"
     assert sha256(resolve_model_path(alias_uri)) == sha256(weights[CHAMPION])
@@ -133,10 +133,10 @@ import pandas as pd
 model = mlflow.pyfunc.load_model(model_dir)
 prediction = model.predict(pd.DataFrame({"image": [Path(image).read_bytes()]}))
 Path(out).write_bytes(prediction.loc[0, "alpha"])
-import fusionnet.infer
+import fusionnet.inference.matter
 
 print(json.dumps({"importable_before_load": importable, "fusionnet": fusionnet.__file__,
-                  "infer": fusionnet.infer.__file__, "pipeline_imported": "pipeline" in sys.modules,
+                  "infer": fusionnet.inference.matter.__file__, "pipeline_imported": "pipeline" in sys.modules,
                   "sys_path": sys.path}))
 """
 

@@ -4,7 +4,7 @@ headless Chromium for the page.
 One server serves the module (2 workers, queue 8, network side 64, 8 MiB body limit); the
 503/408/504 paths and the soak start their own (slow tests: a start is mostly importing torch, 10 to
 60 s on a shared 2-core host). The model is a small random densenet121 (narrow decoders,
-pretrained=False); served values are checked against `fusionnet.infer.Matter` run here on the same
+pretrained=False); served values are checked against `fusionnet.inference.matter.Matter` run here on the same
 image.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.bench_server import Server, png_bytes, rss_bytes, run_load, sample_image, tiny_model
-from fusionnet.imageio import to_uint8
+from fusionnet.io.images import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "alphamatting-dev" / "image"
@@ -52,7 +52,8 @@ def servers(model_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_matter(model_file):
     """The served model as a Matter in this process, at the main server's settings."""
-    from fusionnet.infer import Matter, load_model
+    from fusionnet.inference.loading import load_model
+    from fusionnet.inference.matter import Matter
 
     return Matter(load_model(model_file), device="cpu", precision="fp32", max_side=64, refine=True)
 
@@ -344,7 +345,7 @@ def _one_place_server(tight: Server) -> None:
 
 
 def test_cli_start_errors(tmp_path, capsys):
-    from fusionnet.cli import main
+    from fusionnet.cli.main import main
 
     assert main(["serve", str(tmp_path / "none.safetensors"), "--port", "0"]) == 2
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionnet.imageio import to_uint8
+from fusionnet.io.images import to_uint8
 from tests.helpers import free_port, stop_process, wait_http
 from tests.test_evaluate import make_checkpoints
 from tests.test_registry import MODEL, register, registry_env
@@ -84,7 +84,8 @@ def server(tmp_path_factory):
 
 def local_matter(server, refine: bool = True):
     """The registered model run here, at its registered settings (what both servers should answer)."""
-    from fusionnet.infer import Matter, load_model
+    from fusionnet.inference.loading import load_model
+    from fusionnet.inference.matter import Matter
 
     settings = server["settings"]
     return Matter(load_model(server["weights"]), device="cpu", precision="fp32", max_side=64, refine=refine,
@@ -122,7 +123,7 @@ def test_served_model_answers_with_alpha_and_survives_bad_requests(server):
     junk = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"junk").decode()]]}})
     status, body = post(server["port"], junk.encode())
     assert status == 400 and "row 0: not an image" in body["message"]
-    # truncated: the message of fusionnet.imageio, the decoding path the CLI and fusionnet serve share
+    # truncated: the message of fusionnet.io.images, the decoding path the CLI and fusionnet serve share
     cut = png_b64(image)[:200]
     status, body = post(server["port"], json.dumps({"dataframe_split": {"columns": ["image"], "data": [[cut]]}}).encode())
     assert status == 400 and "row 0: cannot decode image data, the file is truncated or corrupt" in body["message"]

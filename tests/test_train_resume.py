@@ -135,7 +135,7 @@ def test_fusion_step_resumes_from_its_init_model_with_identical_weights(shards, 
     import torch
 
     from fusionnet import model as fmodel
-    from fusionnet.hashing import file_sha256
+    from fusionnet.io.hashing import file_sha256
 
     p = resume_params()
     p["model"].update(NARROW)

@@ -1,4 +1,4 @@
-"""fusionnet.video: videos in, alpha/composite/trimap videos and RGBA PNG sequences out.
+"""fusionnet.video.matte: videos in, alpha/composite/trimap videos and RGBA PNG sequences out.
 
 Clips are written with cv2 in the test (12 frames of 48x64 unless said). The network is a
 densenet121 LateFusionNet with random weights, decoders and fusion narrowed to 16 channels, run at
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusionnet.imageio import to_uint8
-from fusionnet.infer import Matter
+from fusionnet.inference.matter import Matter
+from fusionnet.inference.render import render_outputs
+from fusionnet.io.images import to_uint8
 from fusionnet.refine import implicit_trimap
-from fusionnet.render import render_outputs
-from fusionnet.temporal import AlphaSmoother, flicker
-from fusionnet.video import VideoError, add_video_arguments, matte_frames, matte_video
-from fusionnet.videoio import VideoReader
+from fusionnet.video.io import VideoReader
+from fusionnet.video.matte import VideoError, add_video_arguments, matte_frames, matte_video
+from fusionnet.video.temporal import AlphaSmoother, flicker
 from tests.helpers import tiny_net
 
 HEIGHT, WIDTH, FRAMES, FPS = 48, 64, 12, 24.0

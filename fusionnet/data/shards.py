@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from fusionnet.data.crops import CropParams, CropSource, fit_longer_side, sample_crop_specs, transition_pixels
-from fusionnet.hashing import file_sha256
+from fusionnet.io.hashing import file_sha256
 
 __all__ = [
     "SCHEMA",

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fusionnet.checkpoint import atomic_write_path
+from fusionnet.model.checkpoint import atomic_write_path
 
 
 def _umask() -> int:

@@ -23,16 +23,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fusionnet import model as fmodel
+from fusionnet.io.hashing import file_sha256
 from fusionnet.model import LateFusionNet
-from fusionnet.train import data as tdata
-from fusionnet.train import selection
+from fusionnet.train import data as tdata, selection
 from fusionnet.train.config import StepConfig
-from fusionnet.train.distributed import DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown
-from fusionnet.precision import resolve_precision
-from fusionnet.hashing import file_sha256
+from fusionnet.train.distributed import (
+    DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown,
+)
 from fusionnet.train.files import write_atomic
 from fusionnet.train.forward import step_loss, step_module
 from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable
+from fusionnet.train.precision import resolve_precision
 from fusionnet.train.progress import StepProgress
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
 from fusionnet.train.state import STATE_FILE, capture_rng, load_state, restore_rng, save_state

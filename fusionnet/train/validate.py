@@ -19,9 +19,9 @@ import torch.nn.functional as nnf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fusionnet.infer import pad_to_multiple
 from fusionnet.metrics import mse, sad, transition_band
 from fusionnet.model import LateFusionNet
+from fusionnet.model.geometry import pad_to_multiple
 
 
 @dataclass

@@ -1,0 +1,377 @@
+"""`fusionnet matte`: its options, and matting a batch of files, folders and videos or a stdin pipe.
+
+The command's behaviour is documented in `fusionnet.cli.main`; what is matted and where its outputs go is
+`fusionnet.cli.inputs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fusionnet.cli.argtypes import int_at_least, positive_number
+from fusionnet.cli.inputs import CollectedInputs, MatteJob, collect_inputs, outputs_exist
+from fusionnet.video import matte as video
+from fusionnet.io.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    LoadedImage,
+    encode_png,
+    load_image,
+    load_image_bytes,
+    write_pngs_atomic,
+)
+from fusionnet.inference.loading import DEVICES, load_model, resolve_model_path
+from fusionnet.inference.matter import (
+    DEFAULT_GUIDED_EPS, DEFAULT_GUIDED_RADIUS, DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_MAX_SIDE, PRECISIONS, MatteResult, Matter, matte_files,
+)
+from fusionnet.inference.render import OUTPUT_KINDS, Background, render_outputs
+
+DEFAULT_BACKGROUND = "white"
+EXIT_OK, EXIT_FILE_FAILED, EXIT_USAGE = 0, 1, 2
+STDIN = "-"
+STDIN_NAME, STDOUT_NAME = "<stdin>", "<stdout>"
+# rate_noinv: tqdm would switch to s/image below one image a second; image/s reads the same at any speed.
+PROGRESS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
+class UsageError(Exception):
+    """A problem with the command as a whole (exit 2), not with one input file."""
+
+
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
+_positive_float = positive_number()
+
+
+def add_arguments(matte: argparse.ArgumentParser) -> None:
+    """The `matte` subcommand's options, but for the video ones (`fusionnet.video.matte.add_video_arguments`)."""
+    matte.add_argument(
+        "inputs", nargs="+", metavar="INPUT", type=Path,
+        help="image files, video files, folders (searched recursively), or - for one image on stdin (PNG to stdout)",
+    )
+    matte.add_argument(
+        "--model", required=True, metavar="CHECKPOINT",
+        help="model file (fusionnet.model.save), a .onnx file (fusionnet export; runs on ONNX Runtime), "
+        "or a URI handled by a fusionnet.model_resolvers plugin",
+    )
+    matte.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="output directory (created; mirrors the layout of folder inputs); required unless INPUT is -",
+    )
+    matte.add_argument(
+        "--glob", metavar="PATTERN",
+        help="in folder inputs, only files whose path relative to the folder matches, case-insensitively "
+        "('**/*.jpg': any depth; '*.jpg': top level only)",
+    )
+    matte.add_argument(
+        "--skip-existing", action="store_true",
+        help="skip inputs whose requested outputs all exist already (re-runs over big folders)",
+    )
+    matte.add_argument(
+        "--save", nargs="+", choices=OUTPUT_KINDS, default=["alpha"], metavar="KIND",
+        help=f"what to write per image, any of {', '.join(OUTPUT_KINDS)} (default: alpha)",
+    )
+    matte.add_argument(
+        "--background", default=DEFAULT_BACKGROUND, metavar="COLOUR|IMAGE",
+        help="composite background: a colour ('white', '#00ff00', 'rgb(0,0,255)') or an image file, "
+        "scaled to cover and centre-cropped (default: white)",
+    )
+    matte.add_argument(
+        "--refine", action=argparse.BooleanOptionalAction, default=True,
+        help="refine alpha with the guided filter at full resolution (default: on)",
+    )
+    matte.add_argument(
+        "--radius", type=_non_negative_int, default=DEFAULT_GUIDED_RADIUS,
+        help=f"guided filter radius in pixels (default {DEFAULT_GUIDED_RADIUS}; 0 disables it)",
+    )
+    matte.add_argument(
+        "--eps", type=_positive_float, default=DEFAULT_GUIDED_EPS,
+        help=f"guided filter eps on the [0,1] colour scale (default {DEFAULT_GUIDED_EPS:g})",
+    )
+    matte.add_argument(
+        "--max-side", type=_positive_int, default=DEFAULT_MAX_SIDE,
+        help=f"longer side of the network input (default {DEFAULT_MAX_SIDE}, as in the paper)",
+    )
+    matte.add_argument(
+        "--max-output-side", type=_positive_int, default=DEFAULT_MAX_OUTPUT_SIDE,
+        help="larger images are decoded downscaled to this longer side and their outputs have that size "
+        f"(bounds memory; default {DEFAULT_MAX_OUTPUT_SIDE})",
+    )
+    matte.add_argument(
+        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels than this (decompression-bomb guard; default {DEFAULT_MAX_PIXELS})",
+    )
+    matte.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
+    matte.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto (default: the fastest of fp32-cl, bf16 and a calibrated int8 measured on this machine), "
+        "fp32 (eager reference), fp32-cl (folded BN, channels-last), bf16, int8 (CPU; python -m "
+        "fusionnet.inference.int8 calibrates), fp16 (CUDA autocast)",
+    )
+    matte.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the network: minutes of compiling per image size, so only for many same-size images",
+    )
+    matte.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="progress bar (default: on for more than one file when stderr is a terminal)",
+    )
+
+
+def parse_background(value: str, max_side: int, max_pixels: int) -> Background:
+    """A colour name/spec as an RGB tuple, or an existing image file as `(H,W,3)` float in [0,1]."""
+    from PIL import ImageColor
+
+    if Path(value).is_file():
+        try:
+            return load_image(value, max_side=max_side, max_pixels=max_pixels).rgb
+        except ImageLoadError as exc:
+            raise UsageError(f"--background {exc}") from exc
+    try:
+        return ImageColor.getrgb(value)[:3]
+    except ValueError:
+        raise UsageError(
+            f"--background {value!r}: neither an image file nor a colour (e.g. white, '#00ff00')"
+        ) from None
+
+
+def describe_device(matter: Matter, requested_precision: str) -> str:
+    """What `matte` reports on stderr: `cpu (precision fp32)`, `cuda:0 NVIDIA H200 (precision bf16)`."""
+    describe = getattr(matter, "describe", None)
+    if describe is not None:  # an OnnxMatter: the ONNX Runtime provider and the file's precision
+        return describe()
+    device = matter.device
+    name = str(device)
+    if device.type == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    reason = f": {matter.precision_reason}" if requested_precision == "auto" else ""
+    return f"{name} (precision {matter.precision}{reason})"
+
+
+def _render(
+    image: np.ndarray, result: MatteResult, kinds: Sequence[str], background: Background | None
+) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(uint8 outputs by kind, None), or (None, the problem)."""
+    try:
+        return render_outputs(image, result, kinds, background), None
+    except (ValueError, RuntimeError, MemoryError) as exc:
+        return None, f"cannot compute outputs ({type(exc).__name__}: {exc})"
+
+
+def _write_outputs(outputs: dict[str, np.ndarray], out_dir: Path, stem: str) -> str | None:
+    """Write `<stem>_<kind>.png` files (all or none); returns the problem, or None on success."""
+    try:
+        write_pngs_atomic({out_dir / f"{stem}_{kind}.png": array for kind, array in outputs.items()})
+    except (OSError, ValueError, MemoryError) as exc:
+        return f"cannot write outputs ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _downscaled_note(name: str | Path, image: LoadedImage) -> str:
+    (oh, ow), (h, w) = image.original_size, image.size
+    return f"note: {name}: {ow}x{oh} is larger than --max-output-side; outputs are {w}x{h}"
+
+
+def _check_matte_usage(args: argparse.Namespace) -> bool:
+    """Raise UsageError for a command that cannot work; returns whether it pipes stdin to stdout."""
+    if any(str(path) == STDIN for path in args.inputs):
+        if len(args.inputs) > 1:
+            raise UsageError(f"INPUT {STDIN} (one image on stdin) cannot be combined with other inputs")
+        if len(set(args.save)) != 1:
+            kinds = " ".join(args.save)
+            raise UsageError(f"with INPUT {STDIN} one PNG goes to stdout, so --save takes exactly one kind, got {kinds}")
+        if args.out is not None or args.skip_existing:
+            raise UsageError(f"--out and --skip-existing are not used with INPUT {STDIN} (the PNG goes to stdout)")
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError(f"INPUT {STDIN} reads an image from stdin, which is a terminal; pipe one in (< photo.jpg)")
+        if sys.stdout is None or sys.stdout.isatty():
+            raise UsageError("stdout is a terminal; redirect the PNG (> alpha.png) or pipe it on")
+        return True
+    if args.out is None:
+        raise UsageError(f"--out DIR is required (only INPUT {STDIN} writes to stdout)")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """`fusionnet matte`: the exit status (0 all matted or skipped, 1 some input failed)."""
+    started = time.perf_counter()
+    piped = _check_matte_usage(args)
+    try:
+        collected = None if piped else collect_inputs(args.inputs, args.out, args.glob)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    background = (
+        parse_background(args.background, args.max_output_side, args.max_pixels)
+        if "composite" in args.save
+        else None
+    )
+    matter = _make_matter(args)
+    print(f"device: {describe_device(matter, args.precision)}", file=sys.stderr)
+    if collected is None:
+        return _matte_stdin(matter, args, background)
+    return _matte_batch(matter, args, background, collected, started)
+
+
+def _make_matter(args: argparse.Namespace) -> Matter:
+    """The Matter for --model: PyTorch for a model file, ONNX Runtime for a .onnx file (UsageError if unusable)."""
+    from fusionnet.onnx.runtime import is_onnx_model
+
+    try:
+        path = resolve_model_path(args.model)
+        if is_onnx_model(path):
+            return _make_onnx_matter(path, args)
+        model = load_model(path, device="cpu")
+    except ImportError as exc:  # an .onnx model without onnxruntime installed
+        raise UsageError(f"--model {args.model}: ONNX models need onnxruntime ({exc})") from exc
+    except (OSError, LookupError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"--model {exc}") from exc
+    try:
+        return Matter(
+            model, device=args.device, precision=args.precision, max_side=args.max_side,
+            refine=args.refine, radius=args.radius, eps=args.eps, compile=args.compile,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _make_onnx_matter(path: Path, args: argparse.Namespace) -> Matter:
+    """An OnnxMatter: the file fixes the precision, so --precision/--compile are said not to apply."""
+    from fusionnet.onnx.runtime import OnnxMatter
+
+    matter = OnnxMatter(path, device=args.device, max_side=args.max_side, refine=args.refine,
+                        radius=args.radius, eps=args.eps)
+    if args.precision not in ("auto", "fp32"):
+        print(f"note: --precision {args.precision} does not apply to an ONNX model: it runs at the precision it "
+              f"was exported with ({matter.precision}); export with --int8 for int8", file=sys.stderr)
+    if args.compile:
+        print("note: --compile does not apply to an ONNX model (ONNX Runtime optimises the graph itself)",
+              file=sys.stderr)
+    return matter
+
+
+def _matte_stdin(matter: Matter, args: argparse.Namespace, background: Background | None) -> int:
+    """INPUT -: one image from stdin, one PNG (of the one `--save` kind) to stdout, messages to stderr."""
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as exc:
+        print(f"error: {STDIN_NAME}: cannot read ({exc})", file=sys.stderr)
+        return EXIT_FILE_FAILED
+    try:
+        image = load_image_bytes(data, STDIN_NAME, max_side=args.max_output_side, max_pixels=args.max_pixels)
+        result = matter(image.rgb)
+    except ImageLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FILE_FAILED
+    except (RuntimeError, ValueError, MemoryError) as exc:
+        print(f"error: {STDIN_NAME}: inference failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_FILE_FAILED
+    outputs, problem = _render(image.rgb, result, args.save, background)
+    if outputs is None:
+        print(f"error: {STDIN_NAME}: {problem}", file=sys.stderr)
+        return EXIT_FILE_FAILED
+    if image.downscaled:
+        print(_downscaled_note(STDIN_NAME, image), file=sys.stderr)
+    encoded = encode_png(outputs[args.save[0]])  # the whole PNG first: a failure never leaves half of one on stdout
+    try:
+        sys.stdout.buffer.write(encoded)
+        sys.stdout.buffer.flush()
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):  # the reader went away: keep Python's exit-time flush quiet
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+        print(f"error: {STDOUT_NAME}: cannot write the PNG ({exc.strerror or exc})", file=sys.stderr)
+        return EXIT_FILE_FAILED
+    return EXIT_OK
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """`mkdir -p directory`; returns the folders it created, innermost first (to undo on failure)."""
+    created: list[Path] = []
+    parent = directory
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _matte_job(
+    matter: Matter, job: MatteJob, args: argparse.Namespace, background: Background | None, progress: bool
+) -> str | None:
+    """Matte one image or video into `job.out_dir`; returns the problem, or None on success."""
+    try:
+        created = _make_dirs(job.out_dir)
+    except OSError as exc:
+        return f"cannot create output folder {job.out_dir} ({exc.strerror or exc})"
+    problem = None
+    if job.is_video:
+        try:
+            video.matte_video(matter, job.path, job.out_dir, job.stem, args.save, background, args, progress)
+        except video.VideoError as exc:
+            problem = exc.problem
+    else:
+        (item,) = matte_files(matter, [job.path], max_output_side=args.max_output_side, max_pixels=args.max_pixels)
+        problem = item.error
+        if problem is None:
+            assert item.image is not None and item.result is not None
+            outputs, problem = _render(item.image.rgb, item.result, args.save, background)
+            if outputs is not None:
+                problem = _write_outputs(outputs, job.out_dir, job.stem)
+        if problem is None and item.image is not None and item.image.downscaled:
+            from tqdm import tqdm
+
+            tqdm.write(_downscaled_note(job.path, item.image), file=sys.stderr)
+    if problem is not None:
+        for folder in created:  # a failed input leaves no empty folders behind either
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+    return problem
+
+
+def _matte_batch(
+    matter: Matter, args: argparse.Namespace, background: Background | None, collected: CollectedInputs, started: float
+) -> int:
+    from tqdm import tqdm
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for note in collected.notes:
+        print(note, file=sys.stderr)
+    for path, problem in collected.errors:
+        print(f"error: {path}: {problem}", file=sys.stderr)
+    jobs = collected.jobs
+    todo = [job for job in jobs if not outputs_exist(job, args.save)] if args.skip_existing else jobs
+    skipped = len(jobs) - len(todo)
+    total = len(jobs) + len(collected.errors)
+    show_progress = args.progress if args.progress is not None else len(todo) > 1 and sys.stderr.isatty()
+    video_progress = args.progress if args.progress is not None else sys.stderr.isatty()  # frames: one is enough
+    failed = len(collected.errors)
+    with tqdm(
+        total=len(todo), disable=not show_progress, unit="image", file=sys.stderr, bar_format=PROGRESS_FORMAT
+    ) as bar:
+        for job in todo:
+            problem = _matte_job(matter, job, args, background, video_progress)
+            if problem is not None:
+                failed += 1
+                tqdm.write(f"error: {job.path}: {problem}", file=sys.stderr)
+            bar.update(1)
+    done = total - failed - skipped
+    elapsed = time.perf_counter() - started
+    counts = f"{failed} failed, {skipped} skipped: outputs exist" if args.skip_existing else f"{failed} failed"
+    print(f"matted {done} of {total} images ({counts}) in {elapsed:.1f} s; outputs in {args.out}")
+    return EXIT_FILE_FAILED if failed else EXIT_OK

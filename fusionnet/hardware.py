@@ -1,0 +1,74 @@
+"""What this machine is, for choosing a precision by measurement: CPU flags, model name, a timing cache.
+
+Hosts of one machine kind differ (AMX; avx512_bf16 without AMX, where bf16 can run slower than fp32;
+avx2 only), so timings are cached per CPU model, flags, thread count and torch version in
+~/.cache/fusionnet/precision.json (or $FUSIONNET_CACHE). Training (`fusionnet.train.precision`) and
+inference (`fusionnet.inference.precision`) probe and choose on their own; both use this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # without one of these, CPU bf16 kernels are emulated
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("FUSIONNET_CACHE", Path.home() / ".cache" / "fusionnet")) / "precision.json"
+
+
+def machine_key(flags: Sequence[str]) -> str:
+    return f"{cpu_model()}|{','.join(flags)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def cached_timing(key: str, needed: set[str], probe: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The timings cached under `key` in precision.json when they cover `needed`, else `probe()` (then cached)."""
+    path = _cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    timing = cache.get(key)
+    if isinstance(timing, dict) and needed <= set(timing):
+        return timing
+    timing = probe()
+    cache[key] = timing
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: probe again next time
+    return timing

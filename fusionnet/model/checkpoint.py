@@ -1,0 +1,99 @@
+"""Model files without pickle: safetensors weights with the model's config in the header metadata.
+
+A checkpoint from an untrusted source cannot run code: safetensors holds only tensors and strings.
+Training-state checkpoints (optimizer, schedule, RNG) live with the trainer; this is the model file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fusionnet.model.network import LateFusionNet
+
+FORMAT = "fusionnet.late_fusion.v1"
+
+
+def atomic_write_path(path: Path) -> Path:
+    """A temporary sibling of `path` (same filesystem, so os.replace is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's metadata in sorted key order, in place (same length).
+
+    safetensors writes metadata in its Rust HashMap's order, which changes from process to process,
+    so the same weights would give files with different bytes (and different DVC md5s).
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for a reordering; keep the file as written if it does
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))  # the format allows trailing spaces in the header
+
+
+def save(model: LateFusionNet, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """Write `model`'s weights and config to `path` (safetensors), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(model.config, sort_keys=True)}
+    for key, value in (extra or {}).items():
+        metadata[f"extra.{key}"] = str(value)
+    tmp = atomic_write_path(path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a fusionnet model file, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a fusionnet model file (safetensors header unreadable: {exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fusionnet model file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    return metadata
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LateFusionNet:
+    """Rebuild the model from its stored config and load its weights (strict)."""
+    metadata = read_metadata(path)
+    config = json.loads(metadata["config"])
+    model = LateFusionNet(pretrained=False, **config)
+    state = load_file(str(path), device=str(map_location))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not match a {config} network: {exc}") from exc
+    return model.to(map_location)

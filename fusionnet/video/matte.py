@@ -1,0 +1,226 @@
+"""Matting videos: frames decoded one at a time, batched through the network, written as they come.
+
+For an input `<stem>.<ext>` (`.mp4 .mov .avi .mkv .webm .m4v`), `matte_video` writes, under the
+output folder, any of:
+
+- `<stem>_alpha.<ext>`: alpha as a grey video (3 equal channels: most codecs have no grey format);
+- `<stem>_composite.<ext>`: the frames composited over the background colour or image;
+- `<stem>_trimap.<ext>`: the implicit trimap 0/128/255 (a lossy codec blurs its levels a little);
+- `<stem>_rgba/000001.png, 000002.png, ...`: RGBA PNG cut-outs (estimated foreground colours), the
+  only output with real transparency (the video codecs here carry no alpha channel); lossless.
+
+Videos keep the input's container, frame rate and size (4:2:0 codecs need even sizes: OpenCV's FFmpeg
+writer drops the last row/column of an odd size). Codec per container (`--video-codec` overrides):
+mp4v (MPEG-4 Part 2) for .mp4/.mov/.m4v/.mkv, MJPG for .avi, VP90 for .webm; FFV1 in .avi/.mkv is lossless.
+
+Temporal smoothing (`--smooth S`, off by default; the paper mattes single images and leaves video
+matting to future work, Sec. 5): `fusionnet.video.temporal.AlphaSmoother`, a motion-gated moving average
+of the final alpha, which the rgba and composite outputs then use; the trimap is not smoothed.
+
+Audio: OpenCV decodes and encodes pictures only, so every output is silent; a `note:` says so once
+per video (with an ffmpeg command to copy the sound back, when ffmpeg is on PATH).
+
+Memory is bounded in the video's length: only one batch of frames (`--batch-size`), its results and
+the smoothing state are held. Outputs go to hidden temporary siblings and are renamed into place only
+when the whole video succeeded; a video that cannot be opened, has no frames, ends before the frame
+count its container declares, or fails midway raises VideoError and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from fusionnet.inference.matter import MatteResult, Matter
+from fusionnet.inference.render import Background, fit_background, render_outputs
+from fusionnet.model.geometry import as_float_image
+from fusionnet.video.io import DEFAULT_FPS, VIDEO_SUFFIXES, StagedOutputs, VideoError, VideoReader
+from fusionnet.video.temporal import DEFAULT_MOTION_THRESHOLD, AlphaSmoother
+
+__all__ = ["VIDEO_SUFFIXES", "VideoError", "add_video_arguments", "matte_frames", "matte_video"]
+
+FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".mov": "mp4v", ".m4v": "mp4v", ".mkv": "mp4v", ".avi": "MJPG", ".webm": "VP90"}
+VIDEO_KINDS = ("alpha", "composite", "trimap")  # written as videos; "rgba" is a PNG sequence
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_BACKGROUND = (255, 255, 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# matting frames
+# ---------------------------------------------------------------------------------------------
+
+
+def matte_frames(
+    matter: Matter,
+    frames: Iterable[np.ndarray],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    smoother: AlphaSmoother | None = None,
+) -> Iterator[tuple[np.ndarray, MatteResult]]:
+    """Yield `(rgb, result)` per frame, in order, matting `batch_size` frames per network call.
+
+    Frames are same-size `(H,W,3)` uint8 or float in [0,1]; `rgb` is the frame as float32 in [0,1].
+    Streams: at most `batch_size` frames are taken from `frames` ahead of the results yielded.
+    With a `smoother`, `result.alpha` is the smoothed matte (`raw_alpha` stays the network's).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        batch.append(as_float_image(frame))
+        if len(batch) == batch_size:
+            yield from _matte_batch(matter, batch, smoother)
+            batch = []
+    if batch:
+        yield from _matte_batch(matter, batch, smoother)
+
+
+def _matte_batch(
+    matter: Matter, batch: list[np.ndarray], smoother: AlphaSmoother | None
+) -> Iterator[tuple[np.ndarray, MatteResult]]:
+    for rgb, result in zip(batch, matter.matte_batch(batch)):
+        if smoother is not None:
+            result = replace(result, alpha=smoother(rgb, result.alpha))
+        yield rgb, result
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI's entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _strength(text: str) -> float:
+    value = float(text)
+    if not (0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str):
+        value = kind(text)
+        if not (0 < value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _fourcc(text: str) -> str:
+    if len(text) != 4:
+        raise argparse.ArgumentTypeError(f"a FourCC code has 4 characters (e.g. mp4v, MJPG, FFV1), got {text!r}")
+    return text
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the video options (frames per batch, temporal smoothing, codec) to `fusionnet matte`."""
+    group = parser.add_argument_group("video inputs (.mp4 .mov .avi .mkv .webm .m4v)")
+    group.add_argument(
+        "--batch-size", type=_positive(int), default=DEFAULT_BATCH_SIZE, metavar="N",
+        help=f"video frames per network call (default {DEFAULT_BATCH_SIZE}); memory grows with it, not with "
+        "the video's length",
+    )
+    group.add_argument(
+        "--smooth", type=_strength, default=0.0, metavar="S",
+        help="temporal smoothing of alpha where the picture is static: keep S of the running average, "
+        "0 <= S < 1 (default 0: off; e.g. 0.7)",
+    )
+    group.add_argument(
+        "--motion-threshold", type=_positive(float), default=DEFAULT_MOTION_THRESHOLD, metavar="T",
+        help="a pixel whose blurred colour changed by T or more (0..1 scale) since the last frame is not "
+        f"smoothed (default {DEFAULT_MOTION_THRESHOLD})",
+    )
+    group.add_argument(
+        "--video-codec", type=_fourcc, default=None, metavar="FOURCC",
+        help="codec of the output videos (default: mp4v for .mp4/.mov/.m4v/.mkv, MJPG for .avi, VP90 for "
+        ".webm; FFV1 with .avi/.mkv is lossless)",
+    )
+
+
+def matte_video(
+    matter: Matter,
+    path: Path,
+    out_dir: Path,
+    stem: str,
+    kinds: Sequence[str],
+    background: Background | None,
+    options: argparse.Namespace,
+    progress: bool,
+) -> list[Path]:
+    """Matte the video `path`; write `<stem>_<kind>` outputs under `out_dir`; returns the paths written.
+
+    `kinds`: any of alpha, rgba, composite, trimap (rgba gives the folder `<stem>_rgba/`). `options`
+    may carry batch_size, smooth, motion_threshold, video_codec and max_output_side (frames larger are
+    downscaled to it), else the defaults apply. Notes (audio, downscaling) go to stderr.
+
+    Raises VideoError (nothing left behind) when the video cannot be read or written.
+    """
+    from tqdm import tqdm
+
+    path, out_dir = Path(path), Path(out_dir)
+    suffix = path.suffix.lower()
+    fourcc = getattr(options, "video_codec", None) or FOURCC_BY_SUFFIX.get(suffix, "mp4v")
+    strength = getattr(options, "smooth", 0.0)
+    threshold = getattr(options, "motion_threshold", DEFAULT_MOTION_THRESHOLD)
+    smoother = AlphaSmoother(strength, threshold) if strength else None
+    batch_size = getattr(options, "batch_size", DEFAULT_BATCH_SIZE)
+    with VideoReader(path, max_side=getattr(options, "max_output_side", None)) as reader:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VideoError(path, f"cannot create the output folder {out_dir} ({exc.strerror or exc})") from exc
+        _print_notes(reader, [out_dir / f"{stem}_{kind}{suffix}" for kind in kinds if kind in VIDEO_KINDS])
+        if "composite" in kinds:
+            background = _fitted(background if background is not None else DEFAULT_BACKGROUND, reader.size)
+        with StagedOutputs(out_dir, stem, kinds, suffix, fourcc, reader.fps, reader.size, path) as staged:
+            done = 0
+            bar = tqdm(
+                total=reader.frame_count, disable=not progress, unit="frame", desc=path.name, file=sys.stderr
+            )
+            try:
+                for rgb, result in matte_frames(matter, reader, batch_size, smoother):
+                    staged.write(done + 1, render_outputs(rgb, result, kinds, background))
+                    done += 1
+                    bar.update(1)
+            except (RuntimeError, ValueError, MemoryError, OSError) as exc:
+                raise VideoError(path, f"failed at frame {done + 1} ({type(exc).__name__}: {exc})") from exc
+            finally:
+                bar.close()
+            try:
+                return staged.commit()
+            except OSError as exc:
+                raise VideoError(path, f"cannot move the outputs into place ({type(exc).__name__}: {exc})") from exc
+
+
+def _fitted(background: Background, size: tuple[int, int]) -> Background:
+    """A colour as is; an image scaled and cropped to the frame size once, not per frame."""
+    if isinstance(background, tuple):
+        return background
+    return np.ascontiguousarray(fit_background(background, size))
+
+
+def _print_notes(reader: VideoReader, videos: Sequence[Path]) -> None:
+    from tqdm import tqdm
+
+    note = f"note: {reader.path}: audio is not copied (OpenCV reads and writes pictures only); the outputs are silent"
+    if videos and shutil.which("ffmpeg"):
+        note += f"; to add it back: ffmpeg -i {videos[0]} -i {reader.path} -map 0:v -map 1:a? -c copy OUT"
+    tqdm.write(note, file=sys.stderr)
+    if reader.size != reader.source_size:
+        (oh, ow), (h, w) = reader.source_size, reader.size
+        tqdm.write(
+            f"note: {reader.path}: {ow}x{oh} is larger than --max-output-side; outputs are {w}x{h}", file=sys.stderr
+        )
+    height, width = reader.size
+    if videos and (height % 2 or width % 2):  # 4:2:0 chroma needs even sizes; OpenCV crops, the PNGs keep all
+        tqdm.write(
+            f"note: {reader.path}: {width}x{height} is odd; the videos are {width - width % 2}x{height - height % 2} "
+            "(OpenCV drops the last column/row)", file=sys.stderr
+        )
+    if not reader.fps_declared:
+        tqdm.write(f"note: {reader.path}: no frame rate declared; writing {DEFAULT_FPS:g} frames/s", file=sys.stderr)
