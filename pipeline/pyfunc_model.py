@@ -112,11 +112,15 @@ class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around fusionnet.inference.matter.Matter (see the module doc for input and output)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from fusionnet.inference.loading import load_model
+        from fusionnet.inference.opening import open_model
 
-        self.settings: dict[str, Any] = json.loads(Path(context.artifacts["settings"]).read_text())
-        self.network = load_model(context.artifacts["weights"], device=self.settings.get("device", "cpu"))
-        self._matters: OrderedDict[tuple[int, bool], Any] = OrderedDict()
+        # opened the one way `fusionnet matte`/`serve` open it: the weights' header, else settings.json beside them
+        self.device = json.loads(Path(context.artifacts["settings"]).read_text()).get("device", "cpu")
+        opened = open_model(context.artifacts["weights"], device=self.device)
+        self.settings: dict[str, Any] = opened.settings
+        self.network = opened.model
+        self._matters: OrderedDict[tuple[int, bool], Any] = OrderedDict(
+            {(opened.settings["max_side"], opened.settings["refine"]): opened.matter})
 
     def _matter(self, max_side: int, refine: bool):
         """A Matter per (max_side, refine), a few kept (a bf16 Matter holds its own weight copy)."""
@@ -126,12 +130,12 @@ class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
         if key not in self._matters:
             self._matters[key] = Matter(
                 self.network,
-                device=self.settings.get("device", "cpu"),
-                precision=self.settings.get("precision", "fp32"),
+                device=self.device,
+                precision=self.settings["precision"],
                 max_side=max_side,
                 refine=refine,
-                radius=int(self.settings.get("radius", 8)),
-                eps=float(self.settings.get("eps", 1e-4)),
+                radius=self.settings["radius"],
+                eps=self.settings["eps"],
             )
             while len(self._matters) > _MATTER_CACHE_SIZE:
                 self._matters.popitem(last=False)
@@ -143,8 +147,8 @@ class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         params = params or {}
-        max_side = int(params.get("max_side", self.settings.get("max_side", 800)))
-        refine = bool(params.get("refine", self.settings.get("refine", True)))
+        max_side = int(params.get("max_side", self.settings["max_side"]))
+        refine = bool(params.get("refine", self.settings["refine"]))
         if not MAX_SIDE_RANGE[0] <= max_side <= MAX_SIDE_RANGE[1]:
             raise _bad_input(f"param max_side={max_side} is outside {MAX_SIDE_RANGE[0]}..{MAX_SIDE_RANGE[1]}")
         if isinstance(model_input, dict):

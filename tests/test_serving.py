@@ -181,7 +181,9 @@ def test_fusionnet_serve_of_the_registry_uri_answers_the_same_alpha(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{server['fusionnet_port']}/health", timeout=30) as response:
         health = json.loads(response.read())
     settings = server["settings"]
-    assert health["model"]["settings_from"].startswith("registered")
+    # the registered settings.json beside the pulled weights, for every setting the command line left out
+    assert set(health["model"]["settings_from"]) == {"max_side", "precision", "refine", "radius", "eps"}
+    assert all(source.endswith("settings.json") for source in health["model"]["settings_from"].values())
     assert (health["max_side"], health["radius"], health["eps"]) == (64, settings["radius"], settings["eps"])
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fusionnet.cli.video_args import add_video_arguments, video_options as options_from_args
 from fusionnet.inference.matter import Matter
 from fusionnet.inference.render import render_outputs
 from fusionnet.io.images import to_uint8
 from fusionnet.refine import implicit_trimap
 from fusionnet.video.io import VideoReader
-from fusionnet.video.matte import VideoError, add_video_arguments, matte_frames, matte_video
+from fusionnet.video.matte import VideoError, VideoOptions, matte_frames, matte_video
 from fusionnet.video.temporal import AlphaSmoother, flicker
 from tests.helpers import tiny_net
 
@@ -77,10 +78,11 @@ def everything_in(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
-def video_options(*argv: str) -> argparse.Namespace:
+def video_options(*argv: str) -> VideoOptions:
+    """VideoOptions as `fusionnet matte` makes them from these command-line options."""
     parser = argparse.ArgumentParser()
     add_video_arguments(parser)
-    return parser.parse_args(list(argv))
+    return options_from_args(parser.parse_args(list(argv)))
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ from fusionnet import __version__
 from fusionnet.cli import matte as cli_matte
 from fusionnet.cli.inputs import assign_output_stems
 from fusionnet.cli.matte import EXIT_FILE_FAILED, EXIT_OK, EXIT_USAGE, UsageError, parse_background
-from fusionnet.video import matte as video
+from fusionnet.cli.video_args import add_video_arguments
 
 __all__ = ["EXIT_FILE_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "assign_output_stems", "build_parser",
            "main", "parse_background"]
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict an alpha matte for each input image (no trimap needed).",
     )
     cli_matte.add_arguments(matte)
-    video.add_video_arguments(matte)
+    add_video_arguments(matte)
     matte.set_defaults(handler=cli_matte.run)
 
     from fusionnet.server import main as server  # stdlib-only at import; torch is loaded when the server starts

@@ -17,7 +17,20 @@ import numpy as np
 
 from fusionnet.cli.argtypes import int_at_least, positive_number
 from fusionnet.cli.inputs import CollectedInputs, MatteJob, collect_inputs, outputs_exist
-from fusionnet.video import matte as video
+from fusionnet.cli.video_args import video_options
+from fusionnet.inference.loading import DEVICES
+from fusionnet.inference.matter import (
+    DEFAULT_GUIDED_EPS,
+    DEFAULT_GUIDED_RADIUS,
+    DEFAULT_MAX_OUTPUT_SIDE,
+    DEFAULT_MAX_SIDE,
+    PRECISIONS,
+    Matter,
+    MatteResult,
+    matte_files,
+)
+from fusionnet.inference.opening import OpenedModel, open_model
+from fusionnet.inference.render import OUTPUT_KINDS, Background, render_outputs
 from fusionnet.io.images import (
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
@@ -27,11 +40,7 @@ from fusionnet.io.images import (
     load_image_bytes,
     write_pngs_atomic,
 )
-from fusionnet.inference.loading import DEVICES, load_model, resolve_model_path
-from fusionnet.inference.matter import (
-    DEFAULT_GUIDED_EPS, DEFAULT_GUIDED_RADIUS, DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_MAX_SIDE, PRECISIONS, MatteResult, Matter, matte_files,
-)
-from fusionnet.inference.render import OUTPUT_KINDS, Background, render_outputs
+from fusionnet.video import matte as video
 
 DEFAULT_BACKGROUND = "white"
 EXIT_OK, EXIT_FILE_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,7 +60,7 @@ _positive_float = positive_number()
 
 
 def add_arguments(matte: argparse.ArgumentParser) -> None:
-    """The `matte` subcommand's options, but for the video ones (`fusionnet.video.matte.add_video_arguments`)."""
+    """The `matte` subcommand's options, but for the video ones (`fusionnet.cli.video_args.add_video_arguments`)."""
     matte.add_argument(
         "inputs", nargs="+", metavar="INPUT", type=Path,
         help="image files, video files, folders (searched recursively), or - for one image on stdin (PNG to stdout)",
@@ -83,21 +92,24 @@ def add_arguments(matte: argparse.ArgumentParser) -> None:
         help="composite background: a colour ('white', '#00ff00', 'rgb(0,0,255)') or an image file, "
         "scaled to cover and centre-cropped (default: white)",
     )
+    # serving settings: None = not given, so the model's stored settings apply (fusionnet.inference.opening)
     matte.add_argument(
-        "--refine", action=argparse.BooleanOptionalAction, default=True,
-        help="refine alpha with the guided filter at full resolution (default: on)",
+        "--refine", action=argparse.BooleanOptionalAction, default=None,
+        help="refine alpha with the guided filter at full resolution (default: the model's setting, else on)",
     )
     matte.add_argument(
-        "--radius", type=_non_negative_int, default=DEFAULT_GUIDED_RADIUS,
-        help=f"guided filter radius in pixels (default {DEFAULT_GUIDED_RADIUS}; 0 disables it)",
+        "--radius", type=_non_negative_int, default=None,
+        help=f"guided filter radius in pixels (default: the model's setting, else {DEFAULT_GUIDED_RADIUS}; "
+        "0 disables it)",
     )
     matte.add_argument(
-        "--eps", type=_positive_float, default=DEFAULT_GUIDED_EPS,
-        help=f"guided filter eps on the [0,1] colour scale (default {DEFAULT_GUIDED_EPS:g})",
+        "--eps", type=_positive_float, default=None,
+        help=f"guided filter eps on the [0,1] colour scale (default: the model's setting, else {DEFAULT_GUIDED_EPS:g})",
     )
     matte.add_argument(
-        "--max-side", type=_positive_int, default=DEFAULT_MAX_SIDE,
-        help=f"longer side of the network input (default {DEFAULT_MAX_SIDE}, as in the paper)",
+        "--max-side", type=_positive_int, default=None,
+        help=f"longer side of the network input (default: the model's setting, else {DEFAULT_MAX_SIDE}, as in "
+        "the paper)",
     )
     matte.add_argument(
         "--max-output-side", type=_positive_int, default=DEFAULT_MAX_OUTPUT_SIDE,
@@ -110,8 +122,9 @@ def add_arguments(matte: argparse.ArgumentParser) -> None:
     )
     matte.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda if available, else cpu")
     matte.add_argument(
-        "--precision", choices=PRECISIONS, default="auto",
-        help="auto (default: the fastest of fp32-cl, bf16 and a calibrated int8 measured on this machine), "
+        "--precision", choices=PRECISIONS, default=None,
+        help="default: the model's setting, else auto (the fastest of fp32-cl, bf16 and a calibrated int8 "
+        "measured on this machine); "
         "fp32 (eager reference), fp32-cl (folded BN, channels-last), bf16, int8 (CPU; python -m "
         "fusionnet.inference.int8 calibrates), fp16 (CUDA autocast)",
     )
@@ -217,48 +230,30 @@ def run(args: argparse.Namespace) -> int:
         if "composite" in args.save
         else None
     )
-    matter = _make_matter(args)
-    print(f"device: {describe_device(matter, args.precision)}", file=sys.stderr)
+    opened = _open(args)
+    matter = opened.matter
+    for note in opened.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"device: {describe_device(matter, opened.settings['precision'])}", file=sys.stderr)
+    stored = sorted(k for k, source in opened.settings_from.items() if source not in ("command line", "default"))
+    if stored:
+        print(f"note: {', '.join(f'{k}={opened.settings[k]}' for k in stored)} from "
+              f"{opened.settings_from[stored[0]]}", file=sys.stderr)
     if collected is None:
         return _matte_stdin(matter, args, background)
     return _matte_batch(matter, args, background, collected, started)
 
 
-def _make_matter(args: argparse.Namespace) -> Matter:
-    """The Matter for --model: PyTorch for a model file, ONNX Runtime for a .onnx file (UsageError if unusable)."""
-    from fusionnet.onnx.runtime import is_onnx_model
-
+def _open(args: argparse.Namespace) -> OpenedModel:
+    """--model opened the one way every front end opens it (UsageError if unusable)."""
     try:
-        path = resolve_model_path(args.model)
-        if is_onnx_model(path):
-            return _make_onnx_matter(path, args)
-        model = load_model(path, device="cpu")
+        return open_model(args.model, device=args.device, compile=args.compile, max_side=args.max_side,
+                          precision=args.precision, refine=args.refine, radius=args.radius, eps=args.eps)
     except ImportError as exc:  # an .onnx model without onnxruntime installed
         raise UsageError(f"--model {args.model}: ONNX models need onnxruntime ({exc})") from exc
     except (OSError, LookupError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"--model {exc}") from exc
-    try:
-        return Matter(
-            model, device=args.device, precision=args.precision, max_side=args.max_side,
-            refine=args.refine, radius=args.radius, eps=args.eps, compile=args.compile,
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _make_onnx_matter(path: Path, args: argparse.Namespace) -> Matter:
-    """An OnnxMatter: the file fixes the precision, so --precision/--compile are said not to apply."""
-    from fusionnet.onnx.runtime import OnnxMatter
-
-    matter = OnnxMatter(path, device=args.device, max_side=args.max_side, refine=args.refine,
-                        radius=args.radius, eps=args.eps)
-    if args.precision not in ("auto", "fp32"):
-        print(f"note: --precision {args.precision} does not apply to an ONNX model: it runs at the precision it "
-              f"was exported with ({matter.precision}); export with --int8 for int8", file=sys.stderr)
-    if args.compile:
-        print("note: --compile does not apply to an ONNX model (ONNX Runtime optimises the graph itself)",
-              file=sys.stderr)
-    return matter
+        # a problem with the file names it ("--model x.safetensors: ..."); one with a device or setting does not
+        raise UsageError(f"--model {exc}" if str(args.model) in str(exc) else str(exc)) from exc
 
 
 def _matte_stdin(matter: Matter, args: argparse.Namespace, background: Background | None) -> int:
@@ -320,7 +315,8 @@ def _matte_job(
     problem = None
     if job.is_video:
         try:
-            video.matte_video(matter, job.path, job.out_dir, job.stem, args.save, background, args, progress)
+            video.matte_video(matter, job.path, job.out_dir, job.stem, args.save, background, video_options(args),
+                              progress)
         except video.VideoError as exc:
             problem = exc.problem
     else:

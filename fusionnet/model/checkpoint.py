@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from fusionnet.model.network import LateFusionNet
 
 FORMAT = "fusionnet.late_fusion.v1"
+SERVING_KEY = "serving"  # header key: JSON of the settings to matte with (fusionnet.inference.opening)
 
 
 def atomic_write_path(path: Path) -> Path:
@@ -50,14 +53,21 @@ def _sort_metadata(path: Path) -> None:
         handle.write(text + b" " * (size - len(text)))  # the format allows trailing spaces in the header
 
 
-def save(model: LateFusionNet, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
-    """Write `model`'s weights and config to `path` (safetensors), atomically."""
+def save(model: LateFusionNet, path: str | os.PathLike, extra: dict[str, str] | None = None,
+         serving: Mapping[str, Any] | None = None) -> Path:
+    """Write `model`'s weights and config to `path` (safetensors), atomically.
+
+    extra: strings stored as `extra.<key>`; serving: the settings every front end mattes this model
+    with unless told otherwise (max_side, precision, refine, radius, eps), stored as JSON under SERVING_KEY.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(model.config, sort_keys=True)}
     for key, value in (extra or {}).items():
         metadata[f"extra.{key}"] = str(value)
+    if serving:
+        metadata[SERVING_KEY] = json.dumps(dict(serving), sort_keys=True)
     tmp = atomic_write_path(path)
     try:
         save_file(state, str(tmp), metadata=metadata)

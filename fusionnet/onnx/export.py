@@ -23,9 +23,10 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,12 +35,14 @@ from torch import Tensor, nn
 from fusionnet.inference.loading import load_model, resolve_model_path
 from fusionnet.inference.matter import Matter
 from fusionnet.inference.network import fold_batchnorms
+from fusionnet.inference.opening import stored_settings
+from fusionnet.io.hashing import file_sha256
+from fusionnet.io.images import fit_within, load_image
 from fusionnet.model import LateFusionNet
+from fusionnet.model.checkpoint import SERVING_KEY
 from fusionnet.onnx.common import ExportError, set_metadata
 from fusionnet.onnx.defaults import (DEFAULT_INT8_SCHEME, DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE,
                                      INT8_SCHEMES, INT8_TOLERANCE, MIN_OPSET)
-from fusionnet.io.hashing import file_sha256
-from fusionnet.io.images import fit_within, load_image
 from fusionnet.onnx.quantize import calibration_images, quantize_onnx
 from fusionnet.onnx.runtime import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxMatter
 
@@ -70,9 +73,12 @@ def _temp_sibling(out: Path) -> Path:
 
 
 def export_onnx(
-    model: LateFusionNet, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, source_sha256: str | None = None
+    model: LateFusionNet, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, source_sha256: str | None = None,
+    serving: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` (fp32, BatchNorms folded on a copy) as ONNX to `out`, atomically; returns `out`.
+
+    serving: the source model's serving settings (fusionnet.inference.opening), kept as `fusionnet.serving`.
 
     N, H, W are dynamic (H, W multiples of 32 up to MAX_SIDE_STRIDES strides). Raises ExportError.
     """
@@ -101,6 +107,7 @@ def export_onnx(
         "format": "fusionnet-onnx-1", "opset": opset, "precision": "fp32", "stride": LateFusionNet.stride,
         "config": json.dumps(model.config, sort_keys=True), "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
         "batchnorm_folded": "true", **({"source_sha256": source_sha256} if source_sha256 else {}),
+        **({SERVING_KEY: json.dumps(dict(serving), sort_keys=True)} if serving else {}),
     })
     tmp = _temp_sibling(out)
     try:
@@ -201,7 +208,7 @@ def export_model_file(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
         fp32_path = Path(work) / "fp32.onnx"
         started = time.perf_counter()
-        export_onnx(model, fp32_path, opset=opset, source_sha256=file_sha256(path))
+        export_onnx(model, fp32_path, opset=opset, source_sha256=file_sha256(path), serving=stored_settings(path)[0])
         report.export_s = time.perf_counter() - started
         log(f"exported {path} -> ONNX opset {opset} in {report.export_s:.1f} s; checking against PyTorch fp32 "
             f"on {image_name} at network side {verify_side}")

@@ -145,56 +145,35 @@ class _StartError(Exception):
 
 
 def _load_service(args: argparse.Namespace, httpd):
-    """The model loaded once, its Matter and the MattingService, warmed up and attached to `httpd`."""
+    """The model opened once (fusionnet.inference.opening), its MattingService, warmed up and attached to `httpd`."""
     import torch
 
+    from fusionnet.inference.matter import DEFAULT_MAX_OUTPUT_SIDE
+    from fusionnet.inference.opening import open_model
     from fusionnet.io.hashing import file_sha256
-    from fusionnet.inference.loading import load_model, resolve_model_path
-    from fusionnet.inference.matter import DEFAULT_GUIDED_EPS, DEFAULT_GUIDED_RADIUS, DEFAULT_MAX_OUTPUT_SIDE, Matter
-    from fusionnet.server.service import MattingService, registered_settings
+    from fusionnet.server.service import MattingService
 
     threads = args.threads or _threads_from_env() or max(1, len(os.sched_getaffinity(0)) // args.workers)
     torch.set_num_threads(threads)  # each worker's inference gets its share of the cores
-    from fusionnet.onnx.runtime import is_onnx_model
-
     try:
-        path = resolve_model_path(args.model)
-        onnx = is_onnx_model(path)
-        model = None if onnx else load_model(path, device="cpu")
-    except (OSError, LookupError, ValueError, RuntimeError) as exc:
-        raise _StartError(f"model {exc}") from exc
-    registered = registered_settings(path) or {}
-
-    def setting(name: str, default):
-        value = getattr(args, name)
-        return value if value is not None else registered.get(name, default)
-
-    options = dict(max_side=int(setting("max_side", 800)), refine=bool(setting("refine", True)),
-                   radius=int(setting("radius", DEFAULT_GUIDED_RADIUS)), eps=float(setting("eps", DEFAULT_GUIDED_EPS)))
-    try:
-        if onnx:  # ONNX Runtime; the precision is the file's (fp32 or int8)
-            from fusionnet.onnx.runtime import OnnxMatter
-
-            matter = OnnxMatter(path, device=args.device, threads=threads, **options)
-            if args.precision not in (None, "auto", "fp32"):
-                print(f"note: --precision {args.precision} does not apply to an ONNX model; it runs at "
-                      f"{matter.precision}", file=sys.stderr)
-        else:
-            matter = Matter(model, device=args.device, precision=setting("precision", "auto"), **options)
+        opened = open_model(args.model, device=args.device, threads=threads, max_side=args.max_side,
+                            precision=args.precision, refine=args.refine, radius=args.radius, eps=args.eps)
     except ImportError as exc:
-        raise _StartError(f"model {path}: ONNX models need onnxruntime ({exc})") from exc
-    except (ValueError, RuntimeError) as exc:
-        raise _StartError(str(exc)) from exc
+        raise _StartError(f"model {args.model}: ONNX models need onnxruntime ({exc})") from exc
+    except (OSError, LookupError, ValueError, RuntimeError) as exc:
+        raise _StartError(f"model {exc}" if str(args.model) in str(exc) else str(exc)) from exc
+    for note in opened.notes:
+        print(f"note: {note}", file=sys.stderr)
+    matter, path = opened.matter, opened.path
     service = MattingService(matter, workers=args.workers, queue=args.queue, max_pixels=args.max_pixels,
                              max_output_side=args.max_output_side or DEFAULT_MAX_OUTPUT_SIDE,
                              cache_bytes=args.cache_mb << 20, threads=threads)
     warm = service.warm_up()
     httpd.service = service
     httpd.health_info = {
-        "model": {"spec": str(args.model), "path": str(path), "sha256": file_sha256(path),
-                  "config": model.config if model is not None else matter.config,
-                  "settings_from": "registered settings.json, then command line" if registered else "command line"},
-        "device": str(matter.device), "engine": f"onnxruntime {matter.provider}" if onnx else "torch",
+        "model": {"spec": str(args.model), "path": str(path), "sha256": file_sha256(path), "config": opened.config,
+                  "settings_from": opened.settings_from},
+        "device": str(matter.device), "engine": f"onnxruntime {matter.provider}" if opened.engine == "onnx" else "torch",
         "precision": matter.precision, "precision_reason": matter.precision_reason,
         "max_side": matter.max_side, "refine": matter.refine, "radius": matter.radius, "eps": matter.eps,
         "threads_per_worker": threads, "warm_up_s": round(warm, 2),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import threading
 import time
@@ -22,7 +21,6 @@ from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,20 +68,6 @@ class MatteReply:
     network_size: tuple[int, int]
     cached: bool
     seconds: float
-
-
-def registered_settings(weights: Path) -> dict[str, Any] | None:
-    """The pyfunc's settings.json (max_side, precision, refine, radius, eps) when `weights` lies in
-    the artifacts/ folder of a downloaded MLflow model (what a models:/ URI resolves to), else None."""
-    folder = Path(weights).parent
-    candidate = folder / "settings.json"
-    if folder.name != "artifacts" or not (folder.parent / "MLmodel").is_file() or not candidate.is_file():
-        return None
-    try:
-        settings = json.loads(candidate.read_text())
-    except (OSError, ValueError):
-        return None
-    return settings if isinstance(settings, dict) else None
 
 
 class ResultCache:

@@ -28,11 +28,10 @@ count its container declares, or fails midway raises VideoError and leaves nothi
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from fusionnet.model.geometry import as_float_image
 from fusionnet.video.io import DEFAULT_FPS, VIDEO_SUFFIXES, StagedOutputs, VideoError, VideoReader
 from fusionnet.video.temporal import DEFAULT_MOTION_THRESHOLD, AlphaSmoother
 
-__all__ = ["VIDEO_SUFFIXES", "VideoError", "add_video_arguments", "matte_frames", "matte_video"]
+__all__ = ["VIDEO_SUFFIXES", "VideoError", "VideoOptions", "matte_frames", "matte_video"]
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".mov": "mp4v", ".m4v": "mp4v", ".mkv": "mp4v", ".avi": "MJPG", ".webm": "VP90"}
 VIDEO_KINDS = ("alpha", "composite", "trimap")  # written as videos; "rgba" is a PNG sequence
@@ -89,57 +88,29 @@ def _matte_batch(
         yield rgb, result
 
 
-# ---------------------------------------------------------------------------------------------
-# the CLI's entry points
-# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoOptions:
+    """How `matte_video` reads, batches, smooths and writes one video.
 
+    batch_size: frames per network call (memory grows with it, not with the video's length);
+    smooth: temporal smoothing strength S in [0, 1) (0: off); motion_threshold: a pixel whose blurred
+    colour changed by this much (0..1) since the last frame is not smoothed; video_codec: FourCC of the
+    output videos (None: FOURCC_BY_SUFFIX); max_output_side: frames larger are decoded downscaled to it.
+    """
 
-def _strength(text: str) -> float:
-    value = float(text)
-    if not (0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    batch_size: int = DEFAULT_BATCH_SIZE
+    smooth: float = 0.0
+    motion_threshold: float = DEFAULT_MOTION_THRESHOLD
+    video_codec: str | None = None
+    max_output_side: int | None = None
 
-
-def _positive(kind: type) -> Callable[[str], float]:
-    def parse(text: str):
-        value = kind(text)
-        if not (0 < value < float("inf")):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _fourcc(text: str) -> str:
-    if len(text) != 4:
-        raise argparse.ArgumentTypeError(f"a FourCC code has 4 characters (e.g. mp4v, MJPG, FFV1), got {text!r}")
-    return text
-
-
-def add_video_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the video options (frames per batch, temporal smoothing, codec) to `fusionnet matte`."""
-    group = parser.add_argument_group("video inputs (.mp4 .mov .avi .mkv .webm .m4v)")
-    group.add_argument(
-        "--batch-size", type=_positive(int), default=DEFAULT_BATCH_SIZE, metavar="N",
-        help=f"video frames per network call (default {DEFAULT_BATCH_SIZE}); memory grows with it, not with "
-        "the video's length",
-    )
-    group.add_argument(
-        "--smooth", type=_strength, default=0.0, metavar="S",
-        help="temporal smoothing of alpha where the picture is static: keep S of the running average, "
-        "0 <= S < 1 (default 0: off; e.g. 0.7)",
-    )
-    group.add_argument(
-        "--motion-threshold", type=_positive(float), default=DEFAULT_MOTION_THRESHOLD, metavar="T",
-        help="a pixel whose blurred colour changed by T or more (0..1 scale) since the last frame is not "
-        f"smoothed (default {DEFAULT_MOTION_THRESHOLD})",
-    )
-    group.add_argument(
-        "--video-codec", type=_fourcc, default=None, metavar="FOURCC",
-        help="codec of the output videos (default: mp4v for .mp4/.mov/.m4v/.mkv, MJPG for .avi, VP90 for "
-        ".webm; FFV1 with .avi/.mkv is lossless)",
-    )
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"smooth must be in [0, 1), got {self.smooth}")
+        if self.video_codec is not None and len(self.video_codec) != 4:
+            raise ValueError(f"a FourCC code has 4 characters (e.g. mp4v, MJPG, FFV1), got {self.video_codec!r}")
 
 
 def matte_video(
@@ -149,14 +120,13 @@ def matte_video(
     stem: str,
     kinds: Sequence[str],
     background: Background | None,
-    options: argparse.Namespace,
+    options: VideoOptions,
     progress: bool,
 ) -> list[Path]:
     """Matte the video `path`; write `<stem>_<kind>` outputs under `out_dir`; returns the paths written.
 
-    `kinds`: any of alpha, rgba, composite, trimap (rgba gives the folder `<stem>_rgba/`). `options`
-    may carry batch_size, smooth, motion_threshold, video_codec and max_output_side (frames larger are
-    downscaled to it), else the defaults apply. Notes (audio, downscaling) go to stderr.
+    `kinds`: any of alpha, rgba, composite, trimap (rgba gives the folder `<stem>_rgba/`). Notes (audio,
+    downscaling) go to stderr.
 
     Raises VideoError (nothing left behind) when the video cannot be read or written.
     """
@@ -164,12 +134,10 @@ def matte_video(
 
     path, out_dir = Path(path), Path(out_dir)
     suffix = path.suffix.lower()
-    fourcc = getattr(options, "video_codec", None) or FOURCC_BY_SUFFIX.get(suffix, "mp4v")
-    strength = getattr(options, "smooth", 0.0)
-    threshold = getattr(options, "motion_threshold", DEFAULT_MOTION_THRESHOLD)
-    smoother = AlphaSmoother(strength, threshold) if strength else None
-    batch_size = getattr(options, "batch_size", DEFAULT_BATCH_SIZE)
-    with VideoReader(path, max_side=getattr(options, "max_output_side", None)) as reader:
+    fourcc = options.video_codec or FOURCC_BY_SUFFIX.get(suffix, "mp4v")
+    smoother = AlphaSmoother(options.smooth, options.motion_threshold) if options.smooth else None
+    batch_size = options.batch_size
+    with VideoReader(path, max_side=options.max_output_side) as reader:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
