@@ -148,7 +148,7 @@ def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_
         metrics = [Metric(k, float(v), now, 0) for k, v in mlflow_metrics(record).items()]
         for start in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
-        tags = {f"fusionnet.model.checkpoint.{p['source']}": f"{p['checkpoint']} sha256:{p['sha256']}"
+        tags = {f"fusionnet.checkpoint.{p['source']}": f"{p['checkpoint']} sha256:{p['sha256']}"
                 for p in record["details"]["provenance"].values() if p["sha256"]}
         if "skipped" in record["photos"]:
             tags["fusionnet.photos_skipped"] = str(record["photos"]["skipped"])

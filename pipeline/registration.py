@@ -156,7 +156,7 @@ def register_pipeline_model(
                                      onnx=onnx_path)
             version = register_version(
                 registry, info.model_uri, trained_by or run_id, metrics, table,
-                tags={"fusionnet.model.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
+                tags={"fusionnet.checkpoint": str(weights), "fusionnet.checkpoint.sha256": sha,
                       "fusionnet.settings": json.dumps(settings, sort_keys=True), "fusionnet.register_run": run_id,
                       **({TEST_SET_TAG: test_set} if test_set else {})},
                 name=config.model_name,
