@@ -6,7 +6,7 @@
 Uses data/composites and models/<step>/model.safetensors when they exist; otherwise it builds the
 default composites with the data stages and three random-weight models of params' `model.backbone`
 in a temporary folder (the network's cost does not depend on its weights). Prints the phases'
-seconds (pipeline.evaluation's own timings) and the process's CPU seconds (children included),
+seconds (fusionnet.evaluation.run's own timings) and the process's CPU seconds (children included),
 which, on a machine shared with other jobs, is the better guide to the time on two idle cores.
 Target (issue 5): under ~90 s on 2 cores for the default composites. Records the figures, naming the
 models, in benchmarks/results/evaluate.json (benchmarks/machine.py); exit 1 when the wall time misses the
@@ -77,7 +77,7 @@ def main() -> int:
     parser.add_argument("--no-photos", action="store_true", help="leave out the real photographs")
     args = parser.parse_args()
 
-    from pipeline.evaluation import run_evaluation
+    from fusionnet.evaluation.run import run_evaluation
 
     print(header())
 

@@ -22,8 +22,8 @@ from typing import Any
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
 from prefect import task
 
+from fusionnet.evaluation.run import run_evaluation, tune_refinement
 from pipeline.env import PROJECT_DIR
-from pipeline.evaluation import run_evaluation, tune_refinement
 from pipeline.evaluation_outputs import log_evaluation
 from pipeline.provenance import load_params
 from pipeline.registration import TASK_OPTIONS, log_to_run, register_task

@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 
 import pipeline  # noqa: F401  (offline switches first)
+from fusionnet.evaluation.config import EvalConfig
 from pipeline.env import wait_for_prefect_api
-from pipeline.evaluation import EvalConfig
 from pipeline.provenance import load_params
 from pipeline.registry import pipeline_parent
 from pipeline.tasks import evaluate_task, tune_refinement_task

@@ -200,7 +200,7 @@ def test_load_params_names_a_file_that_is_not_yaml(tmp_path):
 
 
 def test_unknown_evaluate_keys_are_named():
-    from pipeline.evaluation import EvalConfig
+    from fusionnet.evaluation.config import EvalConfig
 
     assert EvalConfig.from_params({"evaluate": {"max_side": 64}}).max_side == 64
     for section, key in ((({"max_sid": 64}), "evaluate.max_sid"),

@@ -1,4 +1,4 @@
-"""The evaluation (fusionnet.evaluation.rows, pipeline.evaluation): rows, regions, claims, provenance, files.
+"""The evaluation (fusionnet.evaluation.rows, fusionnet.evaluation.run): rows, regions, claims, provenance, files.
 
 Helpers `make_composites` and `make_checkpoints` build a tiny data/composites layout (data contract)
 and three tiny densenet121 checkpoints; tests/test_registry.py and tests/test_serving.py reuse them.
@@ -350,7 +350,7 @@ def test_load_photos_reads_only_the_named_photos(tmp_path):
 
 
 def test_test_set_version_depends_only_on_the_test_data(tmp_path):
-    from pipeline.evaluation import split_data_version
+    from fusionnet.evaluation.run import split_data_version
 
     a = make_composites(tmp_path / "a", n_test=3, n_val=2)
     b = make_composites(tmp_path / "b", n_test=3, n_val=2)
@@ -377,7 +377,7 @@ def test_test_set_version_depends_only_on_the_test_data(tmp_path):
 
 
 def test_photo_exclusions_match_train_and_val_sources(tmp_path):
-    from pipeline.evaluation_data import photo_exclusions
+    from fusionnet.evaluation.data import photo_exclusions
 
     root = make_photos(tmp_path / "photos", names=("GT01", "GT02", "GT03", "GT04"))
     files = photo_files(root)
@@ -431,7 +431,7 @@ def test_real_photos_with_the_trimap_baselines(shared_data):
 
 
 def test_branches_identical(tiny_project):
-    from pipeline.evaluation import branches_identical
+    from fusionnet.evaluation.run import branches_identical
 
     paths = tiny_project["checkpoints"]
     assert branches_identical(paths["segmentation"], paths["fusion"])  # only the fusion net differs
@@ -488,7 +488,7 @@ def reference_table(composites: Path, checkpoints: dict[str, Path], max_side: in
 
 @pytest.mark.slow
 def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_project, tmp_path):
-    from pipeline.evaluation import run_evaluation
+    from fusionnet.evaluation.run import run_evaluation
 
     checkpoints = tiny_project["checkpoints"]
     record = run_evaluation(TINY_PARAMS, checkpoints, tiny_project["composites"], tmp_path / "metrics",
@@ -518,7 +518,7 @@ def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_proje
         assert f"| {entry['checkpoint']} | {entry['sha256']} |" in markdown
     assert details["provenance"]["closed_form"]["sha256"] == ""
     # the test set's data version, from the test composites themselves
-    from pipeline.evaluation import split_data_version
+    from fusionnet.evaluation.run import split_data_version
 
     assert details["test_set"] == split_data_version(tiny_project["composites"])
     assert details["test_set"]["images"] == 3
@@ -545,7 +545,7 @@ def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_proje
 @pytest.mark.slow
 def test_run_evaluation_scores_only_held_out_photos(tiny_project, tmp_path):
     """Photos that are the source of train/val foregrounds are not scored (not even read), and say so."""
-    from pipeline.evaluation import run_evaluation
+    from fusionnet.evaluation.run import run_evaluation
 
     make_photos(tmp_path / "photos", names=("GT01", "GT02", "GT03", "GT04"))
     (tmp_path / "photos" / "image" / "GT01.png").write_bytes(b"trained on: reading it would fail")

@@ -1,4 +1,4 @@
-"""The evaluate stage's DVC metrics (pipeline.evaluation_outputs): only the table's numbers, one file
+"""The evaluate stage's DVC metrics (fusionnet.evaluation.outputs): only the table's numbers, one file
 per table row, so `dvc metrics show` is a narrow table; everything else stays a plain output.
 
 The files and dvc.yaml are checked here; how DVC renders them is DVC's business, not run here."""
@@ -23,7 +23,7 @@ def _leaves(value, prefix=""):
 
 
 def test_table_metrics_files_are_the_table_rounded_and_replaced_whole(tmp_path):
-    from pipeline.evaluation_outputs import write_table_metrics
+    from fusionnet.evaluation.outputs import write_table_metrics
 
     def regions(names, base):
         return {r: {"sad": base * (i + 1), "mse": base / 7, "grad": 12345.678, "conn": math.nan} for i, r in enumerate(names)}
@@ -77,7 +77,7 @@ def test_dvc_yaml_declares_only_the_table_as_metrics():
 def test_run_evaluation_writes_only_the_table_numbers_as_metrics(tiny_project, tmp_path):
     """A real tiny evaluation (composites + held-out photos): metrics/table, the folder dvc.yaml declares
     as the stage's metrics, holds one file per table row with the table's numbers and nothing else."""
-    from pipeline.evaluation import run_evaluation
+    from fusionnet.evaluation.run import run_evaluation
 
     make_photos(tmp_path / "photos", names=("GT01", "GT02"))
     foregrounds = make_foregrounds(tmp_path / "foregrounds", [{"id": "GT01", "split": "train", "source": "folder"}])

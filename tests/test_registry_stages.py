@@ -47,7 +47,7 @@ def test_dvc_stages_log_evaluate_and_register_under_one_parent(tmp_path):
         # the served settings carry the guided filter chosen on validation
         details = json.loads((project / "metrics" / "details.json").read_text())
         # the test set's data version goes from the evaluation to the registered version
-        from pipeline.evaluation import split_data_version
+        from fusionnet.evaluation.run import split_data_version
 
         version = split_data_version(project / "data" / "composites")["version"]
         assert details["test_set"]["version"] == registered["test_set"] == version

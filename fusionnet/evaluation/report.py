@@ -1,6 +1,6 @@
 """Evaluation reports: the paper's table layout in Markdown, per-image CSVs, picture panels, metrics JSON.
 
-`write_evaluation` writes everything the evaluate step produces (see pipeline/evaluation.py for the
+`write_evaluation` writes everything the evaluate step produces (see fusionnet/evaluation/run.py for the
 list) from the record it builds and the fusionnet.evaluation.rows results.
 
 Writers are atomic (temporary sibling + os.replace), so an interrupted evaluation never leaves a
@@ -363,7 +363,7 @@ def write_evaluation(
     """Write metrics_dir/{evaluate,claims,photos,details}.json, reports_dir/table.md, the per-image
     CSVs and `pictures` best + worst panels; returns the paths written.
 
-    record: what pipeline.evaluation.run_evaluation measured; test_images: name -> EvalSample.
+    record: what fusionnet.evaluation.run.run_evaluation measured; test_images: name -> EvalSample.
     NaN (e.g. MSE over an empty region) is written as JSON null.
     """
     files = []

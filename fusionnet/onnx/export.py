@@ -44,7 +44,7 @@ from fusionnet.onnx.common import ExportError, set_metadata
 from fusionnet.onnx.defaults import (DEFAULT_INT8_SCHEME, DEFAULT_OPSET, DEFAULT_VERIFY_SIDE, FP32_TOLERANCE,
                                      INT8_SCHEMES, INT8_TOLERANCE, MIN_OPSET)
 from fusionnet.onnx.quantize import calibration_images, quantize_onnx
-from fusionnet.onnx.runtime import INPUT_NAME, META_PREFIX, OUTPUT_NAMES, OnnxMatter
+from fusionnet.onnx.runtime import INPUT_NAME, OUTPUT_NAMES, OnnxMatter
 
 # Example input the graph is traced on: batch 2, sides of 3 and 4 strides (a size-1 dim would be
 # specialised to a constant by torch.export; equal sides could be taken for one symbol).

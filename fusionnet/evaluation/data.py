@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fusionnet.data.collect import SPLITS, read_manifest
+from fusionnet.data.sources import SOURCES as SOURCE_KINDS, safe_id
 from fusionnet.evaluation.rows import photo_files
 from fusionnet.io.hashing import file_sha256
 
@@ -56,8 +58,6 @@ def split_data_version(composites: str | os.PathLike, split: str = "test") -> di
 def _source_file(row: Mapping[str, Any]) -> str | None:
     """The file a foreground came from, when the manifest records it (a `source_path` column, or a
     path in `source` instead of the source kind); None for the current manifest (kind only)."""
-    from fusionnet.data.sources import SOURCES as SOURCE_KINDS
-
     path = row.get("source_path") or (row["source"] if row["source"] not in SOURCE_KINDS else None)
     return str(path) if path else None
 
@@ -72,9 +72,6 @@ def photo_exclusions(photos: list[Path], foregrounds: str | os.PathLike, base_di
     made into an id the way collect_foregrounds makes it (fusionnet.data.sources.safe_id). Synthetic
     foregrounds and test-split foregrounds never exclude a photo.
     """
-    from fusionnet.data.collect import SPLITS, read_manifest
-    from fusionnet.data.sources import safe_id
-
     manifest = Path(foregrounds) / "manifest.parquet"
     rows = read_manifest(foregrounds)  # FileNotFoundError naming the manifest
     if not rows:

@@ -1,13 +1,14 @@
-"""The `evaluate` step of the pipeline: checkpoints -> Tables 1/2 rows, claims, pictures -> files + MLflow.
+"""The evaluation: checkpoints -> Tables 1/2 rows, claims, pictures -> files (no MLflow or Prefect here).
 
 Run as the Prefect tasks of pipeline.tasks (tune-refinement, evaluate) by the DVC stage
-(stages/evaluate.py) and by the training flow. This module computes; pipeline.evaluation_data says
-which data is scored (test-set version, held-out photos) and pipeline.evaluation_outputs writes
-the compact DVC metrics and logs to MLflow. Writes, atomically:
+(stages/evaluate.py) and by the training flow, which log the record to MLflow
+(pipeline.evaluation_outputs). This module computes; fusionnet.evaluation.data says which data is
+scored (test-set version, held-out photos) and fusionnet.evaluation.outputs writes the compact DVC
+metrics. Writes, atomically:
 
 - metrics/table/{composites,photos}/<row>.json   the DVC metrics: the table's numbers only, e.g.
                           {"SAD-25", "MSE-25", "Grad-25", "Conn-25", "SAD-full", ...} (4 significant
-                          digits; pipeline.evaluation_outputs)
+                          digits; fusionnet.evaluation.outputs)
 - metrics/evaluate.json   {row: {"band"|"full": {sad, mse, grad, conn}}}    (test composites, full precision)
 - metrics/claims.json     {"composites"|"photos": {source: implicit-trimap IoU/recall, bracketing}}
 - metrics/photos.json     {"held_out": which photos were scored, which excluded and why,
@@ -17,10 +18,10 @@ the compact DVC metrics and logs to MLflow. Writes, atomically:
                           "test_set": the test composites' data version (`split_data_version`)
 - reports/table.md, reports/per_image.csv, reports/per_image_photos.csv, reports/pictures/*.png
 
-(all but metrics/table are plain DVC outputs, not metrics) and logs the same as a child run
-"evaluate" of the pipeline's MLflow parent run.
+(all but metrics/table are plain DVC outputs, not metrics); pipeline.tasks logs the same as a child
+run "evaluate" of the pipeline's MLflow parent run.
 
-Real photographs are scored only when held out (pipeline.evaluation_data.held_out_photos): a photo
+Real photographs are scored only when held out (fusionnet.evaluation.data.held_out_photos): a photo
 that is the source file of a train or val foreground in data/foregrounds/manifest.parquet is not
 scored on what the model was trained on.
 """
@@ -30,14 +31,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fusionnet.evaluation import report
-from fusionnet.io.hashing import file_sha256
+from fusionnet.evaluation.config import EvalConfig
+from fusionnet.evaluation.data import held_out_photos, split_data_version
+from fusionnet.evaluation.outputs import photos_record, write_table_metrics
 from fusionnet.evaluation.rows import (
     ROW_BY_NAME,
     ROWS,
@@ -48,58 +50,13 @@ from fusionnet.evaluation.rows import (
     needed_sources,
     tune_guided_filter,
 )
-from pipeline.evaluation_data import held_out_photos, split_data_version
-from pipeline.evaluation_outputs import photos_record, write_table_metrics
+from fusionnet.inference.loading import load_model
+from fusionnet.inference.matter import Matter
+from fusionnet.io.hashing import file_sha256
 
 SOURCES = ("segmentation", "fusion", "joint")
 NO_CHECKPOINT = ("trimap", "none")  # row sources that need no model file
 COMPARISON_ROWS = ("raw", "segmentation_only", "constant_half", "zeros")  # always scored on photos (the claims)
-
-
-@dataclass
-class EvalConfig:
-    """The `evaluate:` section of params.yaml (see the comments there)."""
-
-    rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS if r.source != "none"])  # zeros: a photo row
-    max_side: int = 320
-    precision: str = "auto"  # fastest measured here (fusionnet.inference.precision); params.yaml sets fp32 for the tables
-    device: str = "cpu"
-    threads: int | None = 1
-    workers: int = 1
-    implicit_trimap_threshold: float = 0.95
-    closed_form_max_side: int | None = 160
-    gf_radii: list[int] = field(default_factory=lambda: [2, 4, 8])
-    gf_eps: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
-    gf_metric: str = "sad"
-    gf_max_val_images: int = 6
-    pictures: int = 2
-    photos_root: str | None = "../shared/data/alphamatting-dev"
-    photos_trimaps: list[str] = field(default_factory=lambda: ["trimap1", "trimap2"])
-    photos_baseline_trimap: str = "trimap1"
-    photos_rows: list[str] = field(default_factory=lambda: ["raw", "refined", "constant_half"])
-    photos_max_images: int | None = None
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "EvalConfig":
-        section = dict(params.get("evaluate") or {})
-        gf = dict(section.pop("guided_filter", None) or {})
-        photos = dict(section.pop("photos", None) or {})
-        values: dict[str, Any] = {}
-        for key, value in section.items():
-            if key not in cls.__dataclass_fields__:
-                raise ValueError(f"params evaluate.{key}: unknown key")
-            values[key] = value
-        for prefix, sub in (("gf_", gf), ("photos_", photos)):
-            for key, value in sub.items():
-                name = prefix + key
-                if name not in cls.__dataclass_fields__:
-                    raise ValueError(f"params evaluate.{'guided_filter' if prefix == 'gf_' else 'photos'}.{key}: unknown key")
-                values[name] = value
-        config = cls(**values)
-        for name in (*config.rows, *config.photos_rows):
-            if name not in ROW_BY_NAME:
-                raise ValueError(f"params evaluate: unknown row {name!r}; choose from {', '.join(ROW_BY_NAME)}")
-        return config
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -126,9 +83,6 @@ def branches_identical(a: Path, b: Path) -> bool:
 
 def make_predictor(path: Path, config: EvalConfig):
     """A fusionnet.evaluation.rows Predictor running the model file at `path` (no refinement)."""
-    from fusionnet.inference.loading import load_model
-    from fusionnet.inference.matter import Matter
-
     matter = Matter(
         load_model(path, device=config.device),
         device=config.device,
