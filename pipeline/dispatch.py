@@ -32,10 +32,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import pipeline  # noqa: F401  (offline switches before prefect is imported)
 from fusionnet.io.hashing import file_sha256
+from fusionnet.io.params import load_params
+import pipeline  # noqa: F401  (offline switches before prefect is imported)
 from pipeline import datasync, handoff
-from pipeline.provenance import load_params
 from pipeline.tracking import TAG_STEP, get_client, parent_run
 
 MODES = ("local", "deployment")

@@ -24,7 +24,7 @@ import yaml
 from prefect import flow, get_run_logger
 
 from pipeline import datasync, handoff
-from pipeline.provenance import load_params
+from fusionnet.io.params import load_params
 from pipeline.steps import (  # noqa: F401  (re-exported: the step machinery's public names)
     NPROC_ENV,
     STEPS,

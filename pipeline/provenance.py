@@ -148,15 +148,3 @@ def pipeline_run_key(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def load_params(params_path: str | os.PathLike) -> dict[str, Any]:
-    """params.yaml as a dict; the one reader the flows and the evaluation/register stages share."""
-    path = Path(params_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: params file not found")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:  # the parser's own message names no file
-        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    return params

@@ -21,12 +21,13 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-import pipeline  # noqa: F401  (offline switches before prefect is imported)
+from fusionnet.data.crops import CropParams, refuse_moved_scale, working_scale
 from fusionnet.io.hashing import file_sha256
+import pipeline  # noqa: F401  (offline switches before prefect is imported)
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.provenance import load_params
+from fusionnet.io.params import load_params
 from pipeline.registry import CHALLENGER, CHAMPION, MODEL_NAME
 
 TASK_OPTIONS = dict(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -49,7 +50,7 @@ class RegisterConfig:
     greater_is_better: bool = False
     champion_alias: str = CHAMPION
     challenger_alias: str = CHALLENGER
-    max_side: int = 320
+    max_side: int = CropParams.__dataclass_fields__["max_side"].default  # crops.max_side: see from_params
     precision: str = "auto"  # the served model measures its fastest precision on its own host
     refine: bool = True
     # Carry an ONNX export (fusionnet.onnx.export) beside the weights. Off by default: the export
@@ -60,10 +61,11 @@ class RegisterConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "RegisterConfig":
         section = dict(params.get("register") or {})
+        refuse_moved_scale(section, "register")
         unknown = sorted(set(section) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"params register: unknown keys {unknown}")
-        return cls(**section)
+        return cls(**section, max_side=working_scale(params))  # served at the scale it was trained at
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pipeline  # noqa: F401  (applies the offline switches before mlflow is imported)
-import yaml
 from fusionnet.io.hashing import file_sha256
+from fusionnet.io.params import load_params
 from fusionnet.model.checkpoint import atomic_write_path
 from fusionnet.train import STEPS, StepConfig, run_step
+import pipeline  # noqa: F401  (applies the offline switches before mlflow is imported)
 
 if TYPE_CHECKING:
     from fusionnet.train.distributed import DistContext
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    params = yaml.safe_load(args.params.read_text())
+    params = load_params(args.params)
     cfg = StepConfig.from_params(params, args.step)
     place = NodePlace.from_env()
     is_rank0, is_node_leader = place.rank == 0, place.local_rank == 0

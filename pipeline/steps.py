@@ -19,14 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
 from fusionnet.io.hashing import file_sha256
+import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import handoff
 from pipeline.launch import NPROC_ENV, Rendezvous, processes_per_node, step_command  # noqa: F401  (re-exported)
-from pipeline.provenance import load_params
+from fusionnet.io.params import load_params
 from pipeline.tracking import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
 
 STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here

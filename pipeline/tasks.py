@@ -25,7 +25,7 @@ from prefect import task
 from fusionnet.evaluation.run import run_evaluation, tune_refinement
 from pipeline.env import PROJECT_DIR
 from pipeline.evaluation_outputs import log_evaluation
-from pipeline.provenance import load_params
+from fusionnet.io.params import load_params
 from pipeline.registration import TASK_OPTIONS, log_to_run, register_task
 
 

@@ -39,7 +39,7 @@ def tiny_params(path: Path) -> Path:
                          "checkpoint_every": 1, "log_every": 1, "val_max_images": 2, "visual_count": 2,
                          "threads": 1},
         "train_seg": dict(step), "train_fusion": dict(step), "train_joint": dict(step),
-        "register": {"max_side": 64, "precision": "fp32"},
+        "register": {"precision": "fp32"},
     }
     path.write_text(yaml.safe_dump(params))
     return path
@@ -62,7 +62,7 @@ def run(root: Path) -> dict:
     from fusionnet.train.toy import write_toy_shards
     from pipeline import tracking
     from pipeline.launch import step_command
-    from pipeline.provenance import load_params
+    from fusionnet.io.params import load_params
     from pipeline.registration import register_pipeline_model
     from pipeline.steps import _log_step_summary
 

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from fusionnet.data.collect import CollectConfig, InvalidForegroundError, collect_foregrounds, invalid_message
 from fusionnet.data.sources import candidates_from_params
+from fusionnet.io.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,14 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    params = yaml.safe_load(args.params.read_text())
+    params = load_params(args.params)
     section = params["foregrounds"]
-    cap = section.get("max_side")
-    config = CollectConfig(seed=int(params.get("seed", 0)), max_side=None if cap is None else int(cap),
-                           on_invalid=section.get("on_invalid", "exclude"),
-                           val_fraction=float(section.get("val_fraction", 0.15)),
-                           test_fraction=float(section.get("test_fraction", 0.2)),
-                           synthetic_size=tuple(int(v) for v in section["synthetic"]["size"]), workers=args.workers)
+    config = CollectConfig.from_params(params, workers=args.workers)
     # data roots in params.yaml are relative to the project root, where params.yaml lives
     candidates = candidates_from_params(section, args.params.resolve().parent)
     try:

@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from fusionnet.data.backgrounds import background_lists_from_params, backgrounds_from_params
 from fusionnet.data.collect import read_manifest
 from fusionnet.data.composite import CompositeConfig, build_composites
+from fusionnet.io.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    params = yaml.safe_load(args.params.read_text())
+    params = load_params(args.params)
     section = params["composite"]
-    seed = int(params.get("seed", 0))
-    config = CompositeConfig(seed=seed, bg_per_fg=int(section["bg_per_fg"]),
-                             bg_per_test_fg=int(section["bg_per_test_fg"]), band_radius=int(section["band_radius"]),
-                             max_side=section.get("max_side"), workers=args.workers)
+    config = CompositeConfig.from_params(params, workers=args.workers)
+    seed = config.seed
     foregrounds = read_manifest(args.foregrounds)
     backgrounds, test_backgrounds = backgrounds_from_params(section, seed, args.params.resolve().parent)
     listed = background_lists_from_params(section, args.params.resolve().parent)

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from fusionnet.data.crops import CropParams
 from fusionnet.data.shards import build_shards
+from fusionnet.io.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes cutting crops (output is the same)")
     args = parser.parse_args(argv)
 
-    params = yaml.safe_load(args.params.read_text())
-    if not isinstance(params, dict) or "crops" not in params or "seed" not in params:
+    params = load_params(args.params)
+    if not isinstance(params, dict) or "seed" not in params:
         parser.error(f"{args.params}: needs top-level keys `seed` and `crops`")
-    crop_params = CropParams.from_dict(params["crops"])
+    try:
+        crop_params = CropParams.from_params(params)
+    except ValueError as exc:
+        parser.error(f"{args.params}: {exc}")
 
     start = time.perf_counter()
     summary = build_shards(args.composites, args.out, crop_params, int(params["seed"]), workers=args.workers)

@@ -17,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from fusionnet.io.params import load_params
 from pipeline.dispatch import DispatchSettings, dispatch_step
 from pipeline.env import wait_for_prefect_api
 from pipeline.steps import STEPS, train_one_step
-from pipeline.provenance import load_params
 
 
 def main(argv: list[str] | None = None) -> int:

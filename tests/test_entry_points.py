@@ -180,7 +180,7 @@ def test_nan_loss_stops_training_and_leaves_only_the_last_good_state(tmp_path, m
 
 
 def test_load_params_errors_name_the_file(tmp_path):
-    from pipeline.provenance import load_params
+    from fusionnet.io.params import load_params
 
     with pytest.raises(FileNotFoundError, match=r"absent\.yaml: params file not found"):
         load_params(tmp_path / "absent.yaml")
@@ -192,7 +192,7 @@ def test_load_params_errors_name_the_file(tmp_path):
 
 
 def test_load_params_names_a_file_that_is_not_yaml(tmp_path):
-    from pipeline.provenance import load_params
+    from fusionnet.io.params import load_params
 
     (tmp_path / "bad.yaml").write_text("evaluate: {rows: [raw\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: .*YAML"):
@@ -202,7 +202,7 @@ def test_load_params_names_a_file_that_is_not_yaml(tmp_path):
 def test_unknown_evaluate_keys_are_named():
     from fusionnet.evaluation.config import EvalConfig
 
-    assert EvalConfig.from_params({"evaluate": {"max_side": 64}}).max_side == 64
+    assert EvalConfig.from_params({"crops": {"max_side": 64}, "evaluate": {}}).max_side == 64
     for section, key in ((({"max_sid": 64}), "evaluate.max_sid"),
                          ({"guided_filter": {"radius": [2]}}, "evaluate.guided_filter.radius"),
                          ({"photos": {"trimap": ["trimap1"]}}, "evaluate.photos.trimap")):
@@ -210,6 +210,25 @@ def test_unknown_evaluate_keys_are_named():
             EvalConfig.from_params({"evaluate": section})
     with pytest.raises(ValueError, match=r"unknown row 'rwa'"):
         EvalConfig.from_params({"evaluate": {"rows": ["rwa"]}})
+
+
+def test_the_working_scale_is_one_key():
+    """crops.max_side is the scale the network trains at; evaluation and the registered model's
+    settings read it, and a section that sets its own max_side is refused, naming the key."""
+    from fusionnet.data.crops import CropParams
+    from fusionnet.evaluation.config import EvalConfig
+    from pipeline.registration import RegisterConfig
+
+    params = {"crops": {"max_side": 96}, "evaluate": {}, "register": {}}
+    assert CropParams.from_params(params).max_side == EvalConfig.from_params(params).max_side == 96
+    assert RegisterConfig.from_params(params).max_side == 96
+    for section, config in (("evaluate", EvalConfig), ("register", RegisterConfig)):
+        with pytest.raises(ValueError, match=rf"params {section}\.max_side: the working scale is one key, crops\.max_side"):
+            config.from_params({**params, section: {"max_side": 96}})
+    for name in ("params.yaml", "params-photos.yaml", "params-paper.yaml"):  # every profile parses
+        profile = yaml.safe_load((ROOT / name).read_text())
+        assert EvalConfig.from_params(profile).max_side == RegisterConfig.from_params(profile).max_side \
+            == CropParams.from_params(profile).max_side
 
 
 # ----------------------------------------------------------------------------- stages/evaluate.py
@@ -244,7 +263,8 @@ def _tiny_evaluation(tmp: Path) -> dict[str, Path]:
 @pytest.mark.slow
 def test_evaluate_stage_without_mlflow_writes_the_files_and_tracks_nothing(tmp_path):
     made = _tiny_evaluation(tmp_path)
-    params = {"evaluate": {"rows": ["raw", "constant_half"], "max_side": 64, "precision": "fp32", "workers": 0,
+    params = {"crops": {"max_side": 64},
+              "evaluate": {"rows": ["raw", "constant_half"], "precision": "fp32", "workers": 0,
                            "pictures": 0, "guided_filter": {"radii": [1], "eps": [1e-2], "max_val_images": 1},
                            "photos": {"root": "no-such-photos"}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

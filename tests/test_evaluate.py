@@ -446,7 +446,8 @@ def tiny_project(tmp_path_factory):
             "checkpoints": make_checkpoints(root / "models")}
 
 
-TINY_PARAMS = {"evaluate": {"max_side": 64, "precision": "fp32", "workers": 2, "pictures": 1,
+TINY_PARAMS = {"crops": {"max_side": 64},  # the working scale
+               "evaluate": {"precision": "fp32", "workers": 2, "pictures": 1,
                             "guided_filter": {"radii": [1, 2], "eps": [1e-3, 1e-2], "max_val_images": 2},
                             "photos": {"root": "no-such-folder"}}}
 
@@ -501,7 +502,7 @@ def test_run_evaluation_writes_metrics_table_pictures_with_provenance(tiny_proje
         assert set(row) == {"band", "full"} and set(row["band"]) == {"sad", "mse", "grad", "conn"}
         assert all(np.isfinite(v) and v >= 0 for region in row.values() for v in region.values())
     # the numbers themselves, recomputed here from the files on disk (SAD/1000 and MSE by hand)
-    expected = reference_table(tiny_project["composites"], checkpoints, max_side=TINY_PARAMS["evaluate"]["max_side"])
+    expected = reference_table(tiny_project["composites"], checkpoints, max_side=TINY_PARAMS["crops"]["max_side"])
     for row, regions in expected.items():
         for region, values in regions.items():
             for metric, value in values.items():
@@ -552,7 +553,7 @@ def test_run_evaluation_scores_only_held_out_photos(tiny_project, tmp_path):
     foregrounds = make_foregrounds(tmp_path / "foregrounds", [
         {"id": "GT01", "split": "train", "source": "folder"}, {"id": "GT03", "split": "val", "source": "folder"},
         {"id": "GT04", "split": "test", "source": "folder"}])
-    params = {"evaluate": {**TINY_PARAMS["evaluate"], "rows": ["raw", "constant_half"], "pictures": 0,
+    params = {"crops": TINY_PARAMS["crops"], "evaluate": {**TINY_PARAMS["evaluate"], "rows": ["raw", "constant_half"], "pictures": 0,
                            "photos": {"root": "photos", "rows": ["fgbg_only_fg", "raw", "constant_half"]}}}
     record = run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], tmp_path / "metrics",
                             tmp_path / "reports", base_dir=tmp_path, foregrounds=foregrounds)

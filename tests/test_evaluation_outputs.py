@@ -82,7 +82,7 @@ def test_run_evaluation_writes_only_the_table_numbers_as_metrics(tiny_project, t
     make_photos(tmp_path / "photos", names=("GT01", "GT02"))
     foregrounds = make_foregrounds(tmp_path / "foregrounds", [{"id": "GT01", "split": "train", "source": "folder"}])
     rows, photo_rows = ["raw", "refined", "constant_half"], ["raw"]
-    params = {"evaluate": {**TINY_PARAMS["evaluate"], "rows": rows, "pictures": 0, "workers": 0,  # no pool start-up
+    params = {"crops": TINY_PARAMS["crops"], "evaluate": {**TINY_PARAMS["evaluate"], "rows": rows, "pictures": 0, "workers": 0,  # no pool start-up
                            "photos": {"root": "photos", "rows": photo_rows}}}
     metrics_dir = tmp_path / "repo" / "metrics"
     record = run_evaluation(params, tiny_project["checkpoints"], tiny_project["composites"], metrics_dir,

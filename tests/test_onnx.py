@@ -282,7 +282,7 @@ def test_registered_model_carries_the_onnx_file(exported, tmp_path, capsys):
     with registry_env(tmp_path), pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_export, "export_onnx", lambda model, out, **kw: Path(shutil.copyfile(onnx_path, out)))
         metrics, reports = write_evaluation(tmp_path / "eval", 1.0)
-        params = {"register": {"max_side": 64, "precision": "fp32", "onnx": True}}
+        params = {"crops": {"max_side": 64}, "register": {"precision": "fp32", "onnx": True}}
         result = register_pipeline_model(params, weights, metrics, reports, tmp_path / "registered.json")
         assert result["onnx"]["artifact"] == "onnx" and result["onnx"]["opset"] == 20
         pulled = tmp_path / "pulled"

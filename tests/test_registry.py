@@ -58,7 +58,7 @@ def register(root: Path, weights: Path, sad: float, tag: str, test_set: str | No
     from pipeline.registration import register_pipeline_model
 
     metrics, reports = write_evaluation(root / tag, sad, test_set=test_set)
-    params = {"register": {"max_side": 64, "precision": "fp32", **register_params}}
+    params = {"crops": {"max_side": 64}, "register": {"precision": "fp32", **register_params}}
     return register_pipeline_model(params, weights, metrics, reports, root / tag / "registered.json")
 
 
@@ -375,8 +375,8 @@ def tiny_project(root: Path) -> Path:
     make_photos(root / "photos", names=("GT01", "GT02"))
     make_foregrounds(root / "data" / "foregrounds", [{"id": "GT01", "split": "train", "source": "folder"},
                                                      {"id": "syn-00000", "split": "val", "source": "synthetic"}])
-    params = {"evaluate": {**TINY_PARAMS["evaluate"], "photos": {"root": "photos"}},
-              "register": {"max_side": 64, "precision": "fp32"}}
+    params = {"crops": TINY_PARAMS["crops"], "evaluate": {**TINY_PARAMS["evaluate"], "photos": {"root": "photos"}},
+              "register": {"precision": "fp32"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

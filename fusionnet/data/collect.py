@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +58,19 @@ class CollectConfig:
                 raise ValueError(f"foregrounds.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.max_side is not None and self.max_side < 1:
             raise ValueError(f"foregrounds.max_side must be >= 1 or null, got {self.max_side}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], workers: int = 2) -> "CollectConfig":
+        """seed and the `foregrounds` section of a params.yaml mapping; absent keys take the defaults above."""
+        section = params.get("foregrounds") or {}
+        defaults = cls.__dataclass_fields__
+        cap = section.get("max_side")
+        size = (section.get("synthetic") or {}).get("size", defaults["synthetic_size"].default)
+        return cls(seed=int(params.get("seed", defaults["seed"].default)), max_side=None if cap is None else int(cap),
+                   on_invalid=section.get("on_invalid", defaults["on_invalid"].default),
+                   val_fraction=float(section.get("val_fraction", defaults["val_fraction"].default)),
+                   test_fraction=float(section.get("test_fraction", defaults["test_fraction"].default)),
+                   synthetic_size=tuple(int(v) for v in size), workers=workers)
 
 
 @dataclass

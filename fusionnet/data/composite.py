@@ -34,9 +34,10 @@ import functools
 import math
 import multiprocessing
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -123,6 +124,18 @@ class CompositeConfig:
     band_radius: int = 25
     max_side: int | None = 640  # longer side of the stored composites (after compositing at full size)
     workers: int = 2
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], workers: int = 2) -> "CompositeConfig":
+        """seed and the `composite` section of a params.yaml mapping; absent keys take the defaults above."""
+        section = params.get("composite") or {}
+        defaults = cls.__dataclass_fields__
+        cap = section.get("max_side", defaults["max_side"].default)
+        return cls(seed=int(params.get("seed", defaults["seed"].default)),
+                   bg_per_fg=int(section.get("bg_per_fg", defaults["bg_per_fg"].default)),
+                   bg_per_test_fg=int(section.get("bg_per_test_fg", defaults["bg_per_test_fg"].default)),
+                   band_radius=int(section.get("band_radius", defaults["band_radius"].default)),
+                   max_side=None if cap is None else int(cap), workers=workers)
 
 
 @dataclass(frozen=True)

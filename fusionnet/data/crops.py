@@ -33,8 +33,9 @@ downscaling so its longer side is at most `max_side`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -103,6 +104,13 @@ class CropParams:
             raise ValueError(f"crops.compression {self.compression!r} is not a Parquet codec")
 
     @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "CropParams":
+        """The `crops` section of a whole params.yaml mapping (ValueError naming what is wrong)."""
+        if not isinstance(params, Mapping) or "crops" not in params:
+            raise ValueError("params: needs a `crops` section")
+        return cls.from_dict(params["crops"])
+
+    @classmethod
     def from_dict(cls, section: dict) -> "CropParams":
         """Build from the `crops` mapping of params.yaml; unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
@@ -110,6 +118,20 @@ class CropParams:
         if unknown:
             raise ValueError(f"unknown key(s) in params `crops`: {unknown}; known keys: {sorted(known)}")
         return cls(**section)
+
+
+def working_scale(params: Mapping[str, Any]) -> int:
+    """The working scale: `crops.max_side` of params.yaml, the longer side the network trains at, and
+    (so that it sees what it learned from) is evaluated and served at. One key for all three."""
+    crops = params.get("crops") or {}
+    return int(crops.get("max_side", CropParams.__dataclass_fields__["max_side"].default))
+
+
+def refuse_moved_scale(section: Mapping[str, Any], name: str) -> None:
+    """ValueError when a params section still sets its own max_side (the working scale is crops.max_side)."""
+    if "max_side" in section:
+        raise ValueError(f"params {name}.max_side: the working scale is one key, crops.max_side "
+                         f"(training, evaluation and the served model use it); remove {name}.max_side")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""The `evaluate:` section of params.yaml as one dataclass, parsed once per process (`EvalConfig.from_params`)."""
+"""The `evaluate:` section of params.yaml as one dataclass, parsed once per process (`EvalConfig.from_params`).
+
+The network runs at the working scale, crops.max_side (`fusionnet.data.crops.working_scale`): the
+scale it was trained at."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fusionnet.data.crops import CropParams, refuse_moved_scale, working_scale
 from fusionnet.evaluation.rows import ROW_BY_NAME, ROWS
 
 
@@ -14,7 +18,7 @@ class EvalConfig:
     """The `evaluate:` section of params.yaml (see the comments there)."""
 
     rows: list[str] = field(default_factory=lambda: [r.name for r in ROWS if r.source != "none"])  # zeros: a photo row
-    max_side: int = 320
+    max_side: int = CropParams.__dataclass_fields__["max_side"].default  # from crops.max_side: see from_params
     precision: str = "auto"  # fastest measured here (fusionnet.inference.precision); params.yaml sets fp32 for the tables
     device: str = "cpu"
     threads: int | None = 1
@@ -35,6 +39,7 @@ class EvalConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "EvalConfig":
         section = dict(params.get("evaluate") or {})
+        refuse_moved_scale(section, "evaluate")
         gf = dict(section.pop("guided_filter", None) or {})
         photos = dict(section.pop("photos", None) or {})
         values: dict[str, Any] = {}
@@ -48,7 +53,7 @@ class EvalConfig:
                 if name not in cls.__dataclass_fields__:
                     raise ValueError(f"params evaluate.{'guided_filter' if prefix == 'gf_' else 'photos'}.{key}: unknown key")
                 values[name] = value
-        config = cls(**values)
+        config = cls(**values, max_side=working_scale(params))
         for name in (*config.rows, *config.photos_rows):
             if name not in ROW_BY_NAME:
                 raise ValueError(f"params evaluate: unknown row {name!r}; choose from {', '.join(ROW_BY_NAME)}")
