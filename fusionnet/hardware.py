@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fusionnet.io.atomic import write_text_atomic
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # without one of these, CPU bf16 kernels are emulated
 
 
@@ -65,10 +67,7 @@ def cached_timing(key: str, needed: set[str], probe: Callable[[], dict[str, floa
     timing = probe()
     cache[key] = timing
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(cache, indent=2))
     except OSError:
         pass  # a read-only home: probe again next time
     return timing

@@ -14,7 +14,6 @@ the evaluation code (pipeline.tasks holds the others and the order they run in).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fusionnet.data.crops import CropParams, refuse_moved_scale, working_scale
+from fusionnet.io.atomic import write_text_atomic
 from fusionnet.io.hashing import file_sha256
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
 from prefect import get_run_logger, task
@@ -184,11 +184,7 @@ def register_pipeline_model(
         "settings": settings,
         **({"onnx": onnx_info} if onnx_info else {}),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(result, indent=2, allow_nan=True) + "\n")
     return result
 
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fusionnet.io.atomic import write_bytes_atomic, write_text_atomic
 from fusionnet.io.hashing import file_sha256
 from fusionnet.io.params import load_params
-from fusionnet.model.checkpoint import atomic_write_path
 from fusionnet.train import STEPS, StepConfig, run_step
 import pipeline  # noqa: F401  (applies the offline switches before mlflow is imported)
 
@@ -92,10 +92,7 @@ def _digest(path: Path | None) -> str | None:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_write_path(path)
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(doc, indent=1))
 
 
 class NodeLeaders:
@@ -132,10 +129,7 @@ class NodeLeaders:
             if self.place.rank != src and mine[i] != source[i]:
                 path.unlink(missing_ok=True)
                 if box[0] is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = atomic_write_path(path)
-                    tmp.write_bytes(box[0])
-                    os.replace(tmp, path)
+                    write_bytes_atomic(path, box[0])
                 copied.append(path)
         return copied
 

@@ -13,12 +13,12 @@ Each step is one MLflow child run under the pipeline's parent run (pipeline.trac
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fusionnet.io.atomic import write_text_atomic
 from fusionnet.io.hashing import file_sha256
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
 from prefect import flow, get_run_logger, task
@@ -66,9 +66,7 @@ def train_step_task(
         text = result_path.read_text()
     result = json.loads(text)
     if result.get("node_role", "leader") == "leader":  # the step directory's result.json (a DVC output)
-        tmp = out_dir / ".result.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / "result.json")
+        write_text_atomic(out_dir / "result.json", text)
     return result
 
 

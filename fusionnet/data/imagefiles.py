@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from fusionnet.io.atomic import write_atomic
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -72,13 +74,11 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 3) -> None:
-    """Write (H,W) or (H,W,3) uint8 as PNG via a temp name + os.replace (never a half file)."""
+    """Write (H,W) or (H,W,3) uint8 as PNG atomically (fusionnet.io.atomic: never a half file)."""
     path = Path(path)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"write_png({path}): expected (H,W) or (H,W,3) uint8, got {array.dtype} {array.shape}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level))
 
 
 RESIZE_FILTER = Image.Resampling.BILINEAR

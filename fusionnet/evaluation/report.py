@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fusionnet.evaluation.rows import ROWS, SetResult
+from fusionnet.io.atomic import write_bytes_atomic
 
 __all__ = [
     "error_colormap",
@@ -43,29 +43,15 @@ REGION_SUFFIX = {"band": "-25", "full": "-full"}
 # ----------------------------------------------------------------------------- atomic writers
 
 
-def _atomic_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are for everyone who can read the project
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic_bytes(path, text.encode("utf-8"))
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> Path:
     """(H,W) or (H,W,3) uint8 -> PNG."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=3)
-    return _atomic_bytes(path, buffer.getvalue())
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_csv(path: str | os.PathLike, lines: Sequence[Mapping[str, object]], header: Sequence[str] = ()) -> Path:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from fusionnet.data.shards import list_shards, read_shard, row_arrays
 from fusionnet.inference.loading import load_model
+from fusionnet.io.atomic import write_atomic
 from fusionnet.io.images import fit_within, load_image
 from fusionnet.model import Decoder, LateFusionNet, blend
 from fusionnet.model.geometry import as_float_image, pad_to_multiple, resize_maps
@@ -226,11 +227,8 @@ def quantize(
         "digest": model_digest(model),
     }
     if save:
-        path = calibration_path(model, backend)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        torch.save({"observers": observers, "info": info}, tmp)
-        os.replace(tmp, path)  # never a half-written calibration
+        # never a half-written calibration
+        write_atomic(calibration_path(model, backend), lambda tmp: torch.save({"observers": observers, "info": info}, tmp))
     return network, info
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,23 +16,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fusionnet.io.atomic import write_atomic
 from fusionnet.model.network import LateFusionNet
 
 FORMAT = "fusionnet.late_fusion.v1"
 SERVING_KEY = "serving"  # header key: JSON of the settings to matte with (fusionnet.inference.opening)
-
-
-def atomic_write_path(path: Path) -> Path:
-    """A temporary sibling of `path` (same filesystem, so os.replace is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sort_metadata(path: Path) -> None:
@@ -60,23 +47,18 @@ def save(model: LateFusionNet, path: str | os.PathLike, extra: dict[str, str] | 
     extra: strings stored as `extra.<key>`; serving: the settings every front end mattes this model
     with unless told otherwise (max_side, precision, refine, radius, eps), stored as JSON under SERVING_KEY.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(model.config, sort_keys=True)}
     for key, value in (extra or {}).items():
         metadata[f"extra.{key}"] = str(value)
     if serving:
         metadata[SERVING_KEY] = json.dumps(dict(serving), sort_keys=True)
-    tmp = atomic_write_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(state, str(tmp), metadata=metadata)
         _sort_metadata(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as readable as any other
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return write_atomic(path, write)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -36,6 +36,7 @@ from fusionnet.inference.loading import load_model, resolve_model_path
 from fusionnet.inference.matter import Matter
 from fusionnet.inference.network import fold_batchnorms
 from fusionnet.inference.opening import stored_settings
+from fusionnet.io.atomic import write_atomic
 from fusionnet.io.hashing import file_sha256
 from fusionnet.io.images import fit_within, load_image
 from fusionnet.model import LateFusionNet
@@ -64,12 +65,6 @@ class MattingGraph(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(image)
         return out.alpha, out.fg_prob, out.bg_prob
-
-
-def _temp_sibling(out: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    return Path(name)
 
 
 def export_onnx(
@@ -109,14 +104,7 @@ def export_onnx(
         "batchnorm_folded": "true", **({"source_sha256": source_sha256} if source_sha256 else {}),
         **({SERVING_KEY: json.dumps(dict(serving), sort_keys=True)} if serving else {}),
     })
-    tmp = _temp_sibling(out)
-    try:
-        onnx.save(proto, os.fspath(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_atomic(out, lambda tmp: onnx.save(proto, os.fspath(tmp)))
 
 
 @dataclass

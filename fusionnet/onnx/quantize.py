@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fusionnet.data.shards import row_arrays
+from fusionnet.io.atomic import write_atomic
 from fusionnet.io.images import fit_within, image_suffixes, load_image
 from fusionnet.model import LateFusionNet
 from fusionnet.model.geometry import pad_to_multiple, resize_maps
@@ -205,8 +206,4 @@ def quantize_onnx(
                              f"weights, {CALIBRATION_METHODS[method]} on {len(images)} images at side {side}, "
                              f"{len(exclude)} nodes on fp32 (logit convs{''.join(', ' + x for x in exclude_scopes)}), "
                              f"ops {'+'.join(op_types)}"})
-        tmp = Path(work) / "final.onnx"
-        onnx.save(proto, os.fspath(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    return out
+        return write_atomic(out, lambda tmp: onnx.save(proto, os.fspath(tmp)))

@@ -30,7 +30,7 @@ from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import (
     DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown,
 )
-from fusionnet.train.files import write_atomic
+from fusionnet.io.atomic import write_atomic
 from fusionnet.train.forward import step_loss, step_module
 from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable
 from fusionnet.train.precision import resolve_precision

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusionnet.train.files import write_atomic
+from fusionnet.io.atomic import write_atomic
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = "fusionnet.train_state.v1"

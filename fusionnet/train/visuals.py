@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionnet.train.files import write_atomic
+from fusionnet.io.atomic import write_atomic
 
 GRID_COLUMNS = (
     ("image", "input"),
