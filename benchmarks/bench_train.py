@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from fusionnet.train import STEPS, StepConfig, run_step
+from fusionnet.train.config import STEPS, StepConfig
+from fusionnet.train.loop import run_step
 from fusionnet.train.toy import write_toy_shards
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -37,7 +37,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import get_client, parent_run, tracking_uri
 
 MODEL_NAME = "late-fusion-matting"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -49,11 +49,6 @@ ONNX_DISTRIBUTIONS = ("onnx", "onnxruntime")  # pinned too when the model carrie
 REQUIREMENT_DISTRIBUTIONS = (
     "mlflow", "torch", "torchvision", "numpy", "scipy", "pillow", "safetensors", "numba", "pandas", "pyyaml",
 )
-
-
-def get_client() -> MlflowClient:
-    uri = tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
@@ -388,7 +383,5 @@ def pipeline_parent(params: Mapping[str, Any], parent_run_id: str | None = None)
     if parent_run_id:
         yield parent_run_id
         return
-    from pipeline.tracking import parent_run
-
     with parent_run(params, None) as run_id:
         yield run_id

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 from fusionnet.io.atomic import write_bytes_atomic, write_text_atomic
 from fusionnet.io.hashing import file_sha256
 from fusionnet.io.params import load_params
-from fusionnet.train import STEPS, StepConfig, run_step
+from fusionnet.train.config import STEPS, StepConfig
+from fusionnet.train.loop import run_step
 import pipeline  # noqa: F401  (applies the offline switches before mlflow is imported)
 
 if TYPE_CHECKING:

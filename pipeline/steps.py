@@ -27,9 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from pipeline import handoff
 from pipeline.launch import NPROC_ENV, Rendezvous, processes_per_node, step_command  # noqa: F401  (re-exported)
 from fusionnet.io.params import load_params
+from fusionnet.train.config import STEPS  # torch-free: fusionnet.train loads its loop lazily
 from pipeline.tracking import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
 
-STEPS = ("segmentation", "fusion", "joint")  # = fusionnet.train.STEPS, without importing torch here
 
 
 class StepCrashed(RuntimeError):

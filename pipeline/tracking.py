@@ -69,7 +69,9 @@ def tracking_uri() -> str:
 
 
 def get_client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    """The client of this project's store: runs and the model registry both in `tracking_uri()`."""
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(client: MlflowClient, name: str | None = None) -> str:
@@ -337,7 +339,7 @@ def log_shards_input(client: MlflowClient, run_id: str, shards_dir: Path, tags: 
 
 
 class MlflowTrainLogger:
-    """fusionnet.train.TrainLogger writing to one MLflow run (rank 0 of a training step).
+    """fusionnet.train.tracking.TrainLogger writing to one MLflow run (rank 0 of a training step).
 
     Metrics are buffered and sent in batches (once the oldest is `flush_seconds` old or `max_buffer`
     values wait, before every image, and on `flush`), so a per-iteration log costs no round trip

@@ -12,8 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fusionnet.train.config import STEPS
+
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("segmentation", "fusion", "joint")
 
 
 def claims(metrics: dict) -> None:

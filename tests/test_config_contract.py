@@ -14,7 +14,7 @@ from fusionnet.data.composite import CompositeConfig
 from fusionnet.data.crops import CropParams
 from fusionnet.evaluation.config import EvalConfig
 from fusionnet.io.params import load_params
-from fusionnet.train import STEPS, StepConfig
+from fusionnet.train.config import STEPS, StepConfig
 from pipeline.dispatch import DispatchSettings
 from pipeline.registration import RegisterConfig
 

@@ -148,7 +148,9 @@ def test_train_cli_bad_params_files_are_one_clear_error(cli_runs, case, words):
 
 
 def test_nan_loss_stops_training_and_leaves_only_the_last_good_state(tmp_path, monkeypatch):
-    from fusionnet.train import StepConfig, loop, run_step
+    from fusionnet.train import loop
+    from fusionnet.train.config import StepConfig
+    from fusionnet.train.loop import run_step
     from fusionnet.train.state import load_state
 
     shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=1, size=64)

@@ -19,8 +19,9 @@ from fusionnet.data.dataset import ShardDataset
 from fusionnet.data.shards import shards_digest, write_shards
 from fusionnet.metrics import sad, transition_band
 from fusionnet.model import LateFusionNet
-from fusionnet.train import StepConfig, run_step
 from fusionnet.train import data as tdata
+from fusionnet.train.config import StepConfig
+from fusionnet.train.loop import run_step
 from fusionnet.train.toy import write_toy_shards
 from fusionnet.train.validate import validate
 

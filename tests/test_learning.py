@@ -12,7 +12,8 @@ import torch
 from fusionnet import model as fmodel
 from fusionnet.losses import sparsity_loss
 from fusionnet.model import LateFusionNet, blend
-from fusionnet.train import StepConfig, run_step
+from fusionnet.train.config import StepConfig
+from fusionnet.train.loop import run_step
 from fusionnet.train.toy import write_toy_shards
 
 

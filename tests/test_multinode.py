@@ -274,7 +274,7 @@ def test_two_nodes_train_like_one_node_with_two_processes(tmp_path):
 def _initial_weights(params: Path) -> dict[str, torch.Tensor]:
     """The untrained network the step starts from (the trainer seeds torch, then builds it)."""
     from fusionnet.model import LateFusionNet
-    from fusionnet.train import StepConfig
+    from fusionnet.train.config import StepConfig
 
     cfg = StepConfig.from_params(yaml.safe_load(params.read_text()), "segmentation")
     torch.manual_seed(cfg.seed)

@@ -122,7 +122,7 @@ def only_match(alpha: np.ndarray, references: dict[str, np.ndarray]) -> str:
 
 @pytest.mark.slow
 def test_champion_moves_only_when_beaten(registry):
-    from pipeline.registry import get_client
+    from pipeline.tracking import get_client
 
     root, weights, decisions = registry["root"], registry["weights"], registry["decisions"]
     first, worse, better, tie = (decisions[v] for v in HISTORY)
@@ -148,7 +148,7 @@ def test_champion_moves_only_when_beaten(registry):
 @pytest.mark.slow
 def test_champion_is_compared_only_on_the_same_test_set(registry):
     """A much better number on other test data does not move the champion; the same data does."""
-    from pipeline.registry import get_client
+    from pipeline.tracking import get_client
 
     root, weights, name = registry["root"], registry["weights"]["1"], "test-set-rule"
     first = register(root, weights, sad=1.0, tag="s1", model_name=name)
@@ -290,7 +290,8 @@ def test_fusionnet_matte_with_a_registry_uri(registry, tmp_path, capsys):
 def test_the_resolver_follows_a_moved_alias(registry):
     """An alias is looked up on every call, so moving @champion takes effect at once; a version's download
     is cached and not fetched again."""
-    from pipeline.registry import get_client, register_version
+    from pipeline.registry import register_version
+    from pipeline.tracking import get_client
     from pipeline.resolver import resolve
 
     client, weights, name = get_client(), registry["weights"], "moving-alias"
@@ -313,7 +314,8 @@ def test_an_alias_moved_during_the_download_does_not_mix_versions(registry, monk
     """@champion promoted between the resolver's lookup and its download: the cache folder of the version
     looked up holds that version's files, and the next call sees the new champion."""
     import pipeline.resolver as resolver
-    from pipeline.registry import get_client, register_version
+    from pipeline.registry import register_version
+    from pipeline.tracking import get_client
 
     client, weights, name = get_client(), registry["weights"], "alias-moved-mid-download"
     for version in ("1", "2"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusionnet.train import STEP_SECTIONS, STEPS, StepConfig
+from fusionnet.train.config import STEPS, STEP_SECTIONS, StepConfig
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
 
 ROOT = Path(__file__).resolve().parents[1]

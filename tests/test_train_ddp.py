@@ -25,7 +25,7 @@ DRIVER = r"""
 import json, os, sys
 from pathlib import Path
 import torch, yaml
-from fusionnet.train import StepConfig
+from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import init_distributed, shutdown
 from fusionnet.train.loop import _Trainer
 
@@ -100,8 +100,9 @@ RESUME_DRIVER = r"""
 import os, sys
 from pathlib import Path
 import yaml
-from fusionnet.train import StepConfig, run_step
 from fusionnet.train import loop
+from fusionnet.train.config import StepConfig
+from fusionnet.train.loop import run_step
 
 params_path, shards, out, crash_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if crash_at:

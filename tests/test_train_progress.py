@@ -15,9 +15,11 @@ import sys
 import pytest
 import yaml
 
-from fusionnet.train import PrintLogger, StepConfig, run_step
+from fusionnet.train.config import StepConfig
+from fusionnet.train.loop import run_step
 from fusionnet.train.progress import ENV, StepProgress, resolve_mode
 from fusionnet.train.toy import write_toy_shards
+from fusionnet.train.tracking import PrintLogger
 from tests.helpers import ROOT, tiny_train_params
 
 SUMMARY = re.compile(r"^\[segmentation\] epoch (\d+)/(\d+) done: mean loss (\S+), val SAD (\S+), "
@@ -73,7 +75,8 @@ DRIVER = """
 import sys
 from pathlib import Path
 import yaml
-from fusionnet.train import StepConfig, run_step
+from fusionnet.train.config import StepConfig
+from fusionnet.train.loop import run_step
 params, shards, out = sys.argv[1:4]
 run_step("segmentation", StepConfig.from_params(yaml.safe_load(open(params)), "segmentation"), Path(shards), Path(out))
 """

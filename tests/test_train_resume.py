@@ -18,8 +18,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from fusionnet.train import STATE_FILE, StepConfig, run_step
-from fusionnet.train.state import load_state
+from fusionnet.train.config import StepConfig
+from fusionnet.train.loop import run_step
+from fusionnet.train.state import STATE_FILE, load_state
 from fusionnet.train.toy import write_toy_shards
 from tests.helpers import ROOT, one_thread_env
 
