@@ -122,16 +122,16 @@ def calibrated_model(image: Tensor, seed: int = 0, head_std: float = 3.0, blend_
 
 def calibration_for(model_path: Path | None, count: int, exclude: set[str]) -> tuple[list[np.ndarray], str]:
     """Training composites of `model_path`'s pipeline (data/shards/train), else photos not in `exclude`."""
-    from fusionnet.inference.int8 import calibration_images
+    from fusionnet.inference.calibration import calibration_images
 
     if model_path is not None:
         for parent in model_path.resolve().parents:
             shards = parent / "data" / "shards" / "train"
             if shards.is_dir():
-                return calibration_images([shards], limit=count), f"{count} training composites from {shards}"
+                return calibration_images([shards], count=count), f"{count} training composites from {shards}"
     files = [p for p in sorted((PHOTOS / "image").glob("*.png")) if p.stem not in exclude]
     if files:
-        return calibration_images(images=files, limit=count), f"{min(count, len(files))} photos (not scored)"
+        return calibration_images(files, count=count), f"{min(count, len(files))} photos (not scored)"
     rng = np.random.default_rng(0)
     return [(rng.random((320, 320, 3)) * 255).astype(np.uint8) for _ in range(count)], "random images"
 

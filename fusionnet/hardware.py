@@ -1,4 +1,5 @@
-"""What this machine is, for choosing a precision by measurement: CPU flags, model name, a timing cache.
+"""What this machine is: its device (`resolve_device`), and for choosing a precision by measurement its
+CPU flags, model name and a timing cache.
 
 Hosts of one machine kind differ (AMX; avx512_bf16 without AMX, where bf16 can run slower than fp32;
 avx2 only), so timings are cached per CPU model, flags, thread count and torch version in
@@ -71,3 +72,19 @@ def cached_timing(key: str, needed: set[str], probe: Callable[[], dict[str, floa
     except OSError:
         pass  # a read-only home: probe again next time
     return timing
+
+
+def resolve_device(spec: str | torch.device = "auto", local_rank: int | None = None, *,
+                   name: str = "device") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is a clear error naming `name`
+    (e.g. "params train_common.device"). local_rank: under DDP, "cuda"/"auto" mean this process's GPU."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{name} {spec!r} requested but no CUDA GPU is available; use cpu or auto")
+        if spec == "cuda" and local_rank is not None:
+            return torch.device("cuda", local_rank)
+    return torch.device(spec)

@@ -108,7 +108,7 @@ def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
 def test_train_cli_device_and_precision_flags_override_params(cli_runs):
     tmp, runs = cli_runs
     if not torch.cuda.is_available():  # as written (cuda, fp16) the params cannot run on this machine
-        assert runs["as_written"]["code"] == "raised" and "no CUDA device" in runs["as_written"]["stderr"]
+        assert runs["as_written"]["code"] == "raised" and "no CUDA GPU" in runs["as_written"]["stderr"]
     assert runs["flags"]["code"] == 0, runs["flags"]["stderr"]
     assert "precision fp32" in runs["flags"]["stdout"]
     history = json.loads((tmp / "out" / "history.json").read_text())

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from fusionnet.inference.loading import MODEL_RESOLVER_GROUP, load_model, resolve_device, resolve_model_path
+from fusionnet.hardware import resolve_device
+from fusionnet.inference.loading import MODEL_RESOLVER_GROUP, load_model, resolve_model_path
 from fusionnet.inference.matter import Matter, matte, matte_files
 from fusionnet.inference.network import fold_batchnorms
 from fusionnet.model.geometry import pad_to_multiple, reflect_indices, resize_maps

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fusionnet.inference import int8 as quantize
+from fusionnet.inference.calibration import calibration_images
 from fusionnet.inference.matter import Matter
 from tests.helpers import ALPHAMATTING, tiny_net
 
@@ -133,8 +134,7 @@ def test_int8_accuracy_bound_on_real_photos(tmp_path, monkeypatch):
     torch.set_num_threads(2)
     model = load_model(TRAINED)
     shards = Path(TRAINED).resolve().parents[2] / "data" / "shards" / "train"
-    images = quantize.calibration_images([shards] if shards.is_dir() else [], [] if shards.is_dir() else
-                                         [ALPHAMATTING / "image"], limit=18)
+    images = calibration_images([shards if shards.is_dir() else ALPHAMATTING / "image"], count=18)
     int8 = Matter(model, device="cpu", precision="int8", refine=False, max_side=320, calibration=images)
     fp32 = Matter(model, device="cpu", precision="fp32", refine=False, max_side=320)
     diffs = []

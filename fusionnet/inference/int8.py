@@ -32,7 +32,7 @@ import hashlib
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from fusionnet.data.shards import list_shards, read_shard, row_arrays
+from fusionnet.inference.calibration import calibration_images
 from fusionnet.inference.loading import load_model
 from fusionnet.io.atomic import write_atomic
-from fusionnet.io.images import fit_within, load_image
+from fusionnet.io.images import fit_within
 from fusionnet.model import Decoder, LateFusionNet, blend
 from fusionnet.model.geometry import as_float_image, pad_to_multiple, resize_maps
 
@@ -53,7 +53,6 @@ __all__ = [
     "Maps",
     "MattingBody",
     "QuantizedNet",
-    "calibration_images",
     "calibration_path",
     "load_calibration",
     "model_digest",
@@ -252,33 +251,6 @@ def calibration_info(model: LateFusionNet, backend: str = "x86") -> dict | None:
     return dict(torch.load(path, map_location="cpu", weights_only=True)["info"], path=str(path))
 
 
-def calibration_images(shards: Iterable[str | Path] = (), images: Iterable[str | Path] = (), limit: int = 16,
-                       seed: int = 0) -> list[np.ndarray]:
-    """Up to `limit` uint8 `(H,W,3)` images: rows of training shards (dirs or .parquet files) and/or image
-    files or folders, drawn reproducibly (seed) when there are more."""
-    found: list[np.ndarray] = []
-    shard_list = list(shards)
-    if shard_list:
-        for shard in list_shards(shard_list):
-            table = read_shard(shard, columns=["height", "width", "image", "alpha"])
-            found.extend(row_arrays(row)[0] for row in table.to_pylist())
-    files: list[Path] = []
-    for item in images:
-        item = Path(item)
-        if item.is_dir():
-            files.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such image file or folder")
-    if files:
-        found.extend(load_image(p, max_side=CALIBRATION_SIDE).rgb for p in files)
-    if len(found) > limit:
-        pick = np.random.default_rng(seed).choice(len(found), size=limit, replace=False)
-        found = [found[i] for i in sorted(pick)]
-    return found
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusionnet.inference.int8", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a fusionnet model file")
@@ -289,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model, "cpu")
-        images = calibration_images(args.shards, args.images, limit=args.count + 2)
+        images = calibration_images([*args.shards, *args.images], count=args.count + 2, max_side=CALIBRATION_SIDE)
         if len(images) < 3:
             raise ValueError(f"found {len(images)} calibration image(s) in --shards/--images; need at least 3")
         _, info = quantize(model, images, backend=args.backend)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fusionnet.hardware import resolve_device
 from fusionnet.model.checkpoint import load
 from fusionnet.model.network import LateFusionNet
 
@@ -54,14 +55,3 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LateFusionNet:
     """`fusionnet.model.checkpoint.load` of `resolve_model_path(spec)`, on `device`, in eval mode."""
     return load(resolve_model_path(spec), map_location=resolve_device(device)).eval()
-
-
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is a clear error."""
-    if isinstance(spec, torch.device):
-        return spec
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(spec)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusionnet.inference.loading import resolve_device
+from fusionnet.hardware import resolve_device
 from fusionnet.inference.network import NETWORK_PRECISIONS, PreparedNetwork
 from fusionnet.inference.precision import resolve_inference_precision
 from fusionnet.io.images import DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImage, fit_within, load_image

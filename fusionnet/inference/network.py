@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusionnet.hardware import resolve_device
 from fusionnet.inference import int8
-from fusionnet.inference.loading import resolve_device
 from fusionnet.model.geometry import pad_to_multiple
 from fusionnet.model.network import LateFusionNet
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusionnet.data.shards import row_arrays
+from fusionnet.inference.calibration import calibration_images as shared_calibration_images
 from fusionnet.io.atomic import write_atomic
-from fusionnet.io.images import fit_within, image_suffixes, load_image
+from fusionnet.io.images import fit_within
 from fusionnet.model import LateFusionNet
 from fusionnet.model.geometry import pad_to_multiple, resize_maps
 from fusionnet.onnx.common import ExportError, set_metadata
@@ -44,44 +44,12 @@ CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy"
 def calibration_images(
     source: str | os.PathLike, *, count: int = DEFAULT_CALIBRATION_COUNT, seed: int = 0
 ) -> list[np.ndarray]:
-    """Up to `count` images `(H,W,3)` float32 in [0,1] from shards or an image folder.
-
-    Shards: `source` is a shard directory (or one holding train/ val/ shard folders, as the
-    `shard_crops` stage writes); rows are drawn evenly. Folder: image files, searched recursively.
-    Raises ExportError when `source` holds neither.
-    """
-    source = Path(source)
-    if not source.exists():
-        raise ExportError(f"--calibrate {source}: no such shard or image folder")
-    parquet = sorted(p for p in source.rglob("*.parquet") if not p.name.startswith(".")) if source.is_dir() else (
-        [source] if source.suffix == ".parquet" else [])
-    if parquet:
-        train = [p for p in parquet if "train" in p.parts] or parquet
-        return _shard_images(train, count, seed)
-    suffixes = image_suffixes()
-    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                   and not any(part.startswith(".") for part in p.relative_to(source).parts))
-    if not files:
-        raise ExportError(f"--calibrate {source}: neither shards (*.parquet) nor image files found")
-    picked = [files[i] for i in np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)]
-    return [load_image(p, max_side=1024).rgb for p in dict.fromkeys(picked)]
-
-
-def _shard_images(shards: Sequence[Path], count: int, seed: int) -> list[np.ndarray]:
-    import pyarrow.parquet as pq
-
-    where = [(s, g) for s in shards for g in range(pq.ParquetFile(s).num_row_groups)]  # a row group is one row
-    if not where:
-        raise ExportError(f"shards {', '.join(map(str, shards))}: no rows")
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(where), size=min(count, len(where)), replace=False))
-    images = []
-    for index in chosen:
-        shard, group = where[index]
-        table = pq.ParquetFile(shard).read_row_group(group, columns=["image", "alpha", "height", "width"])
-        image, _ = row_arrays(table.to_pylist()[0])
-        images.append(image.astype(np.float32) / 255.0)
-    return images
+    """Up to `count` images `(H,W,3)` float32 in [0,1] from shards or an image folder, drawn as the
+    PyTorch int8 path draws them (`fusionnet.inference.calibration`); ExportError naming `--calibrate`."""
+    try:
+        return shared_calibration_images([source], count=count, seed=seed)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--calibrate {exc}") from exc
 
 
 def network_input(image: np.ndarray, side: int = DEFAULT_CALIBRATION_SIDE) -> np.ndarray:

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fusionnet.hardware import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -30,23 +32,12 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'cpu' | 'cuda' | 'auto' -> a torch.device (cuda:local_rank under DDP)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("params train_common.device is 'cuda' but no CUDA device is available; use cpu or auto")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), or run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, name="params train_common.device")
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
