@@ -36,7 +36,7 @@ def _images(count: int, side: int = 64) -> list[np.ndarray]:
 
 @torch.inference_mode()
 def test_float_body_matches_the_model(narrow):
-    """MattingBody re-states Decoder.forward for FX: a layer dropped or reordered changes alpha."""
+    """MattingBody runs the model's own Decoder.finest and FusionNet.features (FX-traceable): same alpha."""
     x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     ref = narrow(x)
     out = quantize.QuantizedNet(quantize.MattingBody(narrow), narrow.input_mean, narrow.input_scale)(x)

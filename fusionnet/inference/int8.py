@@ -38,14 +38,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from fusionnet.inference.calibration import calibration_images
 from fusionnet.inference.loading import load_model
 from fusionnet.io.atomic import write_atomic
 from fusionnet.io.images import fit_within
-from fusionnet.model import Decoder, LateFusionNet, blend
+from fusionnet.model import LateFusionNet, blend
 from fusionnet.model.geometry import as_float_image, pad_to_multiple, resize_maps
 
 __all__ = [
@@ -76,23 +75,6 @@ class Maps(NamedTuple):
     bg_prob: Tensor
 
 
-def _decode_last(decoder: Decoder, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Decoder.forward for the finest side only: (full-resolution logit, 128-ch feature).
-
-    Same layers in the same order as Decoder.forward (tests check equal outputs); written out here
-    because FX cannot trace fp32_conv's autocast test, and the coarser side outputs are not needed.
-    """
-    x = feats[-1]
-    skips = feats[:-1][::-1] + [None]
-    top_down = None
-    for level, (block, skip) in enumerate(zip(decoder.up_blocks, skips)):
-        x = block(x, skip)
-        lateral = decoder.lateral[level](x)
-        top_down = lateral if top_down is None else lateral + nnf.interpolate(top_down, scale_factor=2.0, mode="nearest")
-    feature = decoder.smooth[-1](top_down)
-    return decoder.heads[-1](feature), feature
-
-
 class MattingBody(nn.Module):
     """The part of LateFusionNet that is quantised: normalised image -> (fg, bg, blend) logits.
 
@@ -107,10 +89,9 @@ class MattingBody(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         feats = self.encoder(x)
-        fg_logit, fg_feature = _decode_last(self.fg_decoder, feats)
-        bg_logit, bg_feature = _decode_last(self.bg_decoder, feats)
-        y = torch.cat([fg_feature, bg_feature, self.fusion.rgb(x)], dim=1)
-        return fg_logit, bg_logit, self.fusion.head(self.fusion.body(y))
+        fg_logit, fg_feature = self.fg_decoder.finest(feats)
+        bg_logit, bg_feature = self.bg_decoder.finest(feats)
+        return fg_logit, bg_logit, self.fusion.head(self.fusion.features(fg_feature, bg_feature, x))
 
 
 class QuantizedNet(nn.Module):

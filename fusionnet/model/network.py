@@ -16,6 +16,7 @@ Structure and widths follow ../shared/docs/method-notes.md ("Network"):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
@@ -137,12 +138,12 @@ class Decoder(nn.Module):
         self.smooth = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(self.NUM_SIDES))
         self.heads = nn.ModuleList(nn.Conv2d(width, 1, 1) for _ in range(self.NUM_SIDES))
 
-    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def _sides(self, feats: list[Tensor], finest_only: bool = False) -> Iterator[tuple[int, Tensor]]:
+        """(side index, `width`-ch FPN feature) per side level, coarse to fine; only the finest one
+        (full resolution) with `finest_only`."""
         x = feats[-1]
         skips = feats[:-1][::-1] + [None]
         top_down: Tensor | None = None
-        side_logits: list[Tensor] = []
-        feature = x
         for level, (block, skip) in enumerate(zip(self.up_blocks, skips)):
             x = block(x, skip)
             lateral = self.lateral[level](x)
@@ -151,10 +152,21 @@ class Decoder(nn.Module):
             else:
                 top_down = lateral + nnf.interpolate(top_down, scale_factor=2.0, mode="nearest")
             side = level - (len(self.up_blocks) - self.NUM_SIDES)
-            if side >= 0:
-                feature = self.smooth[side](top_down)
-                side_logits.append(fp32_conv(self.heads[side], feature))
+            if side >= 0 and (not finest_only or side == self.NUM_SIDES - 1):
+                yield side, self.smooth[side](top_down)
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        side_logits: list[Tensor] = []
+        feature = feats[-1]
+        for side, feature in self._sides(feats):
+            side_logits.append(fp32_conv(self.heads[side], feature))
         return side_logits, feature
+
+    def finest(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(full-resolution logit, feature) only, as inference needs; the head in the input's dtype
+        (no autocast test, so torch.fx can trace it for int8)."""
+        side, feature = next(self._sides(feats, finest_only=True))
+        return self.heads[side](feature), feature
 
 
 class FusionNet(nn.Module):
@@ -173,10 +185,13 @@ class FusionNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Conv2d(in_ch, 1, 1)
 
+    def features(self, fg_feature: Tensor, bg_feature: Tensor, image: Tensor) -> Tensor:
+        """The last body layer's output, before the 1x1 head: concat(F, B, conv-BN(image)) -> body."""
+        return self.body(torch.cat([fg_feature, bg_feature, self.rgb(image)], dim=1))
+
     def forward(self, fg_feature: Tensor, bg_feature: Tensor, image: Tensor) -> Tensor:
         """-> beta `(N,1,H,W)` float32 in [0,1] (head and sigmoid in float32 even under autocast)."""
-        x = torch.cat([fg_feature, bg_feature, self.rgb(image)], dim=1)
-        return torch.sigmoid(fp32_conv(self.head, self.body(x)))
+        return torch.sigmoid(fp32_conv(self.head, self.features(fg_feature, bg_feature, image)))
 
 
 def nearest_multiples(size: int, stride: int) -> tuple[int, int]:
