@@ -8,7 +8,7 @@ Prints one table, old s | new s | old/new, for
    collect stage on N synthetic foregrounds, the trimaps of N 640x480 mattes, the composite stage;
 4. the four metrics on an 800x800 pair (benchmarks/bench_metrics.realistic_pair), "-full" and "-25";
 then the metrics' values before and after on real alphamatting.com mattes (pred = blurred + noisy GT),
-when ../shared/data is present. "old" is tests/scipy_reference.py, patched into the library modules.
+when ../shared/data is present. "old" is tests/support/scipy_reference.py, patched into the library modules.
 OpenCV runs single-threaded (cv2.setNumThreads(1), the library's setting). Times are the best of
 interleaved old/new runs; the machine may be shared, so compare ratios within one run.
 Usage: python benchmarks/bench_opencv.py [--repeats 5] [--foregrounds 8]
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.scipy_reference: the replaced implementations live with the tests
+sys.path.insert(0, str(ROOT))  # tests.support.scipy_reference: the replaced implementations live with the tests
 
 from bench_metrics import cpu_flags, realistic_pair  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 
@@ -44,7 +44,7 @@ from fusionnet.data.composite import CompositeConfig, build_composites  # noqa: 
 from fusionnet.data.imagefiles import read_alpha, read_rgb, resize_float  # noqa: E402
 from fusionnet.data.sources import synthetic_candidates  # noqa: E402
 from fusionnet.data.trimap import band_trimap  # noqa: E402
-from tests import scipy_reference as ref  # noqa: E402
+from tests.support import scipy_reference as ref  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import command, header, record  # noqa: E402

@@ -23,12 +23,13 @@ import pipeline  # noqa: F401  (applies the offline switches before prefect is i
 import yaml
 from prefect import flow, get_run_logger
 
-from pipeline import datasync, handoff
 from fusionnet.io.params import load_params
+from pipeline import datasync, handoff
 from pipeline.steps import (  # noqa: F401  (re-exported: the step machinery's public names)
     NPROC_ENV,
     STEPS,
     StepCrashed,
+    StepJob,
     _current_flow_run_id,
     discard_state_of_other_init,
     processes_per_node,
@@ -109,8 +110,8 @@ def train(
             raise FileNotFoundError(f"{init}: step {steps[0]!r} starts from the previous step's model; train it first")
         with parent_run(loaded, shards, run_id=parent_run_id) as parent_id:
             for step in steps:
-                outcome = run_tracked_step(step, loaded, params_file, shards, models / step, init, parent_id, nproc,
-                                           hand_back=hand_back)
+                job = StepJob(step, params_file, shards, models / step, init, nproc)
+                outcome = run_tracked_step(job, loaded, parent_id, hand_back=hand_back)
                 init = outcome.model_path
             if outcome.node_role == "follower":  # the leader node's flow run evaluates and registers
                 get_run_logger().info("follower node of a multi-node run: no downstream tasks here")

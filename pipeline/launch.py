@@ -102,29 +102,34 @@ class Rendezvous:
         return args
 
 
-def step_command(
-    step: str,
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    mlflow_run_id: str | None,
-    result_path: Path,
-    nproc: int,
-    rendezvous: Rendezvous | None = None,
-) -> list[str]:
-    """argv that trains one step on this node: plain python for one process on one node,
+@dataclass(frozen=True)
+class StepJob:
+    """One training step to run: which step, from which params file and shards, into which folder,
+    starting from which model file (None: the segmentation step's ImageNet/random init), on how many
+    processes of this node."""
+
+    step: str
+    params_path: Path
+    shards_dir: Path
+    out_dir: Path
+    init_checkpoint: Path | None = None
+    nproc: int = 1
+
+
+def step_command(job: StepJob, mlflow_run_id: str | None, result_path: Path,
+                 rendezvous: Rendezvous | None = None) -> list[str]:
+    """argv that runs `job` on this node: plain python for one process on one node,
     torch.distributed.run --standalone for several, torch.distributed.run with the rendezvous
     for several nodes (even with one process each). rendezvous None: a single node."""
     launcher = [sys.executable]
     if rendezvous is not None and rendezvous.multi_node:
-        launcher += ["-m", "torch.distributed.run", *rendezvous.launcher_args(nproc, step)]
-    elif nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = launcher + ["-m", "pipeline.step_main", "--step", step, "--params", str(params_path)]
-    cmd += ["--shards", str(shards_dir), "--out", str(out_dir), "--result", str(result_path)]
-    if init_checkpoint is not None:
-        cmd += ["--init", str(init_checkpoint)]
+        launcher += ["-m", "torch.distributed.run", *rendezvous.launcher_args(job.nproc, job.step)]
+    elif job.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.nproc}"]
+    cmd = launcher + ["-m", "pipeline.step_main", "--step", job.step, "--params", str(job.params_path)]
+    cmd += ["--shards", str(job.shards_dir), "--out", str(job.out_dir), "--result", str(result_path)]
+    if job.init_checkpoint is not None:
+        cmd += ["--init", str(job.init_checkpoint)]
     if mlflow_run_id is not None:
         cmd += ["--mlflow-run-id", mlflow_run_id]
     return cmd

@@ -18,44 +18,35 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fusionnet.io.atomic import write_text_atomic
-from fusionnet.io.hashing import file_sha256
 import pipeline  # noqa: F401  (applies the offline switches before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import handoff
-from pipeline.launch import NPROC_ENV, Rendezvous, processes_per_node, step_command  # noqa: F401  (re-exported)
+from fusionnet.io.atomic import write_text_atomic
+from fusionnet.io.hashing import file_sha256
 from fusionnet.io.params import load_params
-from fusionnet.train.config import STEPS  # torch-free: fusionnet.train loads its loop lazily
+from fusionnet.train.config import STEPS  # torch-free: the fusionnet.train package imports nothing itself
+from pipeline import handoff
+from pipeline.launch import NPROC_ENV, Rendezvous, StepJob, processes_per_node, step_command  # noqa: F401  (re-exported)
 from pipeline.tracking import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
-
 
 
 class StepCrashed(RuntimeError):
     """A training step's process exited with a non-zero code (or was killed by a signal)."""
 
 
-@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="train-{step}")
-def train_step_task(
-    step: str,
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    mlflow_run_id: str | None,
-    nproc: int,
-) -> dict[str, Any]:
-    """Train `step` in a subprocess; returns its StepResult as a dict (model_path, history, ...)."""
+@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="train-{job.step}")
+def train_step_task(job: StepJob, mlflow_run_id: str | None) -> dict[str, Any]:
+    """Run `job` in a subprocess; returns its StepResult as a dict (model_path, history, ...)."""
     logger = get_run_logger()
+    step, out_dir = job.step, job.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     rendezvous = Rendezvous.from_env()  # several nodes: this node's launcher joins the job's rendezvous
     # a fresh path per attempt (a stale result must not pass for this one's), and per node (nodes
     # sharing out_dir each write their own)
     with tempfile.TemporaryDirectory(prefix="fusionnet-result-") as tmp:
         result_path = Path(tmp) / "result.json"
-        cmd = step_command(step, params_path, shards_dir, out_dir, init_checkpoint, mlflow_run_id, result_path, nproc,
-                           rendezvous)
+        cmd = step_command(job, mlflow_run_id, result_path, rendezvous)
         resuming = (out_dir / "state.pt").is_file()
         logger.info("%s step %s: %s", "resuming" if resuming else "starting", step, " ".join(cmd))
         code = subprocess.run(cmd, check=False).returncode
@@ -112,37 +103,28 @@ class StepOutcome(NamedTuple):
     node_role: str  # "leader" (the node with global rank 0; every single-node run) | "follower"
 
 
-def run_tracked_step(
-    step: str,
-    params: dict[str, Any],
-    params_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    init_checkpoint: Path | None,
-    parent_run_id: str,
-    nproc: int,
-    hand_back: bool = False,
-) -> StepOutcome:
-    """One step as a child run of `parent_run_id`: the task (retried once), then its summary.
+def run_tracked_step(job: StepJob, params: dict[str, Any], parent_run_id: str, hand_back: bool = False) -> StepOutcome:
+    """`job` as a child run of `parent_run_id`: the task (retried once), then its summary. `params`:
+    the content of job.params_path (logged as the run's params).
 
     hand_back: also log the step's outputs to the child run (pipeline.handoff), for a dispatching
     DVC stage on a machine that does not share this one's filesystem. On a follower node of a
     multi-node step (rank 0 ran elsewhere and logged the curves) the child run only records that.
     """
-    discard_state_of_other_init(out_dir, init_checkpoint)  # before the first attempt: retries resume
+    discard_state_of_other_init(job.out_dir, job.init_checkpoint)  # before the first attempt: retries resume
     client = get_client()
-    child = start_step_run(client, parent_run_id, step, params, shards_dir)
+    child = start_step_run(client, parent_run_id, job.step, params, job.shards_dir)
     flow_run_id = _current_flow_run_id()
     if flow_run_id:
         client.set_tag(child, handoff.TAG_FLOW_RUN, flow_run_id)
     try:
-        result = train_step_task(step, params_path, shards_dir, out_dir, init_checkpoint, child, nproc)
+        result = train_step_task(job, child)
         role = result.get("node_role", "leader")
         client.set_tag(child, "fusionnet.node_role", role)
         if role == "leader":
-            _log_step_summary(client, child, result, out_dir)
+            _log_step_summary(client, child, result, job.out_dir)
             if hand_back:
-                handoff.upload_outputs(client, child, out_dir)
+                handoff.upload_outputs(client, child, job.out_dir)
     except BaseException as exc:
         client.set_terminated(child, status=failed_status(exc))
         raise
@@ -175,7 +157,7 @@ def train_one_step(
     if init is not None and not init.is_file():
         raise FileNotFoundError(f"{init}: init checkpoint for step {step!r} not found")
     with parent_run(params, shards) as parent_id:
-        nproc = processes_per_node(nproc_per_node)
-        model = run_tracked_step(step, params, params_file, shards, out, init, parent_id, nproc).model_path
+        job = StepJob(step, params_file, shards, out, init, processes_per_node(nproc_per_node))
+        model = run_tracked_step(job, params, parent_id).model_path
     return str(model)
 

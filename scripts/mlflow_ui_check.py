@@ -61,7 +61,7 @@ def run(root: Path) -> dict:
     """The tracked run under `root`; returns the ids and values the UI should show."""
     from fusionnet.train.toy import write_toy_shards
     from pipeline import tracking
-    from pipeline.launch import step_command
+    from pipeline.launch import StepJob, step_command
     from fusionnet.io.params import load_params
     from pipeline.registration import register_pipeline_model
     from pipeline.steps import _log_step_summary
@@ -78,7 +78,7 @@ def run(root: Path) -> dict:
         step_id = tracking.start_step_run(client, parent_id, "joint", params, shards)
         with tempfile.TemporaryDirectory() as tmp:
             result_path = Path(tmp) / "result.json"
-            cmd = step_command("joint", params_path, shards, out, None, step_id, result_path, 1, None)
+            cmd = step_command(StepJob("joint", params_path, shards, out), step_id, result_path)
             subprocess.run(cmd, check=True)
             result = json.loads(result_path.read_text())
         _log_step_summary(client, step_id, result, out)

@@ -4,7 +4,7 @@
         --image ../shared/data/alphamatting-dev/image/GT04.png --out docs/serve-page.png
 
 Starts `fusionnet serve MODEL` on a free 127.0.0.1 port, opens the page in headless Debian Chromium
-(tests/browser.py), drops the image as a desktop drag delivers it, waits for alpha, cut-out and
+(tests/support/browser.py), drops the image as a desktop drag delivers it, waits for alpha, cut-out and
 composite, saves a screenshot and stops the server (SIGINT).
 """
 
@@ -52,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.image.is_file():
         raise SystemExit(f"error: {args.image}: no such image")
-    from tests.browser import all_shown, chromium_page, drop_file
+    from tests.support.browser import all_shown, chromium_page, drop_file
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli.main", "serve", args.model, "--port", str(port)],

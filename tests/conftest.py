@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests; plain helper functions are in tests/helpers.py.
+"""Fixtures shared by the tests; plain helper functions are in tests/support/helpers.py.
 
 Session-scoped objects (`tiny_model`, `tiny_checkpoint`) are shared by every test: never train or
 modify them in place (copy.deepcopy first).
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHARED_DATA, isolate_mlflow, require_shared_data, stop_process, tiny_net
+from tests.support.helpers import SHARED_DATA, isolate_mlflow, require_shared_data, stop_process, tiny_net
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def processes():
 
 @pytest.fixture
 def serve():
-    """`serve(model, *args, log=PATH) -> Server`: `fusionnet serve` on a free port (benchmarks.bench_server.Server),
+    """`serve(model, *args, log=PATH) -> Server`: `fusionnet serve` on a free port (tests.support.server.Server),
     ready, and stopped (SIGTERM, then SIGKILL) on teardown."""
-    from benchmarks.bench_server import Server
+    from tests.support.server import Server
 
     started = []
 

@@ -21,7 +21,7 @@ from PIL import Image
 from fusionnet.data.backgrounds import Background, BackgroundList, background_lists_from_params
 from fusionnet.data.composite import composite_downscaled, dim_list_assignment
 from fusionnet.data.imagefiles import read_alpha, read_rgb
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 
 

@@ -21,8 +21,8 @@ from fusionnet.train.toy import write_toy_shards
 from pipeline import datasync, handoff
 from pipeline.dispatch import DispatchSettings
 from pipeline.step_main import _progress
-from tests.helpers import free_port
-from tests.prefect_servers import (  # noqa: F401  (prefect_api: the module's server)
+from tests.support.helpers import free_port
+from tests.support.prefect_servers import (  # noqa: F401  (prefect_api: the module's server)
     deploy, kill_tree, prefect_api, start_worker, stop, task_runs, wait_final,
 )
 from tests.test_prefect_deployment import tiny_params

@@ -2,7 +2,7 @@
 the transitive closure of its imports, lazy ones and `-m` subprocess launches included) is a dep,
 so changing any of them makes DVC re-run the stage. Also: no listed code dep is stale (missing).
 
-Pure AST + YAML (tests/dvc_deps.py): no import of the stage code, no subprocess.
+Pure AST + YAML (tests/support/dvc_deps.py): no import of the stage code, no subprocess.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_deps import IN_REPO_DIRS, REPO, Entry, ImportGraph, dep_paths, import_chain, python_entries, uncovered
+from tests.support.dvc_deps import IN_REPO_DIRS, REPO, Entry, ImportGraph, dep_paths, import_chain, python_entries, uncovered
 
 STAGES: dict[str, dict] = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 GRAPH = ImportGraph(REPO)  # one graph for all stages: each file is parsed once
@@ -23,7 +23,7 @@ def test_stage_deps_list_every_in_repo_file_its_cmd_runs(name: str) -> None:
     stage = STAGES[name]
     entries = python_entries(stage["cmd"])
     assert entries, f"dvc.yaml stage {name!r}: no `python <script>` / `python -m <module>` in its cmd " \
-                    f"{stage['cmd']!r}; teach tests/dvc_deps.py to read it"
+                    f"{stage['cmd']!r}; teach tests/support/dvc_deps.py to read it"
     for entry in entries:
         if entry.kind == "script":
             assert (REPO / entry.target).is_file(), f"dvc.yaml stage {name!r} runs missing script {entry.target}"

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fusionnet.train.toy import write_toy_shards
-from tests.helpers import ROOT, one_thread_env, tiny_train_params
+from tests.support.helpers import ROOT, one_thread_env, tiny_train_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

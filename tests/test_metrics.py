@@ -25,7 +25,7 @@ from fusionnet.metrics import (
     transition_band,
     unknown_mask,
 )
-from tests.helpers import ALPHAMATTING, require_shared_data
+from tests.support.helpers import ALPHAMATTING, require_shared_data
 
 
 # ----------------------------------------------------------------------------- slow references

@@ -22,7 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from pipeline import tracking
 from pipeline.provenance import PIPELINE_RUN_ENV, dvc_md5, flatten_params, pipeline_run_key
-from tests.helpers import ROOT, free_port, isolate_mlflow, tiny_train_params, wait_http
+from tests.support.helpers import ROOT, free_port, isolate_mlflow, tiny_train_params, wait_http
 from tests.test_hashing import content_sha256_by_hand, dvc_dir_md5_by_hand
 
 

@@ -117,7 +117,7 @@ def test_the_model_links_to_the_run_that_trained_it(served_run):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_runs_page_shows_the_dataset_source_and_model(served_run):
-    from tests.browser import chromium_page
+    from tests.support.browser import chromium_page
 
     url, ids = served_run
     digest = ids["dataset_digest"]
@@ -155,7 +155,7 @@ def test_runs_page_shows_the_dataset_source_and_model(served_run):
 def test_the_experiment_link_opens_on_runs_once_model_training_is_chosen(served_run):
     """MLflow 3.17 opens a bare experiment link by the browser's GenAI / Model training switch (remembered
     in localStorage), not by the experiment's kind tag: chosen once, every later visit lands on runs."""
-    from tests.browser import chromium_page
+    from tests.support.browser import chromium_page
 
     url, ids = served_run
     experiment_link = f"{url}/#/experiments/{ids['experiment_id']}"

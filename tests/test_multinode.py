@@ -23,8 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 from fusionnet.train.toy import write_toy_shards
-from pipeline.launch import Rendezvous, processes_per_node, step_command
-from tests.helpers import free_port
+from pipeline.launch import Rendezvous, StepJob, processes_per_node, step_command
+from tests.support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -66,21 +66,21 @@ def test_processes_per_node(monkeypatch):
 
 
 def test_step_command_single_and_multi_node(tmp_path):
-    args = dict(params_path=tmp_path / "p.yaml", shards_dir=tmp_path / "s", out_dir=tmp_path / "o",
-                init_checkpoint=None, mlflow_run_id="run1", result_path=tmp_path / "o" / "result.json")
+    paths = dict(params_path=tmp_path / "p.yaml", shards_dir=tmp_path / "s", out_dir=tmp_path / "o")
+    job = StepJob("fusion", **paths)
+    args = dict(mlflow_run_id="run1", result_path=tmp_path / "o" / "result.json")
     tail = ["-m", "pipeline.step_main", "--step", "fusion", "--params", str(tmp_path / "p.yaml"),
             "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
             "--result", str(tmp_path / "o" / "result.json"), "--mlflow-run-id", "run1"]
-    assert step_command("fusion", nproc=1, **args) == [PY] + tail
-    assert step_command("fusion", nproc=1, rendezvous=Rendezvous(), **args) == [PY] + tail
+    assert step_command(job, **args) == [PY] + tail
+    assert step_command(job, rendezvous=Rendezvous(), **args) == [PY] + tail
     standalone = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert step_command("fusion", nproc=2, **args) == standalone + tail
+    assert step_command(StepJob("fusion", **paths, nproc=2), **args) == standalone + tail
     rdzv = Rendezvous(2, "10.0.0.1:29400", "job-7")
     multi = [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
              "--rdzv_endpoint=10.0.0.1:29400", "--rdzv_id=job-7-fusion"]
-    assert step_command("fusion", nproc=1, rendezvous=rdzv, **args) == multi + tail  # torchrun even for 1 process
-    positional = step_command("fusion", args["params_path"], args["shards_dir"], args["out_dir"], tmp_path / "i",
-                              None, args["result_path"], 4, rdzv)
+    assert step_command(job, rendezvous=rdzv, **args) == multi + tail  # torchrun even for 1 process
+    positional = step_command(StepJob("fusion", *paths.values(), tmp_path / "i", 4), None, args["result_path"], rdzv)
     assert "--nproc_per_node=4" in positional and positional[-2:] == ["--init", str(tmp_path / "i")]
 
 
@@ -217,14 +217,14 @@ def _train_two_ways(tmp_path: Path) -> dict:
     env = _env(tmp_path)
     t0 = time.monotonic()
     single = tmp_path / "single"
-    cmd = step_command("segmentation", params, shards, single, None, None, single / "result.json", 2)
+    cmd = step_command(StepJob("segmentation", params, shards, single, None, 2), None, single / "result.json")
     _finish([_launch(cmd, env, tmp_path / "single.log")], [tmp_path / "single.log"], 200)
     t1 = time.monotonic()
     rdzv = Rendezvous(2, f"127.0.0.1:{free_port()}", f"test-{uuid.uuid4().hex[:8]}", conf="join_timeout=120")
     nodes = [tmp_path / "node-a", tmp_path / "node-b"]
     procs, logs = [], []
     for out in nodes:
-        cmd = step_command("segmentation", params, shards, out, None, None, out / "result.json", 1, rdzv)
+        cmd = step_command(StepJob("segmentation", params, shards, out), None, out / "result.json", rdzv)
         logs.append(tmp_path / f"{out.name}.log")
         procs.append(_launch(cmd, env, logs[-1]))
     _finish(procs, logs, 200)

@@ -39,7 +39,7 @@ def exported(tmp_path_factory, one_thread):
     """(torch model, its .safetensors file, its fp32 .onnx export)."""
     from fusionnet.model import save
     from fusionnet.onnx.export import export_onnx
-    from tests.helpers import tiny_net
+    from tests.support.helpers import tiny_net
 
     folder = tmp_path_factory.mktemp("onnx")
     model = tiny_net(narrow=True)

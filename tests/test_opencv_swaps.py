@@ -1,4 +1,4 @@
-"""Each OpenCV swap of issue 11 against the implementation it replaced (tests/scipy_reference.py).
+"""Each OpenCV swap of issue 11 against the implementation it replaced (tests/support/scipy_reference.py).
 
 Tolerances: the connected components, the distance-transform band and the trimaps are exact (bool /
 uint8 equality); the filters agree to float64 rounding (atol 1e-12 on values in [0, 1]); the Gaussian
@@ -17,8 +17,8 @@ from fusionnet import metrics
 from fusionnet.data import synthetic
 from fusionnet.data.imagefiles import read_alpha
 from fusionnet.data.trimap import band_trimap
-from tests import scipy_reference as ref
-from tests.helpers import ALPHAMATTING, require_shared_data
+from tests.support import scipy_reference as ref
+from tests.support.helpers import ALPHAMATTING, require_shared_data
 
 EDGE_SHAPES = [(1, 1), (1, 9), (7, 1), (2, 3), (5, 40), (33, 17)]
 

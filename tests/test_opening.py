@@ -17,7 +17,7 @@ from fusionnet.inference.matter import Matter
 from fusionnet.inference.opening import SERVING_DEFAULTS, open_model, stored_settings
 from fusionnet.model import read_metadata, save
 from fusionnet.server import main as server
-from tests.helpers import tiny_net
+from tests.support.helpers import tiny_net
 
 HEADER = {"max_side": 64, "precision": "fp32", "refine": False, "radius": 3, "eps": 0.01}
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from pipeline.env import wait_for_prefect_api
-from tests.helpers import free_port
+from tests.support.helpers import free_port
 
 
 class _Health(BaseHTTPRequestHandler):

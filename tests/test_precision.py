@@ -9,7 +9,7 @@ import torch
 
 from fusionnet.inference import int8 as quantize, precision as infer_precision
 from fusionnet.train import precision as train_precision
-from tests.helpers import tiny_net
+from tests.support.helpers import tiny_net
 
 
 def test_explicit_precision_is_kept():

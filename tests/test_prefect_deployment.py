@@ -22,9 +22,9 @@ import pipeline  # noqa: F401  (offline switches first)
 from fusionnet import model as fmodel
 from fusionnet.train.toy import write_toy_shards
 from mlflow import MlflowClient
-from pipeline.flows import _check_steps, discard_state_of_other_init, processes_per_node, step_command
+from pipeline.flows import StepJob, _check_steps, discard_state_of_other_init, processes_per_node, step_command
 from pipeline.step_main import _progress
-from tests.prefect_servers import base_env, prefect_api, stop, task_runs  # noqa: F401  (base_env: imported from here too)
+from tests.support.prefect_servers import base_env, prefect_api, stop, task_runs  # noqa: F401  (base_env: imported from here too)
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -95,10 +95,9 @@ def test_process_count_comes_from_explicit_value_env_or_visible_gpus(monkeypatch
     assert processes_per_node() == 1  # no GPU visible: one CPU process
     monkeypatch.setenv("FUSIONNET_NPROC_PER_NODE", "2")
     assert processes_per_node() == 2 and processes_per_node(4) == 4
-    args = dict(params_path=Path("p.yaml"), shards_dir=Path("s"), out_dir=Path("o"), init_checkpoint=None,
-                mlflow_run_id="abc", result_path=Path("o/r.json"))
-    single = step_command("fusion", nproc=1, **args)
-    multi = step_command("fusion", nproc=2, **args)
+    args = dict(mlflow_run_id="abc", result_path=Path("o/r.json"))
+    single = step_command(StepJob("fusion", Path("p.yaml"), Path("s"), Path("o"), nproc=1), **args)
+    multi = step_command(StepJob("fusion", Path("p.yaml"), Path("s"), Path("o"), nproc=2), **args)
     assert single[1:3] == ["-m", "pipeline.step_main"] and "torch.distributed.run" not in single
     assert multi[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert multi[multi.index("--mlflow-run-id") + 1] == "abc"

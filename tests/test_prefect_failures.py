@@ -1,5 +1,5 @@
 """The `train` flow's failure paths: a step whose retry also fails, a step that exits 0 without a
-result, a later-steps run with and without its init model (tests/prefect_scenarios.py, one
+result, a later-steps run with and without its init model (tests/support/prefect_scenarios.py, one
 temporary Prefect server for all four), and a deployment run that fails on a real process worker."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import yaml
 
 import pipeline  # noqa: F401  (offline switches first)
 from fusionnet.train.toy import write_toy_shards
-from tests.helpers import ROOT
-from tests.prefect_servers import BIN, base_env, deploy, flow_runs, prefect_api, start_worker, stop, task_runs  # noqa: F401
+from tests.support.helpers import ROOT
+from tests.support.prefect_servers import BIN, base_env, deploy, flow_runs, prefect_api, start_worker, stop, task_runs  # noqa: F401
 from tests.test_prefect_deployment import tiny_params
 
 SCENARIOS = ("retry-fails", "no-result", "missing-init", "fusion-joint")
@@ -25,13 +25,13 @@ SCENARIOS = ("retry-fails", "no-result", "missing-init", "fusion-joint")
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory) -> dict:
-    """What each scenario's flow run did (see tests/prefect_scenarios.py), from one driver process."""
+    """What each scenario's flow run did (see tests/support/prefect_scenarios.py), from one driver process."""
     work = tmp_path_factory.mktemp("scenarios")
     write_toy_shards(work / "shards", n_train=2, n_val=2, size=32)
     tiny_params(work / "params.yaml", iters=1)
     # no PREFECT_API_URL / MLFLOW_* of the caller's: Prefect's temporary server, the scenario's own store
     env = {**base_env(work), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "tests.prefect_scenarios", str(work), *SCENARIOS], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "tests.support.prefect_scenarios", str(work), *SCENARIOS], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=400)
     lines = [line for line in run.stdout.splitlines() if line.startswith("SCENARIOS-JSON ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-3000:]

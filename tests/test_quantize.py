@@ -13,7 +13,7 @@ from torch import nn
 from fusionnet.inference import int8 as quantize
 from fusionnet.inference.calibration import calibration_images
 from fusionnet.inference.matter import Matter
-from tests.helpers import ALPHAMATTING, tiny_net
+from tests.support.helpers import ALPHAMATTING, tiny_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fusionnet.refine import estimate_foreground, guided_filter, implicit_trimap
-from tests.helpers import ALPHAMATTING, require_shared_data
+from tests.support.helpers import ALPHAMATTING, require_shared_data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import isolate_mlflow
+from tests.support.helpers import isolate_mlflow
 from tests.test_evaluate import make_checkpoints
 
 MODEL = "late-fusion-matting"
@@ -70,7 +70,7 @@ CHAMPION_AT_END = "3"  # v1 champion, v2 worse, v3 better (takes the alias), v4 
 def model_file(path: Path, seed: int) -> Path:
     """A narrow densenet121 fusionnet model file (fast); another seed gives other weights and another alpha."""
     from fusionnet.model import save
-    from tests.helpers import tiny_net
+    from tests.support.helpers import tiny_net
 
     save(tiny_net(seed, narrow=True), path)
     return path

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, free_port, isolate_mlflow, one_thread_env, stop_process, wait_http
+from tests.support.helpers import ROOT, free_port, isolate_mlflow, one_thread_env, stop_process, wait_http
 from tests.test_registry import MODEL, image_file, model_file, only_match, raw_alpha, register, sha256
 
 pytestmark = pytest.mark.slow  # a server start, and each test a second or more through HTTP

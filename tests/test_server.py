@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.bench_server import Server, png_bytes, rss_bytes, run_load, sample_image, tiny_model
+from tests.support.server import Server, png_bytes, rss_bytes, run_load, sample_image, tiny_model
 from fusionnet.io.images import to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,7 +376,7 @@ def _page_images(tmp_path: Path) -> list[Path]:
 
 
 def test_page_drop_an_image_and_see_alpha_cutout_composite(servers, tmp_path):
-    from tests.browser import all_shown, chromium_page, drop_file
+    from tests.support.browser import all_shown, chromium_page, drop_file
 
     port = servers["main"].port
     first, second = _page_images(tmp_path)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from fusionnet.io.images import to_uint8
-from tests.helpers import free_port, stop_process, wait_http
+from tests.support.helpers import free_port, stop_process, wait_http
 from tests.test_evaluate import make_checkpoints
 from tests.test_registry import MODEL, register, registry_env
 
@@ -53,7 +53,7 @@ def png_b64(image: np.ndarray) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The champion served twice from one registry: `mlflow models serve` and `fusionnet serve models:/...`."""
-    from benchmarks.bench_server import Server
+    from tests.support.server import Server
 
     root = tmp_path_factory.mktemp("serving")
     weights = make_checkpoints(root / "models")["joint"]

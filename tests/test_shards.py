@@ -24,7 +24,7 @@ from fusionnet.data.shards import (
     shards_digest,
     write_shards,
 )
-from tests.helpers import ROOT, poll
+from tests.support.helpers import ROOT, poll
 from tests.test_crops import make_composites_dir
 
 

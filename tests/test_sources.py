@@ -16,7 +16,7 @@ from PIL import Image
 from fusionnet.data.collect import CollectConfig, InvalidForegroundError, assign_splits, collect_foregrounds
 from fusionnet.data.imagefiles import ImageFileError, read_alpha, read_rgb
 from fusionnet.data.sources import cap_size, dim_candidates, folder_candidates, load_candidate
-from tests.helpers import ALPHAMATTING, ROOT, require_shared_data
+from tests.support.helpers import ALPHAMATTING, ROOT, require_shared_data
 
 SERIAL = CollectConfig(max_side=None, workers=1, test_fraction=0.0, val_fraction=0.0)
 

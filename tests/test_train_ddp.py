@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fusionnet.train.toy import write_toy_shards
-from tests.helpers import ROOT, one_thread_env
+from tests.support.helpers import ROOT, one_thread_env
 
 
 DRIVER = r"""

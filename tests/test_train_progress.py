@@ -20,7 +20,7 @@ from fusionnet.train.loop import run_step
 from fusionnet.train.progress import ENV, StepProgress, resolve_mode
 from fusionnet.train.toy import write_toy_shards
 from fusionnet.train.tracking import PrintLogger
-from tests.helpers import ROOT, tiny_train_params
+from tests.support.helpers import ROOT, tiny_train_params
 
 SUMMARY = re.compile(r"^\[segmentation\] epoch (\d+)/(\d+) done: mean loss (\S+), val SAD (\S+), "
                      r"(\S+) s \+ val (\S+) s, (\d+) it, (\S+) it/s$")

@@ -22,7 +22,7 @@ from fusionnet.train.config import StepConfig
 from fusionnet.train.loop import run_step
 from fusionnet.train.state import STATE_FILE, load_state
 from fusionnet.train.toy import write_toy_shards
-from tests.helpers import ROOT, one_thread_env
+from tests.support.helpers import ROOT, one_thread_env
 
 
 

@@ -15,7 +15,7 @@ from fusionnet.train.config import StepConfig
 from fusionnet.train.loop import run_step
 from fusionnet.train.state import STATE_FILE, load_state
 from fusionnet.train.toy import write_toy_shards
-from tests.helpers import tiny_train_params
+from tests.support.helpers import tiny_train_params
 
 
 def tiny_params(**step_overrides) -> dict:

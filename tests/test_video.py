@@ -26,7 +26,7 @@ from fusionnet.refine import implicit_trimap
 from fusionnet.video.io import VideoReader
 from fusionnet.video.matte import VideoError, VideoOptions, matte_frames, matte_video
 from fusionnet.video.temporal import AlphaSmoother, flicker
-from tests.helpers import tiny_net
+from tests.support.helpers import tiny_net
 
 HEIGHT, WIDTH, FRAMES, FPS = 48, 64, 12, 24.0
 KINDS = ["alpha", "rgba", "composite", "trimap"]

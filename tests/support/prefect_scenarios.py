@@ -1,13 +1,13 @@
 """The `train` flow's failure paths, run for real on Prefect's temporary server with a stand-in step.
 
-    python -m tests.prefect_scenarios WORKDIR SCENARIO... > report.json
+    python -m tests.support.prefect_scenarios WORKDIR SCENARIO... > report.json
 
 runs each scenario's flow in this one process (one temporary server for all: its start-up is
 most of the cost) and prints {scenario: what happened} as JSON: the flow run's state and
 message, its task runs (name, state, run count), the MLflow runs of the scenario's experiment
 (name, status, tags) and the stand-in step's calls. tests/test_prefect_failures.py asserts on it.
 
-The stand-in step replaces only the subprocess (`python -m tests.prefect_scenarios --fake-step
+The stand-in step replaces only the subprocess (`python -m tests.support.prefect_scenarios --fake-step
 MODE <the real step argv>`), so the flow, the task with its retry, the child and parent MLflow
 runs and the result hand-over are the pipeline's own code. MODE: crash (exit 3), no-result
 (exit 0, nothing written), ok (a model named after the step and its init's bytes, a result.json).
@@ -57,7 +57,7 @@ def _install_stand_in(mode: str) -> None:
 
     def command(*args, **kwargs) -> list[str]:
         real = step_command(*args, **kwargs)
-        return [sys.executable, "-m", "tests.prefect_scenarios", "--fake-step", mode, *real[real.index("--step"):]]
+        return [sys.executable, "-m", "tests.support.prefect_scenarios", "--fake-step", mode, *real[real.index("--step"):]]
 
     pipeline.steps.step_command = command
 

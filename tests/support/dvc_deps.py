@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IN_REPO_DIRS = ("fusionnet", "pipeline", "stages")  # code DVC stages run; tests/ and third party are not deps
 _PYTHON = re.compile(r"^python(\d+(\.\d+)*)?$")  # python, python3, python3.11 (any directory)
 _OPTS_WITH_ARG = {"-X", "-W", "--check-hash-based-pycs"}  # interpreter options that take the next token

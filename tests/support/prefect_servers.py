@@ -2,7 +2,7 @@
 
 Prefect's server and workers ignore SIGTERM (conftest's `processes` would wait 20 s for each
 before its SIGKILL): they are stopped with SIGINT, then their whole process tree is killed.
-Import the fixture by name: `from tests.prefect_servers import prefect_api` (one server per module).
+Import the fixture by name: `from tests.support.prefect_servers import prefect_api` (one server per module).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import free_port, poll, wait_http
+from tests.support.helpers import free_port, poll, wait_http
 
 BIN = Path(sys.executable).parent
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

@@ -1,6 +1,6 @@
 """Plain helpers shared by the tests (fixtures live in tests/conftest.py).
 
-Import them as `from tests.helpers import free_port, wait_http, ...`.
+Import them as `from tests.support.helpers import free_port, wait_http, ...`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Real photos with ground-truth alpha, beside the checkout (never copied in); see its README.md.
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ALPHAMATTING = SHARED_DATA / "alphamatting-dev"
