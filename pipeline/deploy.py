@@ -13,7 +13,7 @@ unset, a run uses every GPU the worker sees, one process each) and `working_dir`
 overridden per run with `prefect deployment run ... --job-variable env='{...}'`.
 
 Several nodes: --nnodes K, --rdzv-endpoint HOST:PORT and --rdzv-id JOB become FUSIONNET_NNODES,
-FUSIONNET_RDZV_ENDPOINT and FUSIONNET_RDZV_ID in `env` (pipeline/launch.py reads them). Start K
+FUSIONNET_RDZV_ENDPOINT and FUSIONNET_RDZV_ID in `env` (pipeline/training/launch.py reads them). Start K
 flow runs of the deployment, one on a worker of each node, with the same three values; each
 node's step launcher joins the c10d rendezvous and the K nodes train as one DDP group. Give every
 training job its own id, per run: `--job-variable env='{"FUSIONNET_RDZV_ID": "job-43"}'` (the
@@ -36,7 +36,7 @@ from prefect.workers.process import ProcessWorker
 
 from pipeline.env import OFFLINE_ENV, PROJECT_DIR
 from pipeline.flows import train
-from pipeline.launch import NNODES_ENV, NPROC_ENV, RDZV_ENDPOINT_ENV, RDZV_ID_ENV, Rendezvous
+from pipeline.training.launch import NNODES_ENV, NPROC_ENV, RDZV_ENDPOINT_ENV, RDZV_ID_ENV, Rendezvous
 
 ENTRYPOINT = "pipeline/flows.py:train"
 DEFAULT_POOL = "gpu"

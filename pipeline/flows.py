@@ -3,12 +3,12 @@
     train-segmentation -> train-fusion -> train-joint [-> tune-refinement -> evaluate -> register]
 
 runs segmentation -> fusion -> joint (or a contiguous part of it), each step a task of
-pipeline.steps (a subprocess, retried once, resuming from its state.pt), then with
+pipeline.training.steps (a subprocess, retried once, resuming from its state.pt), then with
 `downstream=True` the tasks of pipeline.tasks. This is the flow the deployment serves
 (pipeline.deploy); a DVC stage that dispatches one step triggers it with steps=[step]
-(pipeline.dispatch). The flow returns the final model path and calls the optional `evaluate` hook.
+(pipeline.training.dispatch). The flow returns the final model path and calls the optional `evaluate` hook.
 
-Each flow run is one MLflow parent run (pipeline.tracking.parent_run), each step one child run.
+Each flow run is one MLflow parent run (pipeline.tracking.runs.parent_run), each step one child run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import yaml
 from prefect import flow, get_run_logger
 
 from fusionnet.io.params import load_params
-from pipeline import datasync, handoff
-from pipeline.steps import (  # noqa: F401  (re-exported: the step machinery's public names)
+from pipeline.training import datasync, handoff
+from pipeline.training.steps import (  # noqa: F401  (re-exported: the step machinery's public names)
     NPROC_ENV,
     STEPS,
     StepCrashed,
@@ -39,7 +39,7 @@ from pipeline.steps import (  # noqa: F401  (re-exported: the step machinery's p
     train_step_task,
 )
 from pipeline.tasks import evaluate_and_register
-from pipeline.tracking import get_client, parent_run
+from pipeline.tracking.runs import get_client, parent_run
 
 
 def resolve_hook(spec: str) -> Callable[..., Any]:
@@ -85,9 +85,9 @@ def train(
     (pipeline.tasks) over the project that holds models_dir (its data/, metrics/, reports/);
     with steps=["joint"] this re-evaluates and re-registers without retraining the first two.
 
-    Set by a dispatching DVC stage (pipeline.dispatch), for a worker that may not share its files:
+    Set by a dispatching DVC stage (pipeline.training.dispatch), for a worker that may not share its files:
     params: the params.yaml content itself (params_path is then ignored); data_md5: DVC's md5 of
-    shards_dir, pulled from the DVC remote when this worker's copy differs (pipeline.datasync);
+    shards_dir, pulled from the DVC remote when this worker's copy differs (pipeline.training.datasync);
     init_sha256: the sha256 the first step's init model must have, fetched from MLflow when the
     local file differs; parent_run_id: the MLflow parent run to log under; hand_back: log each
     step's outputs to its child run; heartbeat_s: label the flow run alive every so many seconds.

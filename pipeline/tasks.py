@@ -24,9 +24,9 @@ from prefect import task
 
 from fusionnet.evaluation.run import run_evaluation, tune_refinement
 from pipeline.env import PROJECT_DIR
-from pipeline.evaluation_outputs import log_evaluation
+from pipeline.tracking.evaluation import log_evaluation
 from fusionnet.io.params import load_params
-from pipeline.registration import TASK_OPTIONS, log_to_run, register_task
+from pipeline.registry.registration import TASK_OPTIONS, log_to_run, register_task
 
 
 @task(name="tune-refinement", **TASK_OPTIONS)

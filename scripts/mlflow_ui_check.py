@@ -7,9 +7,9 @@
 Writes toy shards (fusionnet.train.toy) and a tiny params.yaml (densenet121 at 64 px, one
 iteration) under --root, then does what one `dvc repro` of train_joint + register does, minus
 Prefect (whose temporary server is slow to start on a busy machine): the parent run
-(pipeline.tracking.parent_run), the joint step as its child run trained by the real step process
-(pipeline.step_main), the step summary (pipeline.steps), and registration of the trained file
-(pipeline.registration) with a stand-in evaluation (fixed metrics). Logs to MLFLOW_TRACKING_URI,
+(pipeline.tracking.runs.parent_run), the joint step as its child run trained by the real step process
+(pipeline.training.step_main), the step summary (pipeline.training.steps), and registration of the trained file
+(pipeline.registry.registration) with a stand-in evaluation (fixed metrics). Logs to MLFLOW_TRACKING_URI,
 else sqlite:///<root>/mlflow.db. Prints one JSON line: the ids to look for in the UI.
 tests/test_mlflow_ui.py runs it, then checks the runs page in headless Chromium.
 """
@@ -60,11 +60,11 @@ def stand_in_evaluation(folder: Path) -> tuple[Path, Path]:
 def run(root: Path) -> dict:
     """The tracked run under `root`; returns the ids and values the UI should show."""
     from fusionnet.train.toy import write_toy_shards
-    from pipeline import tracking
-    from pipeline.launch import StepJob, step_command
+    from pipeline.tracking import runs as tracking
+    from pipeline.training.launch import StepJob, step_command
     from fusionnet.io.params import load_params
-    from pipeline.registration import register_pipeline_model
-    from pipeline.steps import _log_step_summary
+    from pipeline.registry.registration import register_pipeline_model
+    from pipeline.training.steps import _log_step_summary
 
     root = Path(root).resolve()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")

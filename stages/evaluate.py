@@ -23,7 +23,7 @@ from fusionnet.evaluation.config import EvalConfig
 from fusionnet.io.params import load_params
 import pipeline  # noqa: F401  (offline switches first)
 from pipeline.env import wait_for_prefect_api
-from pipeline.registry import pipeline_parent
+from pipeline.registry.models import pipeline_parent
 from pipeline.tasks import evaluate_task, tune_refinement_task
 
 

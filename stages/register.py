@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pipeline  # noqa: F401  (offline switches first)
 from pipeline.env import wait_for_prefect_api
-from pipeline.registration import register_task
+from pipeline.registry.registration import register_task
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ train_joint); input data/shards and, after segmentation, the previous step's mod
 Writes --out (model.safetensors, state.pt, history.json, plots/). Without PREFECT_API_URL the
 flow runs against Prefect's temporary local server on 127.0.0.1; MLflow logs one child run
 under the pipeline run's parent (see docs/orchestration.md). With `orchestration.dispatch:
-deployment` the step runs on a worker of that deployment instead (pipeline.dispatch) and its
+deployment` the step runs on a worker of that deployment instead (pipeline.training.dispatch) and its
 outputs come back into --out, verified by sha256.
 Usage: python stages/train.py --step segmentation --params params.yaml --shards data/shards \
            --out models/segmentation [--init models/segmentation/model.safetensors]
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from fusionnet.io.params import load_params
-from pipeline.dispatch import DispatchSettings, dispatch_step
+from pipeline.training.dispatch import DispatchSettings, dispatch_step
 from pipeline.env import wait_for_prefect_api
-from pipeline.steps import STEPS, train_one_step
+from pipeline.training.steps import STEPS, train_one_step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ from fusionnet.data.crops import CropParams
 from fusionnet.evaluation.config import EvalConfig
 from fusionnet.io.params import load_params
 from fusionnet.train.config import STEPS, StepConfig
-from pipeline.dispatch import DispatchSettings
-from pipeline.registration import RegisterConfig
+from pipeline.training.dispatch import DispatchSettings
+from pipeline.registry.registration import RegisterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("params.yaml", "params-photos.yaml", "params-paper.yaml")

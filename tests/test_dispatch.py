@@ -18,9 +18,9 @@ import yaml
 
 import pipeline  # noqa: F401  (offline switches first)
 from fusionnet.train.toy import write_toy_shards
-from pipeline import datasync, handoff
-from pipeline.dispatch import DispatchSettings
-from pipeline.step_main import _progress
+from pipeline.training import datasync, handoff
+from pipeline.training.dispatch import DispatchSettings
+from pipeline.training.step_main import _progress
 from tests.support.helpers import free_port
 from tests.support.prefect_servers import (  # noqa: F401  (prefect_api: the module's server)
     deploy, kill_tree, prefect_api, start_worker, stop, task_runs, wait_final,
@@ -353,7 +353,7 @@ def test_a_worker_counts_as_gone_only_after_stale_s_without_a_sign_of_life():
     from datetime import datetime, timezone
     from types import SimpleNamespace
 
-    from pipeline.dispatch import _alive_age
+    from pipeline.training.dispatch import _alive_age
 
     def run(state_at: float, beat: float | None):
         state = SimpleNamespace(timestamp=datetime.fromtimestamp(state_at, timezone.utc))

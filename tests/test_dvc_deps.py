@@ -50,12 +50,12 @@ def test_a_dropped_dep_fails_the_check() -> None:
     """The check on the real dvc.yaml: take one dep away and it is reported; a directory dep covers its files."""
     stage = STAGES["train_seg"]
     files = GRAPH.stage_files(stage["cmd"])
-    assert {"stages/train.py", "pipeline/steps.py", "pipeline/step_main.py", "fusionnet/model/network.py"} <= files
+    assert {"stages/train.py", "pipeline/training/steps.py", "pipeline/training/step_main.py", "fusionnet/model/network.py"} <= files
     # the whole-pipeline flow and the evaluation are not run by a training stage: editing them retrains nothing
     assert not files & {"pipeline/flows.py", "pipeline/tasks.py", "fusionnet/evaluation/run.py"}
     before = uncovered(files, stage["deps"])  # [] unless the test above fails too (then it says what)
-    dropped = [d for d in stage["deps"] if d != "pipeline/tracking.py"]
-    assert uncovered(files, dropped) == sorted(before + ["pipeline/tracking.py"])
+    dropped = [d for d in stage["deps"] if d != "pipeline/tracking/runs.py"]
+    assert uncovered(files, dropped) == sorted(before + ["pipeline/tracking/runs.py"])
     as_directory = [d for d in stage["deps"] if not str(d).startswith("pipeline/")] + ["pipeline/"]
     assert not [f for f in uncovered(files, as_directory) if f.startswith("pipeline/")]
 

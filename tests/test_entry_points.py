@@ -219,7 +219,7 @@ def test_the_working_scale_is_one_key():
     settings read it, and a section that sets its own max_side is refused, naming the key."""
     from fusionnet.data.crops import CropParams
     from fusionnet.evaluation.config import EvalConfig
-    from pipeline.registration import RegisterConfig
+    from pipeline.registry.registration import RegisterConfig
 
     params = {"crops": {"max_side": 96}, "evaluate": {}, "register": {}}
     assert CropParams.from_params(params).max_side == EvalConfig.from_params(params).max_side == 96

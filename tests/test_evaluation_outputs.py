@@ -68,7 +68,7 @@ def test_dvc_yaml_declares_only_the_table_as_metrics():
     assert {name: paths for name, paths in declared.items() if paths} == {"evaluate": ["metrics/table"]}
     assert "metrics" not in project  # no top-level metrics either
     outs = {next(iter(o)): o[next(iter(o))] for o in project["stages"]["evaluate"]["outs"] if isinstance(o, dict)}
-    for name in ("evaluate", "claims", "photos", "details"):  # read by pipeline/registry.py, tests, scripts
+    for name in ("evaluate", "claims", "photos", "details"):  # read by pipeline/registry/models.py, tests, scripts
         assert outs[f"metrics/{name}.json"] == {"cache": False}
     assert project["stages"]["evaluate"]["metrics"] == [{"metrics/table": {"cache": False}}]
 

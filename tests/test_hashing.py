@@ -12,7 +12,7 @@ import pytest
 
 from fusionnet.data.shards import shards_digest
 from fusionnet.io.hashing import file_sha256
-from pipeline.provenance import content_sha256
+from pipeline.tracking.provenance import content_sha256
 
 ABC_SHA256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2 example "abc"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -105,7 +105,7 @@ def test_shards_digest_is_the_split_name_and_sha256_of_each_shard(tmp_path):
 
 
 def test_dvc_dir_md5_is_dvcs_listing_md5(tree):
-    from pipeline.tracking import dvc_dir_md5
+    from pipeline.tracking.runs import dvc_dir_md5
 
     listing = [{"md5": ABC_MD5, "relpath": "a.txt"},
                {"md5": hashlib.md5(bytes(range(256)) * 3).hexdigest(), "relpath": "b.bin"},

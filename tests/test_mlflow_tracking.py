@@ -20,8 +20,8 @@ import pipeline  # noqa: F401  (offline switches first)
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-from pipeline import tracking
-from pipeline.provenance import PIPELINE_RUN_ENV, dvc_md5, flatten_params, pipeline_run_key
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.provenance import PIPELINE_RUN_ENV, dvc_md5, flatten_params, pipeline_run_key
 from tests.support.helpers import ROOT, free_port, isolate_mlflow, tiny_train_params, wait_http
 from tests.test_hashing import content_sha256_by_hand, dvc_dir_md5_by_hand
 
@@ -95,7 +95,7 @@ def test_pipeline_run_key_is_shared_by_the_stages_of_one_dvc_process(tmp_path, m
     monkeypatch.delenv(PIPELINE_RUN_ENV, raising=False)
     fake_dvc = tmp_path / "bin" / "dvc"  # a real process named dvc that runs two "stages"
     fake_dvc.parent.mkdir()
-    probe = "from pipeline.provenance import pipeline_run_key; print(pipeline_run_key())"
+    probe = "from pipeline.tracking.provenance import pipeline_run_key; print(pipeline_run_key())"
     fake_dvc.write_text(
         f"#!{sys.executable}\nimport os, subprocess, sys\n"
         f"for _ in range(2):\n"

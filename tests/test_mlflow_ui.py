@@ -16,7 +16,7 @@ import pytest
 import pipeline  # noqa: F401  (offline switches first)
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 from tests.test_mlflow_tracking import free_port, wait_http
 from tests.test_prefect_deployment import base_env
 

@@ -2,7 +2,7 @@
 
 The slow test trains the segmentation step for 2 iterations at a global batch of 4 twice: one node
 with 2 processes (--standalone), and two launchers with 1 process each meeting at a c10d rendezvous
-(built by pipeline.launch.step_command), every launcher with its own --out as if on its own machine.
+(built by pipeline.training.launch.step_command), every launcher with its own --out as if on its own machine.
 The weights must be bitwise equal: global ranks see the same data (split by global rank), DDP
 averages the same two gradients, and rank 0's BatchNorm statistics are saved in both.
 """
@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fusionnet.train.toy import write_toy_shards
-from pipeline.launch import Rendezvous, StepJob, processes_per_node, step_command
+from pipeline.training.launch import Rendezvous, StepJob, processes_per_node, step_command
 from tests.support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_step_command_single_and_multi_node(tmp_path):
     paths = dict(params_path=tmp_path / "p.yaml", shards_dir=tmp_path / "s", out_dir=tmp_path / "o")
     job = StepJob("fusion", **paths)
     args = dict(mlflow_run_id="run1", result_path=tmp_path / "o" / "result.json")
-    tail = ["-m", "pipeline.step_main", "--step", "fusion", "--params", str(tmp_path / "p.yaml"),
+    tail = ["-m", "pipeline.training.step_main", "--step", "fusion", "--params", str(tmp_path / "p.yaml"),
             "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"),
             "--result", str(tmp_path / "o" / "result.json"), "--mlflow-run-id", "run1"]
     assert step_command(job, **args) == [PY] + tail
@@ -102,7 +102,7 @@ import json, os, sys
 from pathlib import Path
 import torch
 from fusionnet.train.distributed import init_distributed, shutdown
-from pipeline.step_main import NodeLeaders, NodePlace, _before_training
+from pipeline.training.step_main import NodeLeaders, NodePlace, _before_training
 
 base = Path(sys.argv[1])
 place = NodePlace.from_env()

@@ -274,8 +274,8 @@ def test_registered_model_carries_the_onnx_file(exported, tmp_path, capsys):
     (The export is the module's, copied, to keep this test short.)"""
     import fusionnet.onnx.export as onnx_export
     from fusionnet.cli import main as cli
-    from pipeline.registration import register_pipeline_model
-    from pipeline.registry import onnx_file, weights_file
+    from pipeline.registry.registration import register_pipeline_model
+    from pipeline.registry.models import onnx_file, weights_file
     from tests.test_registry import registry_env, write_evaluation
 
     _, weights, onnx_path = exported

@@ -23,7 +23,7 @@ from fusionnet import model as fmodel
 from fusionnet.train.toy import write_toy_shards
 from mlflow import MlflowClient
 from pipeline.flows import StepJob, _check_steps, discard_state_of_other_init, processes_per_node, step_command
-from pipeline.step_main import _progress
+from pipeline.training.step_main import _progress
 from tests.support.prefect_servers import base_env, prefect_api, stop, task_runs  # noqa: F401  (base_env: imported from here too)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_process_count_comes_from_explicit_value_env_or_visible_gpus(monkeypatch
     args = dict(mlflow_run_id="abc", result_path=Path("o/r.json"))
     single = step_command(StepJob("fusion", Path("p.yaml"), Path("s"), Path("o"), nproc=1), **args)
     multi = step_command(StepJob("fusion", Path("p.yaml"), Path("s"), Path("o"), nproc=2), **args)
-    assert single[1:3] == ["-m", "pipeline.step_main"] and "torch.distributed.run" not in single
+    assert single[1:3] == ["-m", "pipeline.training.step_main"] and "torch.distributed.run" not in single
     assert multi[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert multi[multi.index("--mlflow-run-id") + 1] == "abc"
 
@@ -145,7 +145,7 @@ def test_stage_stays_on_localhost_and_resumes_a_killed_step(tmp_path):
             iteration = _progress(out / "state.pt")[1]  # mmap: not the whole state read 5 times a second
             if iteration >= 4:
                 steps = [p for p in psutil.Process(stage.pid).children(recursive=True)
-                         if "pipeline.step_main" in " ".join(p.cmdline())]
+                         if "pipeline.training.step_main" in " ".join(p.cmdline())]
                 assert len(steps) == 1, "expected one running step process"
                 killed_at_iteration = iteration
                 kill_ms = int(time.time() * 1000)

@@ -55,7 +55,7 @@ def write_evaluation(folder: Path, sad: float, radius: int = 2, eps: float = 1e-
 
 
 def register(root: Path, weights: Path, sad: float, tag: str, test_set: str | None = SET_A, **register_params) -> dict:
-    from pipeline.registration import register_pipeline_model
+    from pipeline.registry.registration import register_pipeline_model
 
     metrics, reports = write_evaluation(root / tag, sad, test_set=test_set)
     params = {"crops": {"max_side": 64}, "register": {"precision": "fp32", **register_params}}
@@ -122,7 +122,7 @@ def only_match(alpha: np.ndarray, references: dict[str, np.ndarray]) -> str:
 
 @pytest.mark.slow
 def test_champion_moves_only_when_beaten(registry):
-    from pipeline.tracking import get_client
+    from pipeline.tracking.runs import get_client
 
     root, weights, decisions = registry["root"], registry["weights"], registry["decisions"]
     first, worse, better, tie = (decisions[v] for v in HISTORY)
@@ -148,7 +148,7 @@ def test_champion_moves_only_when_beaten(registry):
 @pytest.mark.slow
 def test_champion_is_compared_only_on_the_same_test_set(registry):
     """A much better number on other test data does not move the champion; the same data does."""
-    from pipeline.tracking import get_client
+    from pipeline.tracking.runs import get_client
 
     root, weights, name = registry["root"], registry["weights"]["1"], "test-set-rule"
     first = register(root, weights, sad=1.0, tag="s1", model_name=name)
@@ -172,7 +172,7 @@ def test_champion_is_compared_only_on_the_same_test_set(registry):
     assert str(client.get_model_version_by_alias(name, "champion").version) == "4"
     # a bad test-set version is an error naming details.json
     metrics, reports = write_evaluation(root / "s5", 0.4, test_set="")
-    from pipeline.registration import register_pipeline_model
+    from pipeline.registry.registration import register_pipeline_model
 
     with pytest.raises(ValueError, match="s5/metrics/details.json"):
         register_pipeline_model({"register": {"model_name": name}}, weights, metrics, reports, root / "s5.json")
@@ -196,7 +196,7 @@ def test_pull_downloads_the_champion(registry, tmp_path, capsys):
     info = json.loads((folder / "fusionnet-model.json").read_text())
     assert info == {"uri": f"models:/{MODEL}@champion", "name": MODEL, "version": CHAMPION_AT_END,
                     "alias": "champion"}
-    from pipeline.registry import weights_file
+    from pipeline.registry.models import weights_file
 
     # the champion's own weights arrived, not another version's
     assert sha256(weights_file(folder)) == sha256(registry["weights"][CHAMPION_AT_END])
@@ -210,7 +210,7 @@ def test_pull_by_version_number(registry, tmp_path, capsys):
     """`fusionnet pull models:/name/N` gets version N, not the champion. In-process: the same entry point
     as the console command, without another torch start-up."""
     from fusionnet.cli import main as cli
-    from pipeline.registry import weights_file
+    from pipeline.registry.models import weights_file
 
     weights = registry["weights"]
     for version in ("2", "4"):  # neither is the champion
@@ -230,7 +230,7 @@ def test_pull_by_run_uri(registry, tmp_path, capsys):
     """`fusionnet pull runs:/<run>/<name>`: the model that run logged (the register run of v2 here; MLflow 3
     downloads it into <folder>/<name>, which download_model must look in)."""
     from fusionnet.cli import main as cli
-    from pipeline.registry import weights_file
+    from pipeline.registry.models import weights_file
 
     run_uri = f"runs:/{registry['decisions']['2']['run_id']}/{MODEL}"  # logged under the model's name
     assert cli.main(["pull", run_uri, "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
@@ -242,7 +242,7 @@ def test_pull_by_run_uri(registry, tmp_path, capsys):
 def test_pyfunc_predicts_alpha_and_rejects_bad_images(registry):
     import mlflow
 
-    from pipeline.pyfunc_model import decode_png, images_frame
+    from pipeline.registry.pyfunc_model import decode_png, images_frame
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     rng = np.random.default_rng(1)
@@ -290,9 +290,9 @@ def test_fusionnet_matte_with_a_registry_uri(registry, tmp_path, capsys):
 def test_the_resolver_follows_a_moved_alias(registry):
     """An alias is looked up on every call, so moving @champion takes effect at once; a version's download
     is cached and not fetched again."""
-    from pipeline.registry import register_version
-    from pipeline.tracking import get_client
-    from pipeline.resolver import resolve
+    from pipeline.registry.models import register_version
+    from pipeline.tracking.runs import get_client
+    from pipeline.registry.resolver import resolve
 
     client, weights, name = get_client(), registry["weights"], "moving-alias"
     for version in ("1", "2"):  # the same models as MODEL's v1 and v2, under another name
@@ -313,9 +313,9 @@ def test_the_resolver_follows_a_moved_alias(registry):
 def test_an_alias_moved_during_the_download_does_not_mix_versions(registry, monkeypatch):
     """@champion promoted between the resolver's lookup and its download: the cache folder of the version
     looked up holds that version's files, and the next call sees the new champion."""
-    import pipeline.resolver as resolver
-    from pipeline.registry import register_version
-    from pipeline.tracking import get_client
+    import pipeline.registry.resolver as resolver
+    from pipeline.registry.models import register_version
+    from pipeline.tracking.runs import get_client
 
     client, weights, name = get_client(), registry["weights"], "alias-moved-mid-download"
     for version in ("1", "2"):

@@ -1,4 +1,4 @@
-"""The champion rule of pipeline.registry.promote on its own: versions registered by register_version on a
+"""The champion rule of pipeline.registry.models.promote on its own: versions registered by register_version on a
 SQLite store (no model files needed: the rule reads only the versions' tags).
 
 The rule through the register step, on logged models, is in tests/test_registry.py.
@@ -26,7 +26,7 @@ def store(tmp_path_factory):
 @pytest.fixture
 def versions(store, request, tmp_path):
     """`new(metrics, test_set=SET_A) -> version` registering under a name of the test's own; `champion()`."""
-    from pipeline.registry import register_version
+    from pipeline.registry.models import register_version
 
     source = (tmp_path / "model").as_uri()  # the rule never opens it
     name = request.node.name
@@ -43,7 +43,7 @@ def versions(store, request, tmp_path):
 
 
 def test_greater_is_better_and_a_version_without_the_metric(versions):
-    from pipeline.registry import promote
+    from pipeline.registry.models import promote
 
     client, name, new = versions["client"], versions["name"], versions["new"]
     registered = [new({"score": v}) for v in (0.5, 0.7, 0.6)]
@@ -60,7 +60,7 @@ def test_greater_is_better_and_a_version_without_the_metric(versions):
 def test_a_champion_without_the_metric_is_beaten_on_the_same_test_set(versions):
     """A champion registered without the compared metric (by hand, or before the metric existed) counts
     as beaten by a version that has it on the same test set; later versions are compared as usual."""
-    from pipeline.registry import promote
+    from pipeline.registry.models import promote
 
     client, name, new, champion = versions["client"], versions["name"], versions["new"], versions["champion"]
     old = new({"other": 1.0})
@@ -83,7 +83,7 @@ def test_a_champion_without_the_metric_is_beaten_on_the_same_test_set(versions):
 def test_a_version_without_the_metric_never_takes_the_alias_from_a_champion(versions, greater_is_better):
     """Not from a champion that has the metric, nor from one that lacks it too (nothing ranks them), on the
     same test set or another; the reason names the version and the metric, and is kept as its tag."""
-    from pipeline.registry import promote
+    from pipeline.registry.models import promote
 
     client, name, new, champion = versions["client"], versions["name"], versions["new"], versions["champion"]
     bare = new({"other": 1.0})
@@ -105,7 +105,7 @@ def test_a_version_without_the_metric_never_takes_the_alias_from_a_champion(vers
 
 
 def test_a_metric_the_evaluation_lacks_is_an_error_naming_it(store, tmp_path, tiny_checkpoint):
-    from pipeline.registration import register_pipeline_model
+    from pipeline.registry.registration import register_pipeline_model
 
     metrics, reports = write_evaluation(tmp_path / "bad-metric", 1.0)
     with pytest.raises(KeyError, match=r"'raw.band.nope' is not in .*bad-metric/metrics/evaluate.json"):

@@ -88,7 +88,7 @@ def test_the_register_step_stores_the_model_on_the_server(server):
 
 def test_pull_by_alias_version_number_and_run(server, pulled, tmp_path):
     from fusionnet.cli.main import main as fusionnet
-    from pipeline.registry import weights_file
+    from pipeline.registry.models import weights_file
 
     info = json.loads((pulled / "fusionnet-model.json").read_text())
     assert info == {"uri": f"models:/{MODEL}@champion", "name": MODEL, "version": CHAMPION, "alias": "champion"}

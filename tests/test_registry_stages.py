@@ -20,7 +20,7 @@ from tests.test_registry import MODEL, registry_env, runs_by_name, tiny_project
 @pytest.mark.slow
 def test_dvc_stages_log_evaluate_and_register_under_one_parent(tmp_path):
     """`python stages/evaluate.py` then `python stages/register.py`, as one `dvc repro` runs them."""
-    from pipeline.tracking import get_client
+    from pipeline.tracking.runs import get_client
 
     project = tiny_project(tmp_path)
     repo = Path(__file__).resolve().parents[1]

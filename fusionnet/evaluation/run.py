@@ -2,7 +2,7 @@
 
 Run as the Prefect tasks of pipeline.tasks (tune-refinement, evaluate) by the DVC stage
 (stages/evaluate.py) and by the training flow, which log the record to MLflow
-(pipeline.evaluation_outputs). This module computes; fusionnet.evaluation.data says which data is
+(pipeline.tracking.evaluation). This module computes; fusionnet.evaluation.data says which data is
 scored (test-set version, held-out photos) and fusionnet.evaluation.outputs writes the compact DVC
 metrics. Writes, atomically:
 

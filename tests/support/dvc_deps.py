@@ -269,7 +269,7 @@ class ImportGraph:
 
 
 def import_chain(via: dict[str, str | None], path: str) -> str:
-    """'stages/train.py -> pipeline/flows.py -> pipeline/tracking.py': how `path` gets run."""
+    """'stages/train.py -> pipeline/flows.py -> pipeline/tracking/runs.py': how `path` gets run."""
     chain = [path]
     while via.get(chain[-1]) is not None:
         chain.append(via[chain[-1]])

@@ -26,7 +26,7 @@ CALLS_ENV = "FUSIONNET_TEST_FAKE_CALLS"  # where the stand-in step appends one J
 
 
 def fake_step(argv: list[str]) -> int:
-    """The stand-in for `python -m pipeline.step_main`: records its call, then behaves as MODE says."""
+    """The stand-in for `python -m pipeline.training.step_main`: records its call, then behaves as MODE says."""
     mode, rest = argv[0], argv[1:]
     parser = argparse.ArgumentParser()
     for name in ("--step", "--params", "--shards", "--out", "--init", "--mlflow-run-id", "--result"):
@@ -51,15 +51,15 @@ def fake_step(argv: list[str]) -> int:
 
 
 def _install_stand_in(mode: str) -> None:
-    """Make the flow's task launch the stand-in (with MODE) instead of pipeline.step_main."""
-    import pipeline.steps
-    from pipeline.launch import step_command
+    """Make the flow's task launch the stand-in (with MODE) instead of pipeline.training.step_main."""
+    import pipeline.training.steps
+    from pipeline.training.launch import step_command
 
     def command(*args, **kwargs) -> list[str]:
         real = step_command(*args, **kwargs)
         return [sys.executable, "-m", "tests.support.prefect_scenarios", "--fake-step", mode, *real[real.index("--step"):]]
 
-    pipeline.steps.step_command = command
+    pipeline.training.steps.step_command = command
 
 
 def _task_runs(flow_run_id: str) -> list[dict]:

@@ -1,12 +1,12 @@
 """How a training step is launched: process count per node, multi-node rendezvous, the argv.
 
-One node (the default): `python -m pipeline.step_main ...` for one process, or
-`python -m torch.distributed.run --standalone --nproc_per_node=N -m pipeline.step_main ...`.
+One node (the default): `python -m pipeline.training.step_main ...` for one process, or
+`python -m torch.distributed.run --standalone --nproc_per_node=N -m pipeline.training.step_main ...`.
 
 Several nodes: every node runs the same launcher with torch's elastic rendezvous (c10d backend),
 
     python -m torch.distributed.run --nnodes=K --nproc_per_node=N --rdzv_backend=c10d \
-        --rdzv_endpoint=HOST:PORT --rdzv_id=JOB-STEP -m pipeline.step_main ...
+        --rdzv_endpoint=HOST:PORT --rdzv_id=JOB-STEP -m pipeline.training.step_main ...
 
 and the K launchers form one DDP group of K x N processes. The rendezvous is described by env
 (job variables of the deployment, see pipeline/deploy.py):
@@ -22,7 +22,7 @@ and the K launchers form one DDP group of K x N processes. The rendezvous is des
 The step name is appended to the job id (JOB-segmentation, ...): each step is its own rendezvous,
 so nodes that disagree on the step time out at the rendezvous instead of training together.
 Which node gets global rank 0 is torch's choice (participants sorted by (hostname, pid)), not
-necessarily the endpoint's host; pipeline/step_main.py writes a result on every node saying which.
+necessarily the endpoint's host; pipeline/training/step_main.py writes a result on every node saying which.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def step_command(job: StepJob, mlflow_run_id: str | None, result_path: Path,
         launcher += ["-m", "torch.distributed.run", *rendezvous.launcher_args(job.nproc, job.step)]
     elif job.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.nproc}"]
-    cmd = launcher + ["-m", "pipeline.step_main", "--step", job.step, "--params", str(job.params_path)]
+    cmd = launcher + ["-m", "pipeline.training.step_main", "--step", job.step, "--params", str(job.params_path)]
     cmd += ["--shards", str(job.shards_dir), "--out", str(job.out_dir), "--result", str(result_path)]
     if job.init_checkpoint is not None:
         cmd += ["--init", str(job.init_checkpoint)]

@@ -1,13 +1,13 @@
 """The paper's three training steps (Sec. 3.4: segmentation, fusion, joint) as Prefect tasks, one step at a time.
 
-Each step is a task that runs the step in a subprocess (`python -m pipeline.step_main`, or
+Each step is a task that runs the step in a subprocess (`python -m pipeline.training.step_main`, or
 `torch.distributed.run` with one process per GPU). A crash (non-zero exit, a signal, an OOM kill)
 fails the task, which Prefect retries once; the step then resumes from out_dir/state.pt.
 `train_one_step` is the flow for one step; each DVC training stage runs it in-process. The whole
 pipeline flow (`train`: the three steps, then evaluation and registration) is pipeline.flows;
 this module imports none of the downstream code, so the training stages do not depend on it.
 
-Each step is one MLflow child run under the pipeline's parent run (pipeline.tracking).
+Each step is one MLflow child run under the pipeline's parent run (pipeline.tracking.runs).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from fusionnet.io.atomic import write_text_atomic
 from fusionnet.io.hashing import file_sha256
 from fusionnet.io.params import load_params
 from fusionnet.train.config import STEPS  # torch-free: the fusionnet.train package imports nothing itself
-from pipeline import handoff
-from pipeline.launch import NPROC_ENV, Rendezvous, StepJob, processes_per_node, step_command  # noqa: F401  (re-exported)
-from pipeline.tracking import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
+from pipeline.training import handoff
+from pipeline.training.launch import NPROC_ENV, Rendezvous, StepJob, processes_per_node, step_command  # noqa: F401  (re-exported)
+from pipeline.tracking.runs import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
 
 
 class StepCrashed(RuntimeError):
@@ -107,7 +107,7 @@ def run_tracked_step(job: StepJob, params: dict[str, Any], parent_run_id: str, h
     """`job` as a child run of `parent_run_id`: the task (retried once), then its summary. `params`:
     the content of job.params_path (logged as the run's params).
 
-    hand_back: also log the step's outputs to the child run (pipeline.handoff), for a dispatching
+    hand_back: also log the step's outputs to the child run (pipeline.training.handoff), for a dispatching
     DVC stage on a machine that does not share this one's filesystem. On a follower node of a
     multi-node step (rank 0 ran elsewhere and logged the curves) the child run only records that.
     """

@@ -18,7 +18,7 @@ the MLflow parent run; it prints the flow run id, every state change and the wor
 A worker that dies (no heartbeat for stale_s) gets its run rescheduled for another worker, whose
 retry resumes from the step's state.pt when the project dir is shared. On COMPLETED the step's
 outputs are verified in place by sha256 (a shared project dir) or fetched from its MLflow run's
-artifacts and verified (pipeline.handoff). Any other end fails the stage with the flow run's
+artifacts and verified (pipeline.training.handoff). Any other end fails the stage with the flow run's
 state and message, and removes what would look like a finished step.
 """
 
@@ -35,8 +35,8 @@ from typing import Any
 from fusionnet.io.hashing import file_sha256
 from fusionnet.io.params import load_params
 import pipeline  # noqa: F401  (offline switches before prefect is imported)
-from pipeline import datasync, handoff
-from pipeline.tracking import TAG_STEP, get_client, parent_run
+from pipeline.training import datasync, handoff
+from pipeline.tracking.runs import TAG_STEP, get_client, parent_run
 
 MODES = ("local", "deployment")
 

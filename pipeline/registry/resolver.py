@@ -16,8 +16,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from pipeline.registry import describe, download_model, weights_file
-from pipeline.tracking import tracking_uri
+from pipeline.registry.models import describe, download_model, weights_file
+from pipeline.tracking.runs import tracking_uri
 
 CACHE_ENV = "FUSIONNET_MODEL_CACHE"
 
@@ -69,11 +69,11 @@ def pull(spec: str, dest: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.resolver [URI] --out DIR`: what `fusionnet pull` does (see the module doc)."""
+    """`python -m pipeline.registry.resolver [URI] --out DIR`: what `fusionnet pull` does (see the module doc)."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.resolver", description="Download a registered model.")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.registry.resolver", description="Download a registered model.")
     parser.add_argument("uri", nargs="?", default="models:/late-fusion-matting@champion")
     parser.add_argument("--out", required=True, type=Path, help="folder to create (replaced if it exists)")
     args = parser.parse_args(argv)

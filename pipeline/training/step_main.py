@@ -1,4 +1,4 @@
-"""One training step in one process: `python -m pipeline.step_main` (under torchrun: one per GPU).
+"""One training step in one process: `python -m pipeline.training.step_main` (under torchrun: one per GPU).
 
 The Prefect task runs this as a subprocess so that a hard crash (a signal, an OOM kill) ends only
 this process; the retried task resumes from out_dir/state.pt. Rank 0 logs to the MLflow child run
@@ -9,7 +9,7 @@ task on each node sees its launcher succeed with a result. The node holding glob
 "leader": its result is the StepResult plus {"node_role": "leader", "rank": 0, ...}. Every other
 node is a "follower": the same fields, with out_dir / model_path / history_path in its own --out.
 
-Several nodes (WORLD_SIZE > LOCAL_WORLD_SIZE, torchrun with a rendezvous, see pipeline/launch.py)
+Several nodes (WORLD_SIZE > LOCAL_WORLD_SIZE, torchrun with a rendezvous, see pipeline/training/launch.py)
 need not share a filesystem, and only rank 0 writes the trainer's files. So, between the node
 leaders (LOCAL_RANK 0 of each node, a gloo group), by sha256 and only where a node's copy differs:
   - before training, the out_dir/state.pt (and model.safetensors beside it) of the node whose
@@ -221,7 +221,7 @@ def _train(args: argparse.Namespace, cfg: StepConfig, is_rank0: bool):
     """run_step with rank 0's MLflow/progress logger; what was logged before a crash stays in the run."""
     logger = None
     if is_rank0 and args.mlflow_run_id:
-        from pipeline.tracking import MlflowTrainLogger
+        from pipeline.tracking.runs import MlflowTrainLogger
 
         logger = MlflowTrainLogger(args.mlflow_run_id)
     if is_rank0:

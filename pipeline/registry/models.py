@@ -1,6 +1,6 @@
 """MLflow Model Registry for the matting model: log the pyfunc, register it, champion/challenger, pull.
 
-- `log_matting_model` logs a fusionnet model file as an MLflow pyfunc (pipeline/pyfunc_model.py,
+- `log_matting_model` logs a fusionnet model file as an MLflow pyfunc (pipeline/registry/pyfunc_model.py,
   "model from code") with a signature, a copy of the fusionnet package (code_paths) and explicit
   pip requirements (pinned to what is installed: nothing is resolved over the network; no conda).
 - `register_version` registers it under `late-fusion-matting`, with the evaluation metrics as
@@ -14,7 +14,7 @@
 - `pull` downloads a registered model (e.g. `models:/late-fusion-matting@champion`) to a folder.
 
 The pipeline's `register` step that uses these (reading the evaluation, linking the model to the
-training run that produced its weights) is pipeline.registration.
+training run that produced its weights) is pipeline.registry.registration.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.tracking import get_client, parent_run, tracking_uri
+from pipeline.tracking.runs import get_client, parent_run, tracking_uri
 
 MODEL_NAME = "late-fusion-matting"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -101,7 +101,7 @@ def log_matting_model(
     import numpy as np
     from mlflow.entities import LoggedModelOutput
 
-    from pipeline.pyfunc_model import images_frame, model_signature
+    from pipeline.registry.pyfunc_model import images_frame, model_signature
 
     weights = Path(weights)
     if not weights.is_file():
@@ -379,7 +379,7 @@ def describe(uri: str) -> dict[str, str]:
 
 @contextmanager
 def pipeline_parent(params: Mapping[str, Any], parent_run_id: str | None = None) -> Iterator[str]:
-    """`parent_run_id` as is, else pipeline.tracking.parent_run (found or created; FINISHED or FAILED after)."""
+    """`parent_run_id` as is, else pipeline.tracking.runs.parent_run (found or created; FINISHED or FAILED after)."""
     if parent_run_id:
         yield parent_run_id
         return

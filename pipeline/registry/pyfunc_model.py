@@ -5,7 +5,7 @@ Logged as "model from code" (this file is the model's code; no pickle), with two
 eps), and with `register.onnx: true` a third, `onnx` (the weights' fp32 ONNX export, for ONNX Runtime
 users: `fusionnet matte --model <pulled>/artifacts/model.onnx`; this pyfunc itself runs the weights).
 `code_paths` carries a copy of the fusionnet package, so a downloaded model runs without this
-checkout (pipeline.registry.log_matting_model).
+checkout (pipeline.registry.models.log_matting_model).
 
 Input: a DataFrame with column "image", each value the bytes of a PNG/JPEG/... file (over REST:
 base64 in `dataframe_split` / `dataframe_records` / `inputs`; MLflow decodes binary columns).

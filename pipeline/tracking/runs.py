@@ -43,7 +43,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from pipeline.env import PROJECT_DIR
-from pipeline.provenance import data_version_tags, flatten_params, git_commit, pipeline_run_key, project_root
+from pipeline.tracking.provenance import data_version_tags, flatten_params, git_commit, pipeline_run_key, project_root
 
 PARENT_RUN_ENV = "FUSIONNET_PARENT_RUN_ID"
 EXPERIMENT_ENV = "FUSIONNET_MLFLOW_EXPERIMENT"
@@ -139,7 +139,7 @@ def _find_parent(client: MlflowClient, exp_id: str, key: str) -> str | None:
 def resolve_parent_run(
     client: MlflowClient, params: Mapping[str, Any], shards_dir: Path | None, explicit: str | None = None
 ) -> str:
-    """The parent run of the current pipeline run, created if needed (see pipeline.provenance).
+    """The parent run of the current pipeline run, created if needed (see pipeline.tracking.provenance).
 
     `explicit` (a dispatching stage's parent), then FUSIONNET_PARENT_RUN_ID win; else the run
     tagged with this pipeline run's key; else a new one.

@@ -12,8 +12,8 @@ from typing import Any
 
 from mlflow.entities import Metric
 
-from pipeline.registry import flatten_metrics
-from pipeline.tracking import MlflowTrainLogger, get_client, start_step_run
+from pipeline.registry.models import flatten_metrics
+from pipeline.tracking.runs import MlflowTrainLogger, get_client, start_step_run
 
 
 def mlflow_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -42,7 +42,7 @@ def mlflow_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 def log_evaluation(record: Mapping[str, Any], params: Mapping[str, Any], parent_run_id: str) -> str:
     """Log the evaluation as child run "evaluate" of `parent_run_id`; returns its run id.
 
-    The stage finds the parent with pipeline.registry.pipeline_parent (FUSIONNET_PARENT_RUN_ID, else
+    The stage finds the parent with pipeline.registry.models.pipeline_parent (FUSIONNET_PARENT_RUN_ID, else
     the run of this pipeline run, i.e. one `dvc repro`, else a new one).
     """
     client = get_client()

@@ -4,7 +4,7 @@
 "register", links it to the training run that produced its weights (the step run tagged with the
 weights' sha256 becomes the LoggedModel's source run and the registered version's run; the
 parent run lists the model as an output too), registers it and applies the champion rule
-(pipeline.registry). With `register.onnx: true` the weights' ONNX export (fusionnet.onnx.export)
+(pipeline.registry.models). With `register.onnx: true` the weights' ONNX export (fusionnet.onnx.export)
 is carried beside them as artifact "onnx". `register_task` is the Prefect task around it.
 
 Its own module so that the DVC `register` stage, which runs only this task, depends on none of
@@ -28,7 +28,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fusionnet.io.params import load_params
-from pipeline.registry import CHALLENGER, CHAMPION, MODEL_NAME
+from pipeline.registry.models import CHALLENGER, CHAMPION, MODEL_NAME
 
 TASK_OPTIONS = dict(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 
@@ -79,7 +79,7 @@ def training_run_of(client: Any, experiment_id: str, sha256: str, parent_run_id:
     TAG_TRAINED_MODEL_SHA), preferring one under `parent_run_id`, else the latest; None if none did."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from pipeline.tracking import TAG_KIND, TAG_TRAINED_MODEL_SHA
+    from pipeline.tracking.runs import TAG_KIND, TAG_TRAINED_MODEL_SHA
 
     runs = client.search_runs(
         [experiment_id],
@@ -109,7 +109,7 @@ def register_pipeline_model(
     The version's run is the training run of `weights` when one is recorded, else "register".
     Writes `out` (JSON: name, version, alias, uri, the decision) atomically and returns the same dict.
     """
-    from pipeline.registry import (
+    from pipeline.registry.models import (
         TEST_SET_TAG,
         flatten_metrics,
         get_client,
@@ -118,8 +118,8 @@ def register_pipeline_model(
         promote,
         register_version,
     )
-    from pipeline.tracking import get_client as tracking_client
-    from pipeline.tracking import start_step_run
+    from pipeline.tracking.runs import get_client as tracking_client
+    from pipeline.tracking.runs import start_step_run
 
     config = RegisterConfig.from_params(params)
     evaluation = _read_json(metrics_dir / "evaluate.json")
