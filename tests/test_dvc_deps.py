@@ -146,3 +146,21 @@ def test_uncovered_matches_files_and_directories_not_prefixes() -> None:
     files = ["pkg/a.py", "pkg/sub/c.py", "pkgx/y.py", "stages/s.py"]
     assert uncovered(files, ["./stages/s.py", "pkg/sub/", {"pkg/a.py": {"cache": False}}]) == ["pkgx/y.py"]
     assert uncovered(files, ["pkg"]) == ["pkgx/y.py", "stages/s.py"]
+
+
+# What a stage runs decides what re-runs it (issue 24): an int8 or ONNX edit must not re-train the
+# model, a video-smoothing edit must not re-register it.
+NOT_IN_TRAINING = ("fusionnet/inference/", "fusionnet/onnx/", "fusionnet/cli/", "fusionnet/server/",
+                   "fusionnet/video/", "fusionnet/evaluation/", "pipeline/registry/")
+NOT_IN_EVALUATION = ("fusionnet/cli/", "fusionnet/server/", "fusionnet/video/", "fusionnet/train/loop.py")
+
+
+@pytest.mark.parametrize("name", ["train_seg", "train_fusion", "train_joint", "evaluate", "register"])
+def test_stages_run_only_the_code_of_their_role(name: str) -> None:
+    via = GRAPH.reach(python_entries(STAGES[name]["cmd"]))
+    banned = NOT_IN_TRAINING if name.startswith("train_") else NOT_IN_EVALUATION
+    wrong = sorted(f for f in via if f.startswith(banned))
+    assert not wrong, f"stage {name!r} runs code outside its role:\n" + "\n".join(
+        f"  - {import_chain(via, f)}" for f in wrong)
+    if not name.startswith("train_"):
+        assert {"fusionnet/inference/matter.py", "fusionnet/evaluation/rows.py"} <= set(via) or name == "register"
