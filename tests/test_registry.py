@@ -200,7 +200,7 @@ def test_pull_downloads_the_champion(registry, tmp_path, capsys):
 
     # the champion's own weights arrived, not another version's
     assert sha256(weights_file(folder)) == sha256(registry["weights"][CHAMPION_AT_END])
-    assert (folder / "MLmodel").is_file() and (folder / "code" / "fusionnet" / "infer.py").is_file()
+    assert (folder / "MLmodel").is_file() and (folder / "code" / "fusionnet" / "inference" / "matter.py").is_file()
     requirements = (folder / "requirements.txt").read_text()
     assert "torch==" in requirements and "mlflow==" in requirements  # pinned, nothing to resolve
 
