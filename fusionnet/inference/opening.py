@@ -37,6 +37,7 @@ from fusionnet.onnx.runtime import META_PREFIX, OnnxMatter, is_onnx_model
 from fusionnet.onnx.runtime import read_metadata as read_onnx_metadata
 
 SERVING_KEYS = ("max_side", "precision", "refine", "radius", "eps")
+MAX_SIDE_RANGE = (32, 4096)  # a request's own max_side (server ?max_side=, pyfunc params): bounds its memory
 SERVING_DEFAULTS: dict[str, Any] = {"max_side": DEFAULT_MAX_SIDE, "precision": "auto", "refine": True,
                                     "radius": DEFAULT_GUIDED_RADIUS, "eps": DEFAULT_GUIDED_EPS}
 _TYPES = {"max_side": int, "precision": str, "refine": bool, "radius": int, "eps": float}

@@ -12,8 +12,9 @@ import email.policy
 import re
 from urllib.parse import parse_qs
 
+from fusionnet.inference.opening import MAX_SIDE_RANGE
 from fusionnet.inference.render import OUTPUT_KINDS
-from fusionnet.server.service import MAX_SIDE_RANGE, MatteRequest
+from fusionnet.server.service import MatteRequest
 
 FILE_FIELDS = ("file", "image")
 QUERY_KEYS = ("output", "background", "max_side", "refine")

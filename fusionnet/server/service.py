@@ -31,7 +31,6 @@ from fusionnet.io.images import LoadedImage, encode_png, load_image_bytes
 
 PNG_LEVEL = 3  # zlib level 3: about half level 6's time, for answers sent once
 
-MAX_SIDE_RANGE = (32, 4096)  # per-request network input side, as the pyfunc allows
 _NEEDS_FOREGROUND = ("rgba", "composite")
 
 

@@ -37,12 +37,12 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from fusionnet.inference.opening import MAX_SIDE_RANGE
 from fusionnet.io import images as imageio
 from fusionnet.io.images import ImageLoadError, load_image_bytes
 
 IMAGE_COLUMN = "image"
 MAX_PIXELS = 50_000_000  # refuse larger images from their header (decompression-bomb guard)
-MAX_SIDE_RANGE = (32, 4096)
 _MATTER_CACHE_SIZE = 4
 
 
