@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import command, header, record  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from fusionnet.train.config import STEPS  # noqa: E402
+
 TARGET_S = 90.0  # issue 5: the evaluate stage on the default composites, 2 cores
 
 
@@ -56,7 +59,7 @@ def random_models(backbone: str, tmp: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     model = LateFusionNet(backbone)
-    paths = {s: tmp / s / "model.safetensors" for s in ("segmentation", "fusion", "joint")}
+    paths = {s: tmp / s / "model.safetensors" for s in STEPS}
     save(model, paths["segmentation"])
     with torch.no_grad():
         for p in model.fusion.parameters():  # the fusion step changes only the fusion network
@@ -93,7 +96,7 @@ def main() -> int:
         if not (composites / "manifest.parquet").is_file():
             print(f"{composites}: absent; building the default composites in a temporary folder")
             composites = default_composites(args.params, tmp)
-        checkpoints = {s: args.models / s / "model.safetensors" for s in ("segmentation", "fusion", "joint")}
+        checkpoints = {s: args.models / s / "model.safetensors" for s in STEPS}
         shown = os.path.relpath(args.models, ROOT) if args.models.resolve().is_relative_to(ROOT) else args.models
         model_text = f"trained checkpoints {shown}/<step>/model.safetensors"
         if not all(p.is_file() for p in checkpoints.values()):

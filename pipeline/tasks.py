@@ -26,6 +26,7 @@ from fusionnet.evaluation.run import run_evaluation, tune_refinement
 from pipeline.env import PROJECT_DIR
 from pipeline.tracking.evaluation import log_evaluation
 from fusionnet.io.params import load_params
+from fusionnet.train.config import STEPS
 from pipeline.registry.registration import TASK_OPTIONS, log_to_run, register_task
 
 
@@ -63,7 +64,7 @@ def evaluate_task(
 
 def checkpoints_of(models_dir: Path) -> dict[str, Path]:
     """models_dir/<step>/model.safetensors of the steps that have one."""
-    found = {s: Path(models_dir) / s / "model.safetensors" for s in ("segmentation", "fusion", "joint")}
+    found = {s: Path(models_dir) / s / "model.safetensors" for s in STEPS}
     return {s: p for s, p in found.items() if p.is_file()}
 
 

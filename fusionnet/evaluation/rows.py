@@ -41,6 +41,7 @@ from fusionnet.evaluation.sets import (  # noqa: F401  (re-exported: the evaluat
     EvalSample, composite_regions, load_composites, load_photos, photo_files)
 from fusionnet.metrics import connectivity_error, gradient_error, mse, sad
 from fusionnet.refine import guided_filter, implicit_trimap
+from fusionnet.train.config import STEPS
 
 __all__ = [
     "METRICS",
@@ -65,7 +66,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "grad": gradient_error,
     "conn": connectivity_error,
 }
-SOURCES = ("segmentation", "fusion", "joint")  # the three training steps' checkpoints
+SOURCES = STEPS  # the three training steps' checkpoints
 # Fig. 3 / Fig. 4 are about the branches: after the segmentation step and in the final model
 # (the fusion step leaves F and B as they were).
 CLAIM_SOURCES = ("segmentation", "joint")

@@ -43,6 +43,7 @@ from fusionnet.evaluation.outputs import photos_record, write_table_metrics
 from fusionnet.evaluation.rows import (
     ROW_BY_NAME,
     ROWS,
+    SOURCES,
     RowSettings,
     evaluate_set,
     load_composites,
@@ -53,9 +54,7 @@ from fusionnet.evaluation.rows import (
 from fusionnet.inference.loading import load_model
 from fusionnet.inference.matter import Matter
 from fusionnet.io.hashing import file_sha256
-from fusionnet.train.config import STEPS
 
-SOURCES = STEPS  # the model files a row can come from
 NO_CHECKPOINT = ("trimap", "none")  # row sources that need no model file
 COMPARISON_ROWS = ("raw", "segmentation_only", "constant_half", "zeros")  # always scored on photos (the claims)
 
