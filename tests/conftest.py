@@ -15,6 +15,16 @@ import torch
 from tests.support.helpers import SHARED_DATA, isolate_mlflow, require_shared_data, stop_process, tiny_net
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where torch sees a CUDA GPU; elsewhere (CI) they are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch runs on one thread for the rest of the module (module-scoped fixtures included), restored after:
