@@ -1,5 +1,5 @@
 """What this machine is: its device (`resolve_device`), and for choosing a precision by measurement its
-CPU flags, model name and a timing cache.
+CPU flags, model name and a timing cache. `exact_fp32()`: true float32 on a GPU (TF32 off) for references.
 
 Hosts of one machine kind differ (AMX; avx512_bf16 without AMX, where bf16 can run slower than fp32;
 avx2 only), so timings are cached per CPU model, flags, thread count and torch version in
@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,3 +90,34 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int | None = N
         if spec == "cuda" and local_rank is not None:
             return torch.device("cuda", local_rank)
     return torch.device(spec)
+
+
+_exact_lock = threading.Lock()
+_exact_depth = 0  # how many exact_fp32 blocks are open, in any thread
+_tf32_saved: tuple[bool, bool] = (False, False)
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Inside: float32 matmuls and convolutions in true float32 (TF32 off); the previous flags after.
+
+    On Ampere and newer GPUs cuDNN runs "float32" convolutions in TF32 by default
+    (`torch.backends.cudnn.allow_tf32`, 10-bit mantissa), so an fp32 reference would not match the CPU.
+    Sets `torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32` to False (both
+    exist on CPU-only builds, where they change nothing). The flags are process-wide, so blocks open in
+    several threads (server workers) share one save/restore: the last block to close restores them.
+    """
+    global _exact_depth, _tf32_saved
+    with _exact_lock:
+        if _exact_depth == 0:
+            _tf32_saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        _exact_depth += 1
+    try:
+        yield
+    finally:
+        with _exact_lock:
+            _exact_depth -= 1
+            if _exact_depth == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _tf32_saved

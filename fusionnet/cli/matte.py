@@ -130,7 +130,8 @@ def add_arguments(matte: argparse.ArgumentParser) -> None:
     )
     matte.add_argument(
         "--compile", action="store_true",
-        help="torch.compile the network: minutes of compiling per image size, so only for many same-size images",
+        help="torch.compile the network: sizes are padded to buckets, so at most 16 compiles (minutes each) "
+             "per batch size; pays off only for many images",
     )
     matte.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -51,6 +51,7 @@ from fusionnet.evaluation.rows import (
     needed_sources,
     tune_guided_filter,
 )
+from fusionnet.hardware import exact_fp32
 from fusionnet.inference.loading import load_model
 from fusionnet.inference.matter import Matter
 from fusionnet.io.hashing import file_sha256
@@ -82,7 +83,11 @@ def branches_identical(a: Path, b: Path) -> bool:
 
 
 def make_predictor(path: Path, config: EvalConfig):
-    """A fusionnet.evaluation.rows Predictor running the model file at `path` (no refinement)."""
+    """A fusionnet.evaluation.rows Predictor running the model file at `path` (no refinement).
+
+    Runs inside `exact_fp32()`: the tables are references, so float32 stays float32 on a GPU (no TF32)
+    whatever `config.precision` (a bf16/fp16 precision still runs in its own dtype).
+    """
     matter = Matter(
         load_model(path, device=config.device),
         device=config.device,
@@ -92,7 +97,8 @@ def make_predictor(path: Path, config: EvalConfig):
     )
 
     def predict(rgb: np.ndarray) -> dict[str, np.ndarray]:
-        result = matter(rgb)
+        with exact_fp32():
+            result = matter(rgb)
         return {"alpha": result.raw_alpha, "fg_prob": result.fg_prob, "bg_prob": result.bg_prob}
 
     return predict

@@ -4,10 +4,12 @@ Per image (paper Sec. 4: the longer side is kept at most 800 px at inference, as
 
 1. resize so the longer side is at most `max_side` (bilinear, antialiased; never enlarged);
 2. pad bottom/right to a multiple of the network stride 32 by reflection, as the authors' code does
-   (numpy "reflect" semantics, so even a 1x1 image works: it is repeated);
+   (numpy "reflect" semantics, so even a 1x1 image works: it is repeated); with compile, to a bucket
+   size (`fusionnet.inference.network`: a bounded number of compiled graphs);
 3. run the network; crop the padding off alpha, fg_prob and bg_prob;
-4. upsample them bilinearly to the image's own size;
-5. optionally refine alpha with the guided filter at full resolution (the paper's "Ours-refined").
+4. upsample them bilinearly to the image's own size (on the device), then copy the three maps to the
+   host in one transfer (`_to_host`);
+5. optionally refine alpha with the guided filter at full resolution (the paper's "Ours-refined", on CPU).
 
 Precision: "fp32" is plain eager float32 (the reference). "fp32-cl" is float32 with BatchNorms folded
 and channels-last. "bf16" is that in bfloat16 (on CPU the weights are cast to bfloat16, which is
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fusionnet.hardware import resolve_device
 from fusionnet.inference.network import NETWORK_PRECISIONS, PreparedNetwork
@@ -77,7 +80,7 @@ class Matter(PreparedNetwork):
         max_side: longer side of the network input (paper: 800).
         refine: apply the guided filter to alpha at full resolution.
         radius, eps: guided filter window radius (pixels) and regularisation (on the [0,1] scale).
-        compile: wrap the network in torch.compile (pays off only for many images of one size).
+        compile: wrap the network in torch.compile; inputs pad to bucket sizes, at most 16 graphs per batch size.
         calibration: int8 only: images ((H,W,3) uint8 or float [0,1], ideally training composites) to
             calibrate on (the calibration is then cached); None: use the cached calibration of this model.
     """
@@ -102,7 +105,8 @@ class Matter(PreparedNetwork):
         self.precision_reason = "set by the caller"
         if precision == "auto":
             precision, self.precision_reason = resolve_inference_precision(model, resolve_device(device))
-        super().__init__(model, device=device, precision=precision, compile=compile, calibration=calibration)
+        super().__init__(model, device=device, precision=precision, compile=compile, calibration=calibration,
+                         bucket_side=max_side)
         self.max_side = max_side
         self.refine = refine
         self.radius = radius
@@ -131,7 +135,7 @@ class Matter(PreparedNetwork):
         # contiguous NCHW, as a single image's permuted view is taken: a channels-last batch rounds differently
         x = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).contiguous().to(self.device)
         x = resize_maps(x, network_size).clamp_(0.0, 1.0)
-        maps = resize_maps(self.run_network(x), size).clamp_(0.0, 1.0).cpu().numpy()
+        maps = _to_host(resize_maps(self.run_network(x), size).clamp_(0.0, 1.0))
         results = []
         for rgb, (raw_alpha, fg_prob, bg_prob) in zip(rgbs, maps):
             alpha = raw_alpha
@@ -143,6 +147,11 @@ class Matter(PreparedNetwork):
                 )
             )
         return results
+
+
+def _to_host(maps: Tensor) -> np.ndarray:
+    """`(N,3,H,W)` maps [alpha, fg_prob, bg_prob] on the device -> float32 numpy: the batch's only device->host copy."""
+    return maps.cpu().numpy()
 
 
 def matte(model: LateFusionNet, image: np.ndarray, *, fast: bool = False, **options) -> MatteResult:

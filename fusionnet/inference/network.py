@@ -5,23 +5,52 @@ and channels-last. "bf16" is that in bfloat16 (on CPU the weights are cast to bf
 faster than autocast; on CUDA autocast). "int8" is CPU post-training quantisation
 (`fusionnet.inference.int8`: needs calibration images or a cached calibration). "fp16" is CUDA
 autocast only. Choosing among them ("auto") is `fusionnet.inference.precision`, which times this class.
+The "fp32" forward runs inside `fusionnet.hardware.exact_fp32()`: true float32 on a GPU too (no TF32).
+
+Compile (`compile=True`, static shapes): every new input shape costs a compile, and torch._dynamo
+gives up after its recompile limit (8) and runs eagerly. So each side is padded up to a bucket, the
+next multiple of `bucket_side / COMPILE_RUNGS` rounded up to the stride (`compile_bucket`), and the
+output cropped back. For inputs whose sides are at most `bucket_side` (Matter passes its max_side, so
+every image it mattes) that is at most COMPILE_RUNGS**2 = 16 graphs per batch size, and at most
+2 * COMPILE_RUNGS - 1 = 7 when the longer side is `bucket_side` (every photo larger than max_side);
+the recompile limit is raised to COMPILE_RUNGS**2. A side over `bucket_side` adds rungs (more graphs).
+Without compile, inputs are padded to the stride only (extra padding costs time).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fusionnet.hardware import resolve_device
+from fusionnet.hardware import exact_fp32, resolve_device
 from fusionnet.inference import int8
-from fusionnet.model.geometry import pad_to_multiple
+from fusionnet.model.geometry import pad_to_size
 from fusionnet.model.network import LateFusionNet
 
 NETWORK_PRECISIONS = ("fp32", "fp32-cl", "bf16", "int8", "fp16")  # "auto" is chosen among them (Matter)
+COMPILE_RUNGS = 4  # compile: bucket sizes per side up to bucket_side (module docstring: the graph bound)
+DEFAULT_BUCKET_SIDE = 512  # compile without a max_side: buckets of 128 px
+
+
+def compile_bucket(side: int, bucket_side: int, stride: int, rungs: int = COMPILE_RUNGS) -> int:
+    """The padded length of a side of `side` px under compile: the smallest `ceil(k * bucket_side / rungs)`
+    (k = 1, 2, ...) that is >= `side`, rounded up to a multiple of `stride`."""
+    k = -(-side * rungs // bucket_side)
+    rung = -(-k * bucket_side // rungs)
+    return -(-rung // stride) * stride
+
+
+def _allow_recompiles(graphs: int) -> None:
+    """Raise torch._dynamo's per-function recompile limit to at least `graphs` (process-wide)."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), graphs))
 
 
 class PreparedNetwork:
@@ -31,9 +60,10 @@ class PreparedNetwork:
         model: a LateFusionNet (put in eval mode here: BatchNorm uses its running statistics).
         device: "auto", "cpu", "cuda" or a torch.device.
         precision: one of NETWORK_PRECISIONS.
-        compile: wrap the network in torch.compile (pays off only for many images of one size).
+        compile: wrap the network in torch.compile; inputs are then padded to bucket sizes (module docstring).
         calibration: int8 only: images ((H,W,3) uint8 or float [0,1], ideally training composites) to
             calibrate on (the calibration is then cached); None: use the cached calibration of this model.
+        bucket_side: compile only: the largest side the buckets are laid out for (Matter: its max_side).
     """
 
     def __init__(
@@ -44,6 +74,7 @@ class PreparedNetwork:
         precision: str = "fp32",
         compile: bool = False,
         calibration: Sequence[np.ndarray] | None = None,
+        bucket_side: int = DEFAULT_BUCKET_SIDE,
     ):
         if precision not in NETWORK_PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(NETWORK_PRECISIONS)}")
@@ -60,7 +91,10 @@ class PreparedNetwork:
         else:
             self.model = _prepare_model(model, self.device, precision)
         self._network = self.model
+        self.compiled = compile
+        self.bucket_side = bucket_side
         if compile:
+            _allow_recompiles(COMPILE_RUNGS**2)
             # freezing: weights become constants, so inductor can prepack them for oneDNN and fold BN.
             options = {"freezing": True} if self.device.type == "cpu" else None
             self._network = torch.compile(self.model, dynamic=False, options=options)
@@ -79,18 +113,26 @@ class PreparedNetwork:
             return torch.bfloat16 if self.precision == "bf16" else torch.float16
         return None
 
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The `(h, w)` the network sees for an `height x width` input: stride multiples, compile buckets."""
+        if self.compiled:
+            return (compile_bucket(height, self.bucket_side, self.stride),
+                    compile_bucket(width, self.bucket_side, self.stride))
+        return -(-height // self.stride) * self.stride, -(-width // self.stride) * self.stride
+
     @torch.inference_mode()
     def run_network(self, batch: Tensor) -> Tensor:
-        """`(N,3,h,w)` float in [0,1], any h, w -> `(N,3,h,w)` float32 maps [alpha, fg_prob, bg_prob].
+        """`(N,3,h,w)` float in [0,1], any h, w -> `(N,3,h,w)` float32 maps [alpha, fg_prob, bg_prob] on the device.
 
-        Pads to the stride, runs the network at this Matter's precision, crops the padding off.
+        Pads (`padded_size`), runs the network at this Matter's precision, crops the padding off.
         """
         height, width = batch.shape[-2:]
-        x = pad_to_multiple(batch.to(self.device, torch.float32), self.stride).to(self.input_dtype)
+        x = pad_to_size(batch.to(self.device, torch.float32), self.padded_size(height, width)).to(self.input_dtype)
         if self.precision in ("fp32-cl", "bf16", "fp16"):
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = self._autocast_dtype
-        with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        exact = exact_fp32() if self.precision == "fp32" else nullcontext()  # fp32 is the reference: no TF32
+        with exact, torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = self._network(x)
         maps = torch.cat([out.alpha, out.fg_prob, out.bg_prob], dim=1)[..., :height, :width]
         return maps.float().clamp_(0.0, 1.0).contiguous()

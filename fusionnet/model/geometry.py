@@ -30,8 +30,13 @@ def reflect_indices(size: int, total: int) -> Tensor:
 def pad_to_multiple(x: Tensor, multiple: int = LateFusionNet.stride) -> Tensor:
     """Reflect-pad `(N,C,H,W)` at the bottom and right up to multiples of `multiple`."""
     height, width = x.shape[-2:]
-    padded_h = -(-height // multiple) * multiple
-    padded_w = -(-width // multiple) * multiple
+    return pad_to_size(x, (-(-height // multiple) * multiple, -(-width // multiple) * multiple))
+
+
+def pad_to_size(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Reflect-pad `(N,C,H,W)` at the bottom and right to `size` `(padded_h, padded_w)`, each >= H, W."""
+    height, width = x.shape[-2:]
+    padded_h, padded_w = size
     if padded_h != height:
         x = x.index_select(-2, reflect_indices(height, padded_h).to(x.device))
     if padded_w != width:
