@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusionnet.hardware import resolve_device
 from fusionnet.inference.loading import load_model, resolve_model_path
 from fusionnet.inference.matter import (
     DEFAULT_GUIDED_EPS,
@@ -141,6 +142,9 @@ def open_model(spec: str | os.PathLike, *, device: str = "auto", threads: int | 
             notes.append("--compile does not apply to an ONNX model (ONNX Runtime optimises the graph itself)")
         settings["precision"] = matter.precision
         return OpenedModel(os.fspath(spec), path, "onnx", None, matter, settings, origin, notes)
-    model = load_model(path, device="cpu")
-    matter = Matter(model, device=device, precision=settings["precision"], compile=compile, **options)
+    if device == "auto" and settings["precision"] == "int8":
+        device = "cpu"  # int8 runs on CPU only: "auto" means the best device that can run the model
+    target = resolve_device(device)
+    model = load_model(path, device=target)  # loaded onto its device: no CPU copy of a GPU model
+    matter = Matter(model, device=target, precision=settings["precision"], compile=compile, **options)
     return OpenedModel(os.fspath(spec), path, "torch", model, matter, settings, origin, notes)

@@ -79,10 +79,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LateFusionNet:
-    """Rebuild the model from its stored config and load its weights (strict)."""
+    """Rebuild the model from its stored config and load its weights (strict), straight onto `map_location`.
+
+    The module is built on `map_location` and the weights read there, so a GPU model never passes
+    through a CPU copy (no host round trip of the weights).
+    """
     metadata = read_metadata(path)
     config = json.loads(metadata["config"])
-    model = LateFusionNet(pretrained=False, **config)
+    with torch.device(map_location):  # parameters and buffers are created on the target device
+        model = LateFusionNet(pretrained=False, **config)
     state = load_file(str(path), device=str(map_location))
     try:
         model.load_state_dict(state, strict=True)

@@ -115,8 +115,10 @@ class LateFusionMattingModel(mlflow.pyfunc.PythonModel):
         from fusionnet.inference.opening import open_model
 
         # opened the one way `fusionnet matte`/`serve` open it: the weights' header, else settings.json beside them
-        self.device = json.loads(Path(context.artifacts["settings"]).read_text()).get("device", "cpu")
-        opened = open_model(context.artifacts["weights"], device=self.device)
+        # device: "auto" (registered since CUDA serving; CUDA when the server has it), or "cpu" as older models say
+        device = json.loads(Path(context.artifacts["settings"]).read_text()).get("device", "auto")
+        opened = open_model(context.artifacts["weights"], device=device)
+        self.device = opened.matter.device  # resolved once: every Matter of this model runs there
         self.settings: dict[str, Any] = opened.settings
         self.network = opened.model
         self._matters: OrderedDict[tuple[int, bool], Any] = OrderedDict(

@@ -74,6 +74,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def registered_settings(config: RegisterConfig, details: Mapping[str, Any]) -> dict[str, Any]:
+    """The registered model's settings.json: serving settings, the guided filter chosen by evaluate
+    (details.json), and device "auto" (CUDA where the serving host has one, else CPU; pyfunc_model)."""
+    gf = details.get("guided_filter") or {}
+    return {
+        "max_side": config.max_side, "precision": config.precision, "refine": config.refine, "device": "auto",
+        "radius": int(gf.get("radius", 8)), "eps": float(gf.get("eps", 1e-4)),
+    }
+
+
 def training_run_of(client: Any, experiment_id: str, sha256: str, parent_run_id: str | None = None) -> str | None:
     """Id of the finished step run that trained the model file with this sha256 (tag
     TAG_TRAINED_MODEL_SHA), preferring one under `parent_run_id`, else the latest; None if none did."""
@@ -129,11 +139,7 @@ def register_pipeline_model(
         raise KeyError(f"params register.metric {config.metric!r} is not in {metrics_dir / 'evaluate.json'}; "
                        f"choose one of {', '.join(sorted(metrics)[:12])}, ...")
     table = (reports_dir / "table.md").read_text() if (reports_dir / "table.md").is_file() else ""
-    gf = details.get("guided_filter") or {}
-    settings = {
-        "max_side": config.max_side, "precision": config.precision, "refine": config.refine, "device": "cpu",
-        "radius": int(gf.get("radius", 8)), "eps": float(gf.get("eps", 1e-4)),
-    }
+    settings = registered_settings(config, details)
     test_set = (details.get("test_set") or {}).get("version")
     if test_set is not None and not (isinstance(test_set, str) and test_set):
         raise ValueError(f"{metrics_dir / 'details.json'}: test_set.version must be a non-empty string, got {test_set!r}")
