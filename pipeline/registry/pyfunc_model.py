@@ -2,7 +2,7 @@
 
 Logged as "model from code" (this file is the model's code; no pickle), with two artifacts:
 `weights` (a fusionnet.model.save file) and `settings` (JSON: max_side, precision, refine, radius,
-eps), and with `register.onnx: true` a third, `onnx` (the weights' fp32 ONNX export, for ONNX Runtime
+eps, device: "auto" = CUDA where the server has it; older models say "cpu"), and with `register.onnx: true` a third, `onnx` (the weights' fp32 ONNX export, for ONNX Runtime
 users: `fusionnet matte --model <pulled>/artifacts/model.onnx`; this pyfunc itself runs the weights).
 `code_paths` carries a copy of the fusionnet package, so a downloaded model runs without this
 checkout (pipeline.registry.models.log_matting_model).
