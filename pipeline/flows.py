@@ -33,6 +33,7 @@ from pipeline.training.steps import (  # noqa: F401  (re-exported: the step mach
     _current_flow_run_id,
     discard_state_of_other_init,
     processes_per_node,
+    train_device,
     run_tracked_step,
     step_command,
     train_one_step,
@@ -101,7 +102,7 @@ def train(
         loaded = load_params(params_file)
         if data_md5:
             datasync.ensure_version(shards, data_md5, datasync.dvc_root_of(shards), log=get_run_logger().info)
-        nproc = processes_per_node(nproc_per_node)
+        nproc = processes_per_node(nproc_per_node, train_device(loaded))
         first = STEPS.index(steps[0])
         init = models / STEPS[first - 1] / "model.safetensors" if first > 0 else None
         if init is not None and init_sha256:

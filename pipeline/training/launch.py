@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusionnet.train.config import STEPS, StepConfig  # torch-free
+
 NPROC_ENV = "FUSIONNET_NPROC_PER_NODE"
 NNODES_ENV = "FUSIONNET_NNODES"
 RDZV_ENDPOINT_ENV = "FUSIONNET_RDZV_ENDPOINT"
@@ -41,18 +43,40 @@ RDZV_BACKEND_ENV = "FUSIONNET_RDZV_BACKEND"
 RDZV_CONF_ENV = "FUSIONNET_RDZV_CONF"
 
 
-def processes_per_node(explicit: int | None = None) -> int:
-    """Processes for the step: `explicit`, else FUSIONNET_NPROC_PER_NODE, else one per visible GPU (>= 1)."""
+def processes_per_node(explicit: int | None = None, device: str = "auto") -> int:
+    """Processes for the step: `explicit`, else FUSIONNET_NPROC_PER_NODE, else one per visible GPU
+    (>= 1) when `device` (params train_common.device) is "cuda" or "auto", and 1 for "cpu" (a CPU
+    profile on an 8-GPU node is one process using every core, not 8 gloo processes)."""
     if explicit:
         return int(explicit)
     if os.environ.get(NPROC_ENV):
         return int(os.environ[NPROC_ENV])
+    if device == "cpu":
+        return 1
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:  # counted without initialising CUDA in this process
-        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+        return max(1, len(visible_gpus(visible)))
     import torch
 
     return max(1, torch.cuda.device_count())
+
+
+def train_device(params: Mapping) -> str:
+    """params.yaml's train_common.device, read through the step config (the one config contract)."""
+    return StepConfig.from_params(dict(params), STEPS[0]).device
+
+
+def visible_gpus(value: str) -> list[str]:
+    """The GPUs a CUDA_VISIBLE_DEVICES value makes visible, as CUDA reads it: entries up to the first
+    invalid one (a negative or non-numeric index, or a repeat); GPU-/MIG- UUIDs count. "0,1,-1,2" -> 2."""
+    seen: list[str] = []
+    for entry in (e.strip() for e in value.split(",")):
+        valid = entry.isdigit() or entry.startswith(("GPU-", "MIG-"))
+        key = str(int(entry)) if entry.isdigit() else entry
+        if not valid or key in seen:
+            break
+        seen.append(key)
+    return seen
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from fusionnet.io.hashing import file_sha256
 from fusionnet.io.params import load_params
 from fusionnet.train.config import STEPS  # torch-free: the fusionnet.train package imports nothing itself
 from pipeline.training import handoff
-from pipeline.training.launch import NPROC_ENV, Rendezvous, StepJob, processes_per_node, step_command  # noqa: F401  (re-exported)
+from pipeline.training.launch import NPROC_ENV, Rendezvous, StepJob, processes_per_node, step_command, train_device  # noqa: F401  (re-exported)
 from pipeline.tracking.runs import TAG_TRAINED_MODEL_SHA, failed_status, get_client, parent_run, start_step_run
 
 
@@ -157,7 +157,7 @@ def train_one_step(
     if init is not None and not init.is_file():
         raise FileNotFoundError(f"{init}: init checkpoint for step {step!r} not found")
     with parent_run(params, shards) as parent_id:
-        job = StepJob(step, params_file, shards, out, init, processes_per_node(nproc_per_node))
+        job = StepJob(step, params_file, shards, out, init, processes_per_node(nproc_per_node, train_device(params)))
         model = run_tracked_step(job, params, parent_id).model_path
     return str(model)
 
