@@ -83,13 +83,13 @@ def bench_read(shards: Path, workers: int, epochs: int, batch_size: int) -> dict
     from fusionnet.train import data as tdata
 
     dataset = tdata.training_set(shards, seed=0, warmup=True)
-    order = lambda e: tdata.epoch_indices(len(dataset), 0, e, 0, 1)  # noqa: E731
     n_batches = len(dataset) // batch_size
-    for batch in tdata.epoch_loader(dataset, order(0), batch_size, 0, n_batches, workers, 0, 0):
+    order = lambda e: tdata.rank_indices(tdata.epoch_order(len(dataset), 0, e), 0, n_batches, batch_size, 1, 0, 1)  # noqa: E731
+    for batch in tdata.epoch_loader(dataset, order(0), batch_size, workers, 0, 0):
         pass  # warm-up epoch: page cache, worker start
     samples, start, cpu_start = 0, time.perf_counter(), os.times()
     for epoch in range(1, epochs + 1):
-        for batch in tdata.epoch_loader(dataset, order(epoch), batch_size, 0, n_batches, workers, 0, epoch):
+        for batch in tdata.epoch_loader(dataset, order(epoch), batch_size, workers, 0, epoch):
             samples += batch["image"].shape[0]
     elapsed, cpu = time.perf_counter() - start, sum(os.times()[:4]) - sum(cpu_start[:4])
     shape = tuple(batch["image"].shape[1:])

@@ -147,16 +147,23 @@ def test_train_cli_bad_params_files_are_one_clear_error(cli_runs, case, words):
 # ----------------------------------------------------------------------------- the NaN-loss guard
 
 
-def test_nan_loss_stops_training_and_leaves_only_the_last_good_state(tmp_path, monkeypatch):
-    from fusionnet.train import loop
+@pytest.mark.parametrize("log_every, checkpoint_every, stopped_after, last_state, span", [
+    (1, 1, 2, 1, "iteration 2"),  # checked every iteration: stops at the NaN
+    (3, 4, 3, 0, "iterations 1-3"),  # checked every 3 (no host sync per iteration): stops within 3
+])
+def test_nan_loss_stops_training_and_leaves_only_the_last_good_state(tmp_path, monkeypatch, log_every,
+                                                                      checkpoint_every, stopped_after, last_state, span):
+    from fusionnet.train import forward
     from fusionnet.train.config import StepConfig
     from fusionnet.train.loop import run_step
+    from fusionnet.train.losslog import LOSS_LOG_FILE, LossLog
     from fusionnet.train.state import load_state
 
-    shards = write_toy_shards(tmp_path / "shards", n_train=8, n_val=1, size=64)
-    cfg = StepConfig.from_params(_narrow(tiny_train_params(epochs=1, iters=3)), "segmentation")
+    shards = write_toy_shards(tmp_path / "shards", n_train=12, n_val=1, size=64)
+    params = _narrow(tiny_train_params(epochs=1, iters=6, log_every=log_every, checkpoint_every=checkpoint_every))
+    cfg = StepConfig.from_params(params, "segmentation")
     calls = []
-    real_loss = loop.step_loss
+    real_loss = forward.step_loss
 
     def nan_at_second_iteration(step, output, alpha, cfg):
         loss, terms = real_loss(step, output, alpha, cfg)
@@ -166,13 +173,14 @@ def test_nan_loss_stops_training_and_leaves_only_the_last_good_state(tmp_path, m
             terms = {**terms, "loss": loss}
         return loss, terms
 
-    monkeypatch.setattr(loop, "step_loss", nan_at_second_iteration)
+    monkeypatch.setattr(forward, "step_loss", nan_at_second_iteration)
     out = tmp_path / "out"
-    with pytest.raises(FloatingPointError, match=r"segmentation step: loss is nan at iteration 2; lower train lr"):
+    with pytest.raises(FloatingPointError, match=rf"segmentation step: loss.* not finite \(nan\) in {span}; lower the train lr"):
         run_step("segmentation", cfg, shards, out)
-    assert len(calls) == 2  # stopped at once
+    assert len(calls) == stopped_after  # stopped within log_every iterations
     state = load_state(out / "state.pt")
-    assert state["iteration"] == 1 and not state["finished"] and len(state["loss_log"]) == 1
+    assert state["iteration"] == last_state and not state["finished"]
+    assert [row["iteration"] for row in LossLog(out / LOSS_LOG_FILE).read()] == list(range(1, last_state + 1))
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (out / "model.safetensors").exists() and not (out / "history.json").exists()
     assert not [p.name for p in out.rglob("*") if "tmp" in p.name]  # no temp file left behind

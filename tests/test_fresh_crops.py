@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from fusionnet.data.crops import resize, warmup_image
 from fusionnet.data.dataset import _TO_UNIT, ShardDataset
@@ -66,19 +67,39 @@ def test_warmup_images_are_the_whole_composite_resized_then_rotated_and_flipped(
 
 def test_loader_workers_and_resume_see_the_same_samples(toy):
     dataset = _sampled(toy)
-    order = tdata.epoch_indices(len(dataset), seed=7, epoch=2, rank=0, world_size=1)
-    batches = lambda workers, first: [b["image"] for b in tdata.epoch_loader(dataset, order, 2, first, 6, workers, 7, 2)]  # noqa: E731
+    order = tdata.epoch_order(len(dataset), seed=7, epoch=2)
+    indices = lambda first: tdata.rank_indices(order, first, 6, 2, 1, 0, 1)  # noqa: E731
+    batches = lambda workers, first: [b["image"] for b in tdata.epoch_loader(dataset, indices(first), 2, workers, 7, 2)]  # noqa: E731
     serial, parallel = batches(0, 0), batches(2, 0)
     assert len(serial) == 6 and all(torch.equal(s, p) for s, p in zip(serial, parallel))
     resumed = batches(0, 4)  # a step resumed after 4 batches of epoch 2 cuts the same crops
     assert all(torch.equal(s, r) for s, r in zip(serial[4:], resumed))
 
 
-def test_ddp_ranks_draw_disjoint_samples():
-    ranks = [tdata.epoch_indices(13, seed=1, epoch=5, rank=r, world_size=3) for r in range(3)]
+def test_epoch_order_is_distributed_samplers_permutation():
+    sampler = DistributedSampler(range(13), num_replicas=1, rank=0, shuffle=True, seed=1)  # type: ignore[arg-type]
+    sampler.set_epoch(5)
+    assert tdata.epoch_order(13, seed=1, epoch=5) == list(sampler)  # single-process runs keep their order
+    assert tdata.epoch_order(13, seed=1, epoch=5) != tdata.epoch_order(13, seed=1, epoch=6)
+
+
+def test_ddp_ranks_draw_disjoint_samples_and_each_step_the_same_global_batch():
+    order = tdata.epoch_order(26, seed=1, epoch=5)
+    assert tdata.steps_in_epoch(26, 12, None) == 2 and tdata.steps_in_epoch(26, 12, 1) == 1  # drop_last, capped
+    ranks = [tdata.rank_indices(order, 0, 2, 2, 1, r, 3) for r in range(3)]  # 3 processes x batch 2: G = 6
     flat = [i for r in ranks for i in r]
-    assert len(flat) == len(set(flat)) == 12  # disjoint, drop_last
-    assert ranks != [tdata.epoch_indices(13, seed=1, epoch=6, rank=r, world_size=3) for r in range(3)]
+    assert len(flat) == len(set(flat)) == 12  # disjoint
+    # a global batch of 4 per step, as 1 process x 2 micro-batches or 2 processes x 1, or 4 x 1
+    one = tdata.rank_indices(order, 0, 3, 2, 2, 0, 1)
+    two = [tdata.rank_indices(order, 0, 3, 2, 1, r, 2) for r in range(2)]
+    four = [tdata.rank_indices(order, 0, 3, 1, 1, r, 4) for r in range(4)]
+    for step in range(3):
+        window = slice(4 * step, 4 * step + 4)
+        per_rank = [r[2 * step : 2 * step + 2] for r in two]
+        assert sorted(one[window]) == sorted(per_rank[0] + per_rank[1]) == sorted(r[step] for r in four)
+        assert one[window] == order[window]
+    # resuming at step 1 continues where an uninterrupted epoch would be
+    assert tdata.rank_indices(order, 1, 3, 2, 2, 0, 1) == one[4:]
 
 
 def test_validation_subset_is_spread_over_foregrounds(tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from fusionnet.train.config import StepConfig
 from fusionnet.train.loop import run_step
+from fusionnet.train.losslog import LOSS_LOG_FILE, LossLog
 from fusionnet.train.state import STATE_FILE, load_state
 from fusionnet.train.toy import write_toy_shards
 from tests.support.helpers import ROOT, one_thread_env
@@ -85,7 +86,9 @@ def test_resume_after_crash_gives_identical_weights(shards, tmp_path, step):
     assert [h["val_sad"] for h in resumed.history] == pytest.approx([h["val_sad"] for h in reference.history], abs=1e-9)
     kept = [json.loads((d / "history.json").read_text())["kept"] for d in (tmp_path / "reference", tmp_path / "crashed")]
     assert kept[0] == kept[1] and kept[0]["iteration"] in range(7)
-    assert len(load_state(tmp_path / "crashed" / STATE_FILE)["loss_log"]) == 6
+    logs = [LossLog(tmp_path / d / LOSS_LOG_FILE).read() for d in ("reference", "crashed")]
+    assert [row["iteration"] for row in logs[1]] == list(range(1, 7))  # the crashed run's rows after its checkpoint: dropped
+    assert [row["loss"] for row in logs[1]] == pytest.approx([row["loss"] for row in logs[0]], abs=1e-9)
 
 
 def _cli(params: Path, shards: Path, out: Path) -> list[str]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from fusionnet import model as fmodel
 from fusionnet.train.config import StepConfig
 from fusionnet.train.loop import run_step
+from fusionnet.train.losslog import LOSS_LOG_FILE, LossLog
 from fusionnet.train.state import STATE_FILE, load_state
 from fusionnet.train.toy import write_toy_shards
 from tests.support.helpers import tiny_train_params
@@ -129,7 +130,8 @@ def test_state_file_loads_with_weights_only(chain):
     results, _ = chain
     state = load_state(results["joint"].out_dir / STATE_FILE)
     assert state["finished"] and state["iteration"] == 2 and set(state["model"]) >= {"encoder.stem.0.weight"}
-    assert state["loss_log"][0]["iteration"] == 1 and "loss_fusion" in state["loss_log"][0]
+    rows = LossLog(results["joint"].out_dir / LOSS_LOG_FILE).read()
+    assert rows[0]["iteration"] == 1 and "loss_fusion" in rows[0] and "loss_log" not in state
 
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
@@ -140,7 +142,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     params["train_seg"]["warmup_epochs"] = 0
     cfg = StepConfig.from_params(params, "segmentation").replace(epochs=8)
     run_step("segmentation", cfg, shards, tmp_path / "seg")
-    losses = [row["loss"] for row in load_state(tmp_path / "seg" / STATE_FILE)["loss_log"]]
+    losses = [row["loss"] for row in LossLog(tmp_path / "seg" / LOSS_LOG_FILE).read()]
     assert len(losses) == 8
     assert losses[-1] < 0.8 * losses[0], losses
     assert min(losses[4:]) < min(losses[:4]), losses

@@ -20,7 +20,8 @@ KEEPS = ("last", "best")
 # Keys each params section may hold -> StepConfig field names (identical names, grouped by section).
 MODEL_KEYS = ("backbone", "pretrained", "input_norm", "fpn_width", "fusion_widths", "decoder_max_width")
 COMMON_KEYS = (
-    "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "num_workers",
+    "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "global_batch_size",
+    "val_batch_size", "num_workers",
     "optimizer", "encoder_lr_scale", "freeze_encoder_bn", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
     "val_max_images", "val_band_radius", "visual_count", "val_every", "keep",
 )
@@ -56,7 +57,11 @@ class StepConfig:
     channels_last: bool = True  # NHWC: oneDNN and cuDNN run the DenseNet convolutions faster
     threads: int | None = None  # torch intra-op threads per process (None = torch's default)
     deterministic: bool = True  # deterministic algorithms on CPU (exact kill-and-resume)
-    batch_size: int = 2  # per process (paper: 2 per GPU)
+    batch_size: int = 2  # per process and micro-batch (paper: 2 per GPU)
+    # samples per optimizer step over all processes (paper: 16 = 8 GPUs x 2); reached by gradient
+    # accumulation, global / (batch_size x processes) micro-batches a step. None: batch_size x processes
+    global_batch_size: int | None = None
+    val_batch_size: int | None = None  # validation batch (no gradients: can be larger); None: batch_size
     num_workers: int = 1
     optimizer: str = "sgd"  # sgd (paper, authors' code) | adam (a CPU-profile deviation: from scratch in minutes)
     encoder_lr_scale: float = 1.0  # encoder LR = this x the schedule's (< 1: keep ImageNet features while decoders learn)
@@ -97,6 +102,12 @@ class StepConfig:
             raise ValueError(f"params train_common.val_every must be >= 1 or null, got {self.val_every}")
         if self.device not in DEVICES:
             raise ValueError(f"params train_common.device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        for name in ("global_batch_size", "val_batch_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"params train_common.{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
+            raise ValueError(f"params train_common.global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"batch_size {self.batch_size}")
         for name in ("batch_size", "checkpoint_every", "log_every", "epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"params: {name} must be >= 1, got {getattr(self, name)}")
@@ -129,6 +140,18 @@ class StepConfig:
             values.update(block)
         return cls(**values)
 
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of `world_size` processes, so a step sees
+        global_batch_size samples; a clear error when that does not divide."""
+        if self.global_batch_size is None:
+            return 1
+        per_micro = self.batch_size * world_size
+        if self.global_batch_size % per_micro:
+            raise ValueError(f"params train_common.global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"batch_size {self.batch_size} x {world_size} processes; choose a global batch that "
+                             f"divides, or another process count")
+        return self.global_batch_size // per_micro
+
     def replace(self, **changes: Any) -> "StepConfig":
         """A copy with some fields changed (e.g. a CLI --device override)."""
         return StepConfig(**{**asdict(self), **changes})
@@ -138,5 +161,5 @@ class StepConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """Fields that must match for a saved state.pt to be resumed (not logging/IO knobs)."""
-        ignore = {"checkpoint_every", "log_every", "num_workers", "visual_count", "threads"}
+        ignore = {"checkpoint_every", "log_every", "num_workers", "visual_count", "threads", "val_batch_size"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignore}

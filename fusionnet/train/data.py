@@ -6,8 +6,9 @@ more as its resized whole image, paper Sec. 4: "we also resize all the training 
 warm-up the network"), so the paper's epoch counts and LR half-cycles mean what the paper means.
 
 Resume-exact data: the order of an epoch is a function of (seed, epoch) only (DistributedSampler's
-permutation, split disjointly across ranks), a resumed epoch skips the batches already consumed, and
-each sample is a function of (seed, epoch, index).
+permutation), cut into global batches that are split disjointly over ranks and accumulation steps
+(`rank_indices`); a resumed epoch skips the steps already taken, and each sample is a function of
+(seed, epoch, index).
 
 Validation: the stored val crops (or, with crops.val_whole, the whole val composites); a capped subset is taken round-robin over the val foregrounds
 (`val_indices`), so at the paper profile it is not the first foreground's crops only.
@@ -16,9 +17,10 @@ Validation: the stored val crops (or, with crops.val_whole, the whole val compos
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from fusionnet.data.dataset import ShardDataset
 from fusionnet.data.sampling import SampledCrops, Sampling, read_summary
@@ -60,31 +62,48 @@ def sample_size(dataset: SampledCrops) -> tuple[int, int]:
     return int(image.shape[1]), int(image.shape[2])
 
 
-def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """This rank's sample order for `epoch`: a function of (seed, epoch) (DistributedSampler, drop_last)."""
-    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)  # type: ignore[arg-type]
-    sampler.set_epoch(epoch)
-    return list(sampler)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's sample order, a function of (seed, epoch) only: the permutation DistributedSampler
+    draws (randperm seeded with seed + epoch), before any split over ranks."""
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator).tolist()
 
 
-def batches_in_epoch(n_indices: int, batch_size: int, max_iters: int | None) -> int:
-    full = n_indices // batch_size  # drop_last: every batch has batch_size samples (BN, DDP)
+def steps_in_epoch(n: int, global_batch: int, max_iters: int | None) -> int:
+    """Optimizer steps in an epoch of n samples: whole global batches only (drop_last: BN, DDP), capped."""
+    full = n // global_batch
     return full if max_iters is None else min(full, max_iters)
 
 
-def epoch_loader(
-    dataset: SampledCrops, indices: list[int], batch_size: int, first_batch: int, n_batches: int,
-    num_workers: int, seed: int, epoch: int, pin_memory: bool = False,
-) -> DataLoader:
-    """Loader over batches first_batch..n_batches-1 of the epoch order (skipping consumed ones).
+def rank_indices(order: Sequence[int], first_step: int, n_steps: int, batch_size: int, accumulation: int,
+                 rank: int, world_size: int) -> list[int]:
+    """This rank's samples for optimizer steps first_step..n_steps-1, micro-batch after micro-batch.
+
+    Step s takes the global batch order[s*G : (s+1)*G], G = batch_size x accumulation x world_size;
+    its micro-batch m on rank r is the slice (m * world_size + r) * batch_size. So a step sees the same
+    samples however they are split into processes and accumulation (1 process x 2 accumulations =
+    2 processes x 1), and a step resumed on fewer processes continues the same sequence.
+    """
+    global_batch = batch_size * accumulation * world_size
+    out: list[int] = []
+    for step in range(first_step, n_steps):
+        for micro in range(accumulation):
+            start = step * global_batch + (micro * world_size + rank) * batch_size
+            out.extend(order[start : start + batch_size])
+    return out
+
+
+def epoch_loader(dataset: SampledCrops, indices: list[int], batch_size: int, num_workers: int, seed: int,
+                 epoch: int, pin_memory: bool = False) -> DataLoader:
+    """Loader over `indices` (`rank_indices`: what is left of this rank's epoch), batch_size at a time.
 
     Items are (epoch, index) pairs, so workers cut exactly the crops an uninterrupted run cuts.
     """
-    chosen = [(epoch, i) for i in indices[first_batch * batch_size : n_batches * batch_size]]
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=chosen,  # a fixed list: the order was decided by (seed, epoch)
+        sampler=[(epoch, i) for i in indices],  # a fixed list: the order was decided by (seed, epoch)
         num_workers=num_workers,
         drop_last=True,
         pin_memory=pin_memory,
@@ -109,9 +128,10 @@ def val_indices(fg_ids: list[str], max_images: int | None) -> list[int]:
     return sorted(order)
 
 
-def val_loader(val: ShardDataset, batch_size: int, max_images: int | None) -> DataLoader:
-    """The val rows chosen by `val_indices` (all when max_images is None), in stored order.
-    Whole composites (kind "composite", sizes differ) go one per batch."""
-    chosen = val_indices(val.column("fg_id"), max_images)
+def val_loader(val: ShardDataset, batch_size: int, max_images: int | None, rank: int = 0, world_size: int = 1,
+               num_workers: int = 0) -> DataLoader:
+    """This rank's share (every world_size-th) of the val rows `val_indices` chooses (all when
+    max_images is None), in stored order. Whole composites (kind "composite", sizes differ) go one per batch."""
+    chosen = val_indices(val.column("fg_id"), max_images)[rank::world_size]
     whole = "composite" in set(val.column("kind"))
-    return DataLoader(val, batch_size=1 if whole else batch_size, sampler=chosen, num_workers=0)
+    return DataLoader(val, batch_size=1 if whole else batch_size, sampler=chosen, num_workers=num_workers)

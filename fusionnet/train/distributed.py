@@ -6,12 +6,15 @@ them the step runs in a single process. Only rank 0 logs and writes files.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fusionnet.hardware import resolve_device
 
@@ -44,6 +47,37 @@ def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return DistContext(rank, world_size, local_rank, device)
+
+
+# torch >= 2.15 renamed DDP's broadcast_buffers (deprecated, warns) to forward_sync_buffers; both keep
+# the sync at construction, so every rank starts from rank 0's buffers
+SYNC_BUFFERS_ARG = ("forward_sync_buffers" if "forward_sync_buffers" in
+                    inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+
+
+def ddp_options(module: nn.Module, device: torch.device) -> dict:
+    """DistributedDataParallel keyword arguments for `module` as the step trains it (call after
+    `set_train_mode`).
+
+    broadcast_buffers (forward_sync_buffers in newer torch): only when a BatchNorm of the module updates its running statistics (train
+    mode); in a step whose BatchNorms are all frozen (joint, or fusion's frozen segmentation network
+    with a fusion network of none) the buffers never change, and broadcasting them before every
+    forward is wasted traffic. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets,
+    saving a copy and the memory of one set of gradients.
+    """
+    updates_stats = any(m.training and m.track_running_stats for m in module.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return {"device_ids": [device.index] if device.type == "cuda" else None,
+            SYNC_BUFFERS_ARG: updates_stats, "gradient_as_bucket_view": True}
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum over ranks of a small tensor (identity when alone)."""
+    if not ctx.enabled:
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def barrier(ctx: DistContext) -> None:

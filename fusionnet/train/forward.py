@@ -10,6 +10,9 @@ Losses are computed in float32 even when the network ran under bf16/fp16 autocas
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -85,3 +88,36 @@ def step_loss(step: str, output: MattingOutput | SideOutputs, alpha: Tensor, cfg
         terms = {"loss": j.total, "loss_fusion": j.fusion, "loss_fg": j.fg, "loss_bg": j.bg, "loss_sparsity": j.sparsity}
         return j.total, terms
     raise ValueError(f"unknown step {step!r}")
+
+
+def accumulate_gradients(module: nn.Module, batches: Iterator[dict], accumulation: int, step: str, cfg: StepConfig,
+                         device: torch.device, autocast: Callable[[], AbstractContextManager],
+                         scaler: torch.amp.GradScaler, distributed: bool) -> tuple[dict[str, Tensor], float]:
+    """Forward and backward `accumulation` micro-batches from `batches` into the gradients (the caller
+    zeroes them before and steps after): the gradient of the mean loss over the global batch.
+
+    Returns (the step's loss terms, means over the micro-batches, still on the device: no host sync;
+    seconds spent waiting for `batches`). distributed: `module` is DDP-wrapped, and all-reduces
+    gradients on the last micro-batch only.
+    """
+    terms_sum: dict[str, Tensor] = {}
+    wait_s = 0.0
+    for micro in range(accumulation):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait_s += time.perf_counter() - t0
+        image = batch["image"].to(device, non_blocking=True)
+        alpha = batch["alpha"].to(device, non_blocking=True)
+        if cfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        sync = module.no_sync() if distributed and micro < accumulation - 1 else nullcontext()  # type: ignore[operator]
+        with sync:
+            with autocast():
+                output = module(image)
+            with torch.autocast(device.type, enabled=False):  # every loss in float32
+                loss, terms = step_loss(step, output, alpha, cfg)
+            scaler.scale(loss / accumulation).backward()
+        for name, value in terms.items():
+            part = value.detach() / accumulation
+            terms_sum[name] = part if name not in terms_sum else terms_sum[name] + part
+    return terms_sum, wait_s

@@ -1,13 +1,16 @@
 """`run_step`: one of the paper's three training steps (Sec. 3.4), resumable and DDP-ready.
 
-Per iteration: read a batch (order fixed by (seed, epoch)), triangular cyclical LR, forward under
-autocast, the step's loss, backward, gradient-norm clip, SGD step; loss terms and LR to the logger.
+Per iteration (one optimizer step): triangular cyclical LR; for each of the step's micro-batches
+(gradient accumulation: `global_batch_size` samples a step whatever the process count) read it (order
+fixed by (seed, epoch)), forward under autocast, the step's loss, backward; gradient-norm clip, SGD
+step. Loss terms stay on the device (no host sync per iteration) and are reduced, checked for NaN and
+logged every `log_every` iterations (fusionnet.train.losslog: loss_log.jsonl and the logger).
 Per epoch: validation SAD/MSE, samples/s, data-wait share, a PNG grid and the loss curves.
 Console (rank 0): a bar or a few plain lines per epoch, one summary line (fusionnet.train.progress).
 state.pt is written atomically every `checkpoint_every` iterations and at every epoch end; a step
 killed at any moment continues from its last state.pt when run again and, on CPU with a fixed seed,
 ends with the same weights as an uninterrupted run.
-Outputs in out_dir: model.safetensors, state.pt, history.json, plots/.
+Outputs in out_dir: model.safetensors, state.pt, loss_log.jsonl, history.json, plots/.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from typing import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +32,19 @@ from fusionnet.model import LateFusionNet
 from fusionnet.train import data as tdata, selection
 from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import (
-    DistContext, all_reduce_mean, barrier, broadcast_object, init_distributed, shutdown,
+    DistContext, barrier, broadcast_object, ddp_options, init_distributed, shutdown,
 )
 from fusionnet.io.atomic import write_atomic
-from fusionnet.train.forward import step_loss, step_module
+from fusionnet.train.forward import accumulate_gradients, step_module
 from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable
+from fusionnet.train.losslog import LOSS_LOG_FILE, LossLog, LossWindow
 from fusionnet.train.precision import resolve_precision
 from fusionnet.train.progress import StepProgress
 from fusionnet.train.schedule import half_cycle_iterations, triangular_lr
 from fusionnet.train.state import STATE_FILE, capture_rng, load_state, restore_rng, save_state
+from fusionnet.train.torchsettings import training_settings
 from fusionnet.train.tracking import StepResult, TrainLogger
-from fusionnet.train.validate import validate
+from fusionnet.train.validate import validate_shared
 from fusionnet.train.visuals import save_loss_curves, save_val_grid
 
 MODEL_FILE = "model.safetensors"
@@ -64,15 +70,10 @@ def run_step(
         raise ValueError(f"run_step({step!r}) got a StepConfig for step {cfg.step!r}")
     owns_group = not torch.distributed.is_initialized()
     ctx = init_distributed(cfg.device)
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    fill_memory = torch.utils.deterministic.fill_uninitialized_memory
     try:
-        return _Trainer(step, cfg, Path(shards_dir), Path(out_dir), init_checkpoint, logger, resume, ctx).run()
+        with training_settings(ctx.device, cfg.threads, cfg.deterministic):  # the caller's settings come back after
+            return _Trainer(step, cfg, Path(shards_dir), Path(out_dir), init_checkpoint, logger, resume, ctx).run()
     finally:
-        # process-wide torch settings go back to what the caller had
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill_memory
         if owns_group:
             shutdown(ctx)
 
@@ -85,6 +86,9 @@ class _Trainer:
         self.logger = logger if ctx.is_main else None
         self.resume = resume
         self.state_path = out_dir / STATE_FILE
+        self.loss_log, self.window = LossLog(out_dir / LOSS_LOG_FILE), LossWindow()
+        self.accumulation = cfg.accumulation(ctx.world_size)  # micro-batches per optimizer step
+        self.global_batch = cfg.batch_size * self.accumulation * ctx.world_size
         self.device = ctx.device
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("params train_common.precision fp16 needs device cuda; use bf16 (or fp32) on cpu")
@@ -100,15 +104,11 @@ class _Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _configure_torch(self) -> None:
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        if self.device.type == "cpu" and self.cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-            # NaN-filling every new tensor (a debugging aid, on by default) costs ~6% of a CPU step
-            torch.utils.deterministic.fill_uninitialized_memory = False
         self.precision, self.precision_reason = resolve_precision(self.cfg.precision, self.device)
         if self.ctx.is_main:
             print(f"{self.step} step: precision {self.precision} ({self.precision_reason})", flush=True)
+            print(f"{self.step} step: global batch {self.global_batch} = {self.ctx.world_size} process(es) x "
+                  f"{self.accumulation} micro-batch(es) of {self.cfg.batch_size}", flush=True)
         torch.manual_seed(self.cfg.seed)
 
     def _build_model(self) -> LateFusionNet:
@@ -130,6 +130,7 @@ class _Trainer:
         if not self.resume:
             return None
         state = load_state(self.state_path)
+        state.pop("loss_log", None)  # states written before loss_log.jsonl held the log themselves
         key = self.resume_key()
         if state.get("config") != key:
             if self.ctx.is_main:
@@ -142,9 +143,11 @@ class _Trainer:
 
     def resume_key(self) -> dict[str, Any]:
         """What must match for a state.pt to be resumed or returned as finished: the step config, the
-        precision actually used, the init checkpoint's sha256, the data version and the process count."""
+        precision actually used, the init checkpoint's sha256, the data version and the global batch
+        (not the process count: with global_batch_size set, a step resumes on fewer GPUs with more
+        accumulation and sees the same batches, `tdata.rank_indices`)."""
         return {**self.cfg.resume_key(), "precision_used": self.precision, "init_sha256": self.init_sha256,
-                "data_version": self.data_version, "world_size": self.ctx.world_size}
+                "data_version": self.data_version, "global_batch": self.global_batch}
 
     # ------------------------------------------------------------------ main
     def run(self) -> StepResult:
@@ -174,7 +177,7 @@ class _Trainer:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-            restore_rng(state["rng"])
+            restore_rng(state["rng"], self.device)
         self.model, self.optimizer, self.scaler, self.trainable, self.state = model, optimizer, scaler, trainable, state
 
         self.train_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=False)
@@ -182,23 +185,26 @@ class _Trainer:
         self.val_set = tdata.open_split(self.shards_dir, "val", return_index=True)
         self.val_radii = tdata.val_band_radii(self.val_set, cfg.val_band_radius)
         self._check_sizes()
-        nominal = len(tdata.epoch_indices(len(self.train_set), cfg.seed, 0, ctx.rank, ctx.world_size))
-        self.iters_per_epoch = tdata.batches_in_epoch(nominal, cfg.batch_size, cfg.max_iters_per_epoch)
+        self.iters_per_epoch = tdata.steps_in_epoch(len(self.train_set), self.global_batch, cfg.max_iters_per_epoch)
         if self.iters_per_epoch < 1:
-            raise ValueError(f"{self.shards_dir / 'train'}: {len(self.train_set)} crops are fewer than one batch "
-                             f"of {cfg.batch_size} per process x {ctx.world_size} processes")
+            raise ValueError(f"{self.shards_dir / 'train'}: {len(self.train_set)} crops are fewer than one global batch "
+                             f"of {self.global_batch} ({cfg.batch_size} per process x {ctx.world_size} processes x "
+                             f"{self.accumulation} accumulation)")
         self.half_cycle = half_cycle_iterations(cfg.half_cycle_epochs, self.iters_per_epoch)
 
         module = step_module(model, self.step)
         if ctx.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            module = DistributedDataParallel(module, device_ids=ids)
+            set_train_mode(model, self.step, cfg.freeze_encoder_bn)  # which BatchNorms train decides broadcast_buffers
+            module = DistributedDataParallel(module, **ddp_options(module, self.device))
         self.module = module
+        if ctx.is_main:
+            self.loss_log.start(state["iteration"])  # a resumed step drops rows written after its checkpoint
 
         if self.logger is not None:
             self.logger.log_params({**cfg.to_dict(), "world_size": ctx.world_size, "init_checkpoint": str(self.init_checkpoint),
                                     "precision_used": self.precision, "precision_reason": self.precision_reason,
                                     "init_sha256": str(self.init_sha256), "data_version": self.data_version,
+                                    "accumulation": self.accumulation, "global_batch": self.global_batch,
                                     "iters_per_epoch": self.iters_per_epoch, "half_cycle_iters": self.half_cycle})
         if state["initial_val"] is None:
             state["initial_val"] = self._validate(epoch=0)
@@ -213,7 +219,7 @@ class _Trainer:
         return {
             "config": self.resume_key(), "step": self.step, "finished": False,
             "epoch": 0, "batch_in_epoch": 0, "iteration": 0,
-            "initial_val": None, "history": [], "loss_log": [], "validations": [], "best": None,
+            "initial_val": None, "history": [], "validations": [], "best": None, "last_lr": self.cfg.base_lr,
             "totals": {"samples": 0, "wait_s": 0.0, "train_s": 0.0},
             "epoch_acc": _zero_epoch_acc(),
         }
@@ -230,66 +236,66 @@ class _Trainer:
         cfg, ctx, state = self.cfg, self.ctx, self.state
         set_train_mode(self.model, self.step, self.cfg.freeze_encoder_bn)
         dataset = self.warmup_set if epoch < cfg.warmup_epochs and self.warmup_set is not None else self.train_set
-        indices = tdata.epoch_indices(len(dataset), cfg.seed, epoch, ctx.rank, ctx.world_size)
-        n_batches = tdata.batches_in_epoch(len(indices), cfg.batch_size, cfg.max_iters_per_epoch)
+        order = tdata.epoch_order(len(dataset), cfg.seed, epoch)
+        n_steps = tdata.steps_in_epoch(len(order), self.global_batch, cfg.max_iters_per_epoch)
         first = state["batch_in_epoch"]
-        loader = tdata.epoch_loader(dataset, indices, cfg.batch_size, first, n_batches, cfg.num_workers,
-                                    cfg.seed, epoch, pin_memory=self.device.type == "cuda")
+        indices = tdata.rank_indices(order, first, n_steps, cfg.batch_size, self.accumulation, ctx.rank, ctx.world_size)
+        loader = tdata.epoch_loader(dataset, indices, cfg.batch_size, cfg.num_workers, cfg.seed, epoch,
+                                    pin_memory=self.device.type == "cuda")
         batches = iter(loader)
-        with self.progress.epoch(epoch + 1, cfg.epochs, n_batches, first) as shown:
-            for b in range(first, n_batches):
+        with self.progress.epoch(epoch + 1, cfg.epochs, n_steps, first) as shown:
+            for b in range(first, n_steps):
                 t0 = time.perf_counter()
-                batch = next(batches)
-                t1 = time.perf_counter()
-                terms, lr = self._train_iteration(batch, epoch, b)
+                lr, wait_s = self._train_iteration(batches)
                 t2 = time.perf_counter()
-                samples = cfg.batch_size * ctx.world_size
                 for acc in (state["totals"], state["epoch_acc"]):
-                    acc["samples"] += samples
-                    acc["wait_s"] += t1 - t0
+                    acc["samples"] += self.global_batch
+                    acc["wait_s"] += wait_s
                     acc["train_s"] += t2 - t0
-                state["epoch_acc"]["loss_sum"] += terms["loss"]
-                state["epoch_acc"]["loss_count"] += 1
                 state["batch_in_epoch"] = b + 1
                 state["iteration"] += 1
+                state["last_lr"] = lr
                 it = state["iteration"]
-                state["loss_log"].append({"iteration": it, "epoch": epoch + 1, "lr": lr, **terms})
-                shown.update(terms["loss"], lr)
-                if self.logger is not None and it % cfg.log_every == 0:
-                    self.logger.log_metrics({**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr}, step=it)
-                if cfg.val_every and it % cfg.val_every == 0 and b + 1 < n_batches:  # epoch ends validate anyway
-                    self._note_val(self._validate(epoch + 1, grid=False), epoch=epoch + (b + 1) / n_batches)
+                flush = it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or b + 1 == n_steps
+                shown.update(self._flush_losses(epoch, lr) if flush else None, lr)
+                if cfg.val_every and it % cfg.val_every == 0 and b + 1 < n_steps:  # epoch ends validate anyway
+                    self._note_val(self._validate(epoch + 1, grid=False), epoch=epoch + (b + 1) / n_steps)
                 if it % cfg.checkpoint_every == 0:
                     self._checkpoint()
         del batches, loader
 
-    def _train_iteration(self, batch: dict, epoch: int, b: int) -> tuple[dict[str, float], float]:
+    def _train_iteration(self, batches: Iterator[dict]) -> tuple[float, float]:
+        """One optimizer step over `accumulation` micro-batches; returns (lr, seconds spent waiting for data).
+        Its loss terms go to the device-side window (no host sync here)."""
         cfg = self.cfg
-        image, alpha = batch["image"], batch["alpha"]
-        image = image.to(self.device, non_blocking=True)
-        alpha = alpha.to(self.device, non_blocking=True)
-        if cfg.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
         lr = triangular_lr(self.state["iteration"], cfg.base_lr, cfg.max_lr, self.half_cycle)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        with self.autocast():
-            output = self.module(image)
-        with torch.autocast(self.device.type, enabled=False):  # every loss in float32
-            loss, terms = step_loss(self.step, output, alpha, cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        step_terms, wait_s = accumulate_gradients(self.module, batches, self.accumulation, self.step, cfg, self.device,
+                                                  self.autocast, self.scaler, self.ctx.enabled)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        step_terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        names = list(terms)
-        values = all_reduce_mean(torch.stack([terms[k].detach().float() for k in names] + [grad_norm.float()]), self.ctx)
-        values = values.cpu().tolist()
-        if not math.isfinite(values[0]):
-            raise FloatingPointError(f"{self.step} step: loss is {values[0]} at iteration {self.state['iteration'] + 1}; "
-                                     f"lower train lr (max_lr {cfg.max_lr}) or use fp32")
-        return {**dict(zip(names, values[:-1])), "grad_norm": values[-1]}, lr
+        self.window.add(step_terms, self.state["iteration"] + 1)
+        return lr, wait_s
+
+    def _flush_losses(self, epoch: int, lr: float) -> float | None:
+        """Reduce, check and log the loss window (see fusionnet.train.losslog); the window's mean loss."""
+        it = self.state["iteration"]
+        row = self.window.flush(self.ctx, self.step, it)
+        if row is None:
+            return None
+        acc = self.state["epoch_acc"]
+        acc["loss_sum"] += row["loss"] * row["iterations"]
+        acc["loss_count"] += row["iterations"]
+        if self.ctx.is_main:
+            self.loss_log.append({"iteration": it, "epoch": epoch + 1, "lr": lr, **row})
+            if self.logger is not None:
+                terms = {f"train/{k}": v for k, v in row.items() if k != "iterations"}
+                self.logger.log_metrics({**terms, "train/lr": lr}, step=it)
+        return row["loss"]
 
     def _end_epoch(self, epoch: int) -> None:
         state, ctx = self.state, self.ctx
@@ -303,7 +309,7 @@ class _Trainer:
                 "samples_per_s": acc["samples"] / acc["train_s"] if acc["train_s"] else math.nan,
                 "data_wait_fraction": acc["wait_s"] / acc["train_s"] if acc["train_s"] else math.nan,
                 "iterations": state["iteration"],
-                "lr": state["loss_log"][-1]["lr"] if state["loss_log"] else self.cfg.base_lr,
+                "lr": state["last_lr"],
                 "epoch_s": acc["train_s"],
             }
             state["history"].append(row)
@@ -313,7 +319,7 @@ class _Trainer:
                 metrics = {f"epoch/{k}": float(v) for k, v in row.items() if k not in ("epoch", "iterations")}
                 self.logger.log_metrics({**metrics, "epoch": float(epoch + 1)}, step=state["iteration"])
             self._write_history(finished=False)
-            curves = save_loss_curves(state["loss_log"], state["history"], state["initial_val"],
+            curves = save_loss_curves(self.loss_log.read(max_rows=2000), state["history"], state["initial_val"],
                                       self.out_dir / "plots" / "loss_curves.png", title=f"{self.step} step")
             if curves is not None and self.logger is not None:
                 self.logger.log_image(curves, "plots/loss_curves.png")
@@ -326,22 +332,19 @@ class _Trainer:
         selection.note_validation(self.state, val, epoch, self.cfg.keep, self.model, self.ctx.is_main)
 
     def _validate(self, epoch: int, grid: bool = True) -> dict[str, float]:
-        """Rank 0 scores the val split (others wait); returns {"val_sad", "val_mse", "val_images", "val_s"}."""
-        scores: dict[str, float] = {}
-        if self.ctx.is_main:
-            t0 = time.perf_counter()
-            loader = tdata.val_loader(self.val_set, self.cfg.batch_size, self.cfg.val_max_images)
-            result = validate(self.model, loader, self.device, self.autocast, self.val_radii,
-                              self.cfg.visual_count if grid else 0, self.cfg.channels_last)
-            scores = {**result.scores(), "val_s": time.perf_counter() - t0}
+        """Every rank scores its share of the val split (`validate_shared`); returns {"val_sad",
+        "val_mse", "val_images", "val_s"} on every rank. Rank 0 draws the grid and logs."""
+        cfg, ctx = self.cfg, self.ctx
+        scores, visuals = validate_shared(self.model, self.val_set, self.val_radii, cfg, ctx, self.autocast,
+                                          cfg.visual_count if grid and ctx.is_main else 0)
+        if ctx.is_main:
             name = f"plots/val_epoch_{epoch:03d}.png"
-            picture = save_val_grid(result.visuals, self.out_dir / name,
-                                    title=f"{self.step} step, epoch {epoch}: val SAD {result.val_sad:.3f}") if grid else None
+            picture = save_val_grid(visuals, self.out_dir / name,
+                                    title=f"{self.step} step, epoch {epoch}: val SAD {scores['val_sad']:.3f}") if grid else None
             if self.logger is not None:
-                self.logger.log_metrics({"val/sad": result.val_sad, "val/mse": result.val_mse}, step=self.state["iteration"])
+                self.logger.log_metrics({"val/sad": scores["val_sad"], "val/mse": scores["val_mse"]}, step=self.state["iteration"])
                 if picture is not None:
                     self.logger.log_image(picture, name)
-        scores = broadcast_object(scores, self.ctx)  # type: ignore[assignment]
         return scores
 
     # ------------------------------------------------------------------ files
@@ -351,7 +354,7 @@ class _Trainer:
             state["model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             state["optimizer"] = self.optimizer.state_dict()
             state["scaler"] = self.scaler.state_dict()
-            state["rng"] = capture_rng()
+            state["rng"] = capture_rng(self.device)
             save_state(self.state_path, state)
             for key in ("model", "optimizer"):
                 del state[key]  # keep only the live copies in memory
@@ -387,19 +390,12 @@ class _Trainer:
             self._checkpoint()
         else:
             barrier(self.ctx)
-        self.state = broadcast_object(self.state, self.ctx)  # type: ignore[assignment]
-        return self._result(self.state)
+        # what the result needs (not the weights of "best_model", which only rank 0 holds)
+        shared = {k: self.state[k] for k in ("history", "initial_val", "totals", "iteration")} if self.ctx.is_main else None
+        return self._result(broadcast_object(shared, self.ctx))  # type: ignore[arg-type]
 
     def _result(self, state: dict[str, Any]) -> StepResult:
-        totals = state["totals"]
-        return StepResult(
-            step=self.step, out_dir=self.out_dir,
-            model_path=self.out_dir / MODEL_FILE, history_path=self.out_dir / HISTORY_FILE,
-            history=list(state["history"]), initial_val=dict(state["initial_val"] or {}),
-            samples_per_s=totals["samples"] / totals["train_s"] if totals["train_s"] else math.nan,
-            data_wait_fraction=totals["wait_s"] / totals["train_s"] if totals["train_s"] else math.nan,
-            iterations=state["iteration"], train_s=totals["train_s"],
-        )
+        return StepResult.from_state(self.step, self.out_dir, MODEL_FILE, HISTORY_FILE, state)
 
 
 def _zero_epoch_acc() -> dict[str, float]:

@@ -95,8 +95,9 @@ class StepProgress:
 class _EpochProgress:
     """Nothing shown ("off", or a rank other than 0)."""
 
-    def update(self, loss: float, lr: float) -> None:
-        """One iteration done; loss: its total loss, lr: its learning rate."""
+    def update(self, loss: float | None, lr: float) -> None:
+        """One iteration done; loss: the mean total loss since the last update that had one (None: not
+        reduced this iteration, see fusionnet.train.losslog), lr: its learning rate."""
 
     def close(self) -> None:
         pass
@@ -108,9 +109,13 @@ class _BarEpoch(_EpochProgress):
         self.bar = tqdm(total=total, initial=done, desc=f"{owner.step} epoch {epoch}/{epochs}", unit="it",
                         file=owner.stream, dynamic_ncols=sized, ncols=None if sized else FALLBACK_COLUMNS,
                         nrows=None if sized else FALLBACK_ROWS, leave=True, bar_format=BAR_FORMAT)
+        self.loss: float | None = None
 
-    def update(self, loss: float, lr: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2e}", refresh=False)  # drawn by update's throttle
+    def update(self, loss: float | None, lr: float) -> None:
+        if loss is not None:
+            self.loss = loss
+        shown = {"loss": f"{self.loss:.4g}"} if self.loss is not None else {}
+        self.bar.set_postfix(**shown, lr=f"{lr:.2e}", refresh=False)  # drawn by update's throttle
         self.bar.update(1)
 
     def close(self) -> None:
@@ -122,9 +127,12 @@ class _PlainEpoch(_EpochProgress):
         self.owner, self.epoch, self.epochs, self.total, self.done = owner, epoch, epochs, total, done
         self.start = self.last = owner.clock()
         self.start_done = self.last_done = done
+        self.loss: float | None = None
 
-    def update(self, loss: float, lr: float) -> None:
+    def update(self, loss: float | None, lr: float) -> None:
         self.done += 1
+        if loss is not None:
+            self.loss = loss
         now, owner = self.owner.clock(), self.owner
         if self.done >= self.total:  # the summary line follows
             return
@@ -135,7 +143,7 @@ class _PlainEpoch(_EpochProgress):
         eta = (self.total - self.done) / rate if rate > 0 else math.nan
         owner.write(f"[{owner.step}] epoch {self.epoch}/{self.epochs}: {self.done}/{self.total} it "
                     f"({self.done / self.total:.0%}), {rate:.2f} it/s, ETA {_duration(eta)}, "
-                    f"loss {loss:.4g}, lr {lr:.2e}")
+                    f"loss {'?' if self.loss is None else format(self.loss, '.4g')}, lr {lr:.2e}")
 
 
 def _has_size(stream: TextIO) -> bool:

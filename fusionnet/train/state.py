@@ -3,7 +3,8 @@
 Holds only tensors and primitive containers (dict, list, tuple, str, int, float, bool, None), so
 loading it cannot run code. Contents: model and optimizer state dicts, GradScaler state, progress
 (epoch, batches consumed in it, global iteration), history so far, the per-iteration loss log,
-timing accumulators and every RNG state (torch CPU/CUDA, numpy, python).
+timing accumulators and every RNG state (torch CPU, this process's GPU, numpy, python). The loss log
+is not in it: it grows with the iterations (`fusionnet.train.losslog`, loss_log.jsonl beside it).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ STATE_FILE = "state.pt"
 STATE_FORMAT = "fusionnet.train_state.v1"
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every RNG state as tensors / primitives."""
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG state as tensors / primitives; on a CUDA `device`, that GPU's generator only (a state
+    saved for all 8 GPUs of one node could not be restored on a node with fewer)."""
     np_state = np.random.get_state()
     rng: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -35,19 +37,28 @@ def capture_rng() -> dict[str, Any]:
         },
         "python": random.getstate(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
 
 
-def restore_rng(rng: dict[str, Any]) -> None:
+def restore_rng(rng: dict[str, Any], device: torch.device | None = None) -> None:
+    """Set every RNG `capture_rng` saved; the CUDA generator of `device` only (from a state of one GPU,
+    or, in an older state holding one per GPU, the entry of this process's GPU when it has one)."""
     torch.set_rng_state(rng["torch"])
     n = rng["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    cuda = rng.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # states written before: one per visible GPU
+        index = device.index or 0
+        if index >= len(cuda):
+            return  # no saved generator for this GPU: it keeps its seeded state
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def save_state(path: Path, state: dict[str, Any]) -> Path:

@@ -80,3 +80,15 @@ class StepResult:
     iterations: int
     train_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_state(cls, step: str, out_dir: Path, model_file: str, history_file: str, state: dict[str, Any]) -> "StepResult":
+        """From the trainer's state (its "history", "initial_val", "totals" and "iteration")."""
+        totals = state["totals"]
+        return cls(
+            step=step, out_dir=out_dir, model_path=out_dir / model_file, history_path=out_dir / history_file,
+            history=list(state["history"]), initial_val=dict(state["initial_val"] or {}),
+            samples_per_s=totals["samples"] / totals["train_s"] if totals["train_s"] else math.nan,
+            data_wait_fraction=totals["wait_s"] / totals["train_s"] if totals["train_s"] else math.nan,
+            iterations=state["iteration"], train_s=totals["train_s"],
+        )

@@ -9,6 +9,7 @@ maps cropped back, as inference does.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -19,9 +20,13 @@ import torch.nn.functional as nnf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from fusionnet.data.dataset import ShardDataset
 from fusionnet.metrics import mse, sad, transition_band
 from fusionnet.model import LateFusionNet
 from fusionnet.model.geometry import pad_to_multiple
+from fusionnet.train import data as tdata
+from fusionnet.train.config import StepConfig
+from fusionnet.train.distributed import DistContext, all_reduce_sum
 
 
 @dataclass
@@ -29,6 +34,8 @@ class ValResult:
     val_sad: float
     val_mse: float
     val_images: int
+    sad_sum: float = 0.0  # over the scored images, for averaging across DDP ranks
+    mse_sum: float = 0.0
     # first crops for the PNG grid: name -> (K,H,W) float32 numpy in [0,1]
     visuals: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -83,8 +90,32 @@ def validate(
         val_sad=float(np.mean(sads)) if sads else math.nan,
         val_mse=float(np.nanmean(mses)) if mses else math.nan,
         val_images=len(sads),
+        sad_sum=float(np.sum(sads)) if sads else 0.0,
+        mse_sum=float(np.nansum(mses)) if mses else 0.0,
         visuals=visuals,
     )
+
+
+def validate_shared(model: LateFusionNet, val_set: ShardDataset, band_radii: Sequence[int], cfg: StepConfig,
+                    ctx: DistContext, autocast: Callable[[], AbstractContextManager],
+                    visual_count: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The trainer's validation: each DDP rank scores every world_size-th chosen val row at
+    val_batch_size (DataLoader workers on a GPU machine; on a CPU they would take the forward's cores)
+    and the SAD/MSE sums are all-reduced, so every rank returns the same ({"val_sad", "val_mse",
+    "val_images", "val_s"}, this rank's visuals). One process: the plain mean of `validate`."""
+    t0 = time.perf_counter()
+    workers = cfg.num_workers if ctx.device.type == "cuda" else 0
+    loader = tdata.val_loader(val_set, cfg.val_batch_size or cfg.batch_size, cfg.val_max_images,
+                              ctx.rank, ctx.world_size, workers)
+    result = validate(model, loader, ctx.device, autocast, band_radii, visual_count, cfg.channels_last)
+    scores: dict[str, float] = result.scores()
+    if ctx.enabled:
+        sums = all_reduce_sum(torch.tensor([result.sad_sum, result.mse_sum, result.val_images],
+                                           dtype=torch.float64, device=ctx.device), ctx).tolist()
+        n = int(sums[2])
+        scores = {"val_sad": sums[0] / n if n else math.nan, "val_mse": sums[1] / n if n else math.nan, "val_images": n}
+    scores["val_s"] = time.perf_counter() - t0
+    return scores, result.visuals
 
 
 def _collect(vis: dict[str, list[np.ndarray]], image: Tensor, gt: Tensor, out, take: int) -> None:
