@@ -27,10 +27,11 @@ taken away mid-run leaves what was measured:
    validation SAD/MSE before and after each step. The profile's schedule is scaled down (same epochs,
    fewer iterations per epoch) when a probe of a few iterations says it would not fit the budget.
 
---device cpu --tiny: 64x64, batch 2, 1 warm-up + 1 timed iteration, tiny data: every code path once,
-so the script cannot rot (tests/test_gpu_check.py). fp16 autocast and peak memory need CUDA and are
-recorded "n/a on cpu"; on a CPU the compile variant traces with torch.compile's "eager" backend
-(inductor takes about a minute per graph on 2 cores), and says so.
+--device cpu --tiny: 32 px training steps, 64 px images, batch 2, 1 warm-up + 1 timed iteration, tiny
+data, one torch thread: every code path once, so the script cannot rot (tests/test_gpu_check.py).
+fp16 autocast and peak memory need CUDA and are recorded "n/a on cpu"; training runs fp32 there; the
+compile variant traces with torch.compile's "eager" backend (inductor takes about a minute per graph
+on 2 cores), and says so.
 """
 
 from __future__ import annotations
@@ -621,13 +622,13 @@ def write(doc: dict, path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="dry run sizes: 64 px, batch 2, 1+1 iterations, tiny data")
+    parser.add_argument("--tiny", action="store_true", help="dry run sizes: training 32 px, inference 64 px, batch 2, 1+1 iterations, tiny data")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default: benchmarks/results/gpu_check.json; --tiny: $TMPDIR/gpu_check-tiny.json)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all sections")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
-    parser.add_argument("--size", type=int, default=None, help="training crop side (default 512; --tiny 64)")
+    parser.add_argument("--size", type=int, default=None, help="training crop side (default 512; --tiny 32, the network's stride)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="training batch sizes (default 2 4 8; --tiny 2)")
     parser.add_argument("--precisions", nargs="+", choices=("bf16", "fp16", "fp32"), default=None,
                         help="training autocast precisions (default bf16 fp16; --device cpu: fp32, fp16 listed as n/a)")
@@ -647,7 +648,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pytest-summary", default=None, help="(from gpu_check.sh) its last line, or why it did not run")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    defaults = {"size": (64, 512), "batches": ([2], [2, 4, 8]), "warmup": (1, 3), "iters": (1, 10), "config_s": (2.0, 2.0),
+    defaults = {"size": (32, 512), "batches": ([2], [2, 4, 8]), "warmup": (1, 3), "iters": (1, 10), "config_s": (2.0, 2.0),
                 "infer_size": (64, 800), "infer_batches": ([1, 2], [1, 8]),
                 "infer_backbones": (["efficientnet_lite0"], list(BACKBONES)), "repeats": (1, 20)}
     for key, (small, full) in defaults.items():

@@ -12,7 +12,8 @@
 # Own options: --no-install (or GPU_CHECK_NO_INSTALL=1), --total-s N (or GPU_CHECK_TOTAL_S; the whole
 # script's budget: what install and pytest leave goes to gpu_check.py as --budget-s unless one is given),
 # --pytest / --no-pytest (default: run it with --device cuda, skip it with --device cpu, where every
-# CUDA test would only skip). Everything else goes to gpu_check.py (--device, --tiny, --out, --budget-s,
+# CUDA test would only skip; collecting the suite costs ~20 s on 2 cores); GPU_CHECK_PYTHON: the
+# interpreter (default .venv/bin/python). Everything else goes to gpu_check.py (--device, --tiny, --out, --budget-s,
 # --sections, ...: `python benchmarks/gpu_check.py --help`). Nothing here reaches beyond the machine
 # except the install's package registry. Exit status: gpu_check.py's, or pytest's when tests failed.
 set -euo pipefail
@@ -63,8 +64,7 @@ if [ "$install" = 1 ]; then
   if command -v make >/dev/null 2>&1; then
     make venv
   else
-    PY=${PYTHON:-python3}
-    test -x .venv/bin/python || "$PY" -m venv .venv
+    test -x .venv/bin/python || "${PYTHON:-python3}" -m venv .venv
     .venv/bin/python -m pip install --quiet -c constraints.txt uv
     .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python -c constraints.txt -e ".[test]" \
       || .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
@@ -72,8 +72,9 @@ if [ "$install" = 1 ]; then
   fi
   echo "   install took $((SECONDS - started)) s"
 fi
-if [ ! -x .venv/bin/python ]; then
-  echo "gpu_check.sh: no .venv/bin/python; run without --no-install first" >&2
+PY=${GPU_CHECK_PYTHON:-.venv/bin/python}  # the tests pass their own interpreter
+if [ ! -x "$PY" ]; then
+  echo "gpu_check.sh: no $PY; run without --no-install first" >&2
   exit 2
 fi
 
@@ -84,7 +85,7 @@ if [ "$run_pytest" = yes ]; then
   echo "== pytest -m cuda"
   log=$(mktemp)
   pytest_rc=0
-  .venv/bin/python -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$log" || pytest_rc=${PIPESTATUS[0]}
+  "$PY" -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$log" || pytest_rc=${PIPESTATUS[0]}
   pytest_summary=$(grep -v '^\s*$' "$log" | tail -n 1)
   rm -f "$log"
 fi
@@ -100,7 +101,7 @@ if [ "$budget_given" = 0 ]; then
 fi
 echo "== benchmarks/gpu_check.py ${args[*]} ${forward[*]}"
 rc=0
-.venv/bin/python benchmarks/gpu_check.py "${args[@]}" "${forward[@]}" || rc=$?
+"$PY" benchmarks/gpu_check.py "${args[@]}" "${forward[@]}" || rc=$?
 
 echo
 echo "gpu_check.sh: $((SECONDS - started)) s in all; pytest -m cuda: ${pytest_summary}"
