@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: the whole pipeline on the embedded default data. Initialises what a fresh clone lacks
-# (a git repository, DVC, a local DVC remote under the project), then `dvc repro`.
+# `make run`: the whole pipeline on the embedded default data. Sets up what a fresh clone lacks (a
+# local DVC remote under the project; git and DVC only for a copy that is not a clone), then `dvc repro`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -f dvc.yaml ]; then
@@ -18,10 +18,17 @@ if [ -n "${PROFILE:-}" ] && [ "${PROFILE}" != "default" ]; then
   echo "profile ${PROFILE}: params-${PROFILE}.yaml copied to params.yaml (git checkout params.yaml restores the default)"
 fi
 git rev-parse --git-dir >/dev/null 2>&1 || git init -q
-if [ ! -d .dvc ]; then
-  dvc init -q
+# .dvc/config is committed, so a clone is already a DVC project; only a copy without .dvc/ (an
+# exported tree) is initialised here, with the committed file's settings.
+if [ ! -f .dvc/config ]; then
+  dvc init -q --force
   dvc config core.analytics false
-  dvc remote add -d -f local "$(pwd)/.dvc-remote" >/dev/null
+  dvc config plots.html_template ../scripts/dvc_plots_template.html
+fi
+# A default DVC remote under the project for `dvc push`, kept in the uncommitted .dvc/config.local
+# (a path on this machine) and only when none is configured.
+if [ -z "$(dvc config core.remote 2>/dev/null)" ]; then
+  dvc remote add --local -d local "$(pwd)/.dvc-remote" >/dev/null
 fi
 # On exit, whatever this script started in the background stops (the Prefect server on SIGINT).
 cleanup() {
