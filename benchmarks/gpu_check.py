@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -153,6 +154,7 @@ def build_model(backbone: str, seed: int = 0) -> LateFusionNet:
     return LateFusionNet(backbone, pretrained=False, **model_widths(backbone))
 
 
+@functools.lru_cache(maxsize=8)
 def toy_batch(batch: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (N,3,S,S) float [0,1], alpha (N,1,S,S) float [0,1]) of toy composites (paper Eq. 1)."""
     rng = np.random.default_rng(seed)
@@ -222,7 +224,7 @@ def time_train_config(model: LateFusionNet, initial: dict, c: dict, device: torc
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     module = step_module(model, step)
     image, alpha = toy_batch(c["batch"], size)
-    image, alpha = image.to(device), alpha.to(device)
+    image, alpha = image.to(device, copy=True), alpha.to(device, copy=True)  # toy_batch's are cached
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
@@ -363,72 +365,81 @@ def section_inference(args, device: torch.device, budget: Budget, log: Callable[
                         "fp32 (true float32: PreparedNetwork turns TF32 off for it) on the same inputs; "
                         "first_call_s: the first call (compile, cuDNN/oneDNN kernel choice)"}
     results = []
+    models: dict[str, LateFusionNet] = {}
+    reference: dict[tuple[str, int], torch.Tensor] = {}  # (backbone, batch) -> fp32 alpha
+    # every eager variant of every backbone first, the compiles (minutes on CUDA) last: what the budget cuts
+    order = [(b, n) for compiled in (False, True) for b in args.infer_backbones
+             for n, (_p, c) in INFERENCE_VARIANTS.items() if c == compiled]
     with compile_backend(device) as backend:
         settings["compile_backend"] = backend
+        settings["compile_estimate_s"] = args.compile_s
         estimate = 0.0
-        for backbone in args.infer_backbones:
-            if args.model and backbone == "efficientnet_lite0":
-                from fusionnet.model import load
+        for backbone, name in order:
+            precision, compiled = INFERENCE_VARIANTS[name]
+            rows = [{"backbone": backbone, "variant": name, "precision": precision, "compile": compiled, "batch": b}
+                    for b in args.infer_batches]
+            if device.type == "cpu" and precision == "fp16":
+                results += [{**r, "status": NA_CPU, "peak_mem_mib": NA_CPU} for r in rows]
+                continue
+            # a compiled variant's first call per batch size compiles (inductor on CUDA: about a minute or more)
+            need = max(estimate, 1.0) + (args.compile_s if compiled else 0.0)
+            if budget.left() < need:
+                results += [{**r, "status": "skipped: budget", "needed_s": round(need, 1)} for r in rows]
+                continue
+            if backbone not in models:
+                if args.model and backbone == "efficientnet_lite0":
+                    from fusionnet.model import load
 
-                model = load(args.model).eval()
-            else:
-                model = build_model(backbone).eval()
-            reference: dict[int, torch.Tensor] = {}
-            for name, (precision, compiled) in INFERENCE_VARIANTS.items():
-                rows = [{"backbone": backbone, "variant": name, "precision": precision, "compile": compiled, "batch": b}
-                        for b in args.infer_batches]
-                if device.type == "cpu" and precision == "fp16":
-                    results += [{**r, "status": NA_CPU, "peak_mem_mib": NA_CPU} for r in rows]
+                    models[backbone] = load(args.model).eval()
+                else:
+                    models[backbone] = build_model(backbone).eval()
+            started = time.perf_counter()
+            try:
+                # bucket_side = the image side, as Matter passes its max_side: compile pads 800 to 800, not 896
+                extra = {"bucket_side": args.infer_size} if compiled else {}
+                network = PreparedNetwork(copy.deepcopy(models[backbone]), device=device, precision=precision,
+                                          compile=compiled, **extra)
+            except Exception as exc:
+                results += [{**r, "status": error_text(exc)} for r in rows]
+                continue
+            padded = list(network.padded_size(args.infer_size, args.infer_size)) if hasattr(network, "padded_size") else None
+            for row in rows:
+                batch = row["batch"]
+                if row is not rows[0] and budget.left() < need:
+                    results.append({**row, "status": "skipped: budget", "needed_s": round(need, 1)})
                     continue
-                # compile: its first call compiles (about a minute per batch size on CUDA)
-                need = max(estimate, 1.0) * (3 if compiled else 1)
-                if budget.left() < need:
-                    results += [{**r, "status": "skipped: budget"} for r in rows]
-                    continue
-                started = time.perf_counter()
+                t0 = time.perf_counter()
+                x = inputs[:batch].to(device)
                 try:
-                    # bucket_side = the image side, as Matter passes its max_side: compile pads 800 to 800, not 896
-                    extra = {"bucket_side": args.infer_size} if compiled else {}
-                    network = PreparedNetwork(copy.deepcopy(model), device=device, precision=precision, compile=compiled,
-                                              **extra)
+                    reset_peak(device)
+                    times, alpha, first = time_network(network.run_network, x, device, args.repeats, args.config_s)
+                    if name == "fp32":
+                        reference[backbone, batch] = alpha
+                    ref = reference.get((backbone, batch))
+                    diff = (alpha - ref).abs() if ref is not None else None
+                    row.update(status="ok", network_input=padded, ms_per_image=1000 * statistics.median(times) / batch,
+                               ms_per_call_min=1000 * min(times), timed_calls=len(times), first_call_s=round(first, 3),
+                               mean_abs_d_alpha_vs_fp32=float(diff.mean()) if diff is not None else None,
+                               max_abs_d_alpha_vs_fp32=float(diff.max()) if diff is not None else None,
+                               peak_mem_mib=peak_mib(device))
+                except torch.OutOfMemoryError as exc:
+                    row.update(status="oom", peak_mem_mib=peak_mib(device), error=" ".join(str(exc).split())[:200])
                 except Exception as exc:
-                    results += [{**r, "status": error_text(exc)} for r in rows]
-                    continue
-                padded = list(network.padded_size(args.infer_size, args.infer_size)) if hasattr(network, "padded_size") else None
-                for row in rows:
-                    batch = row["batch"]
-                    if row is not rows[0] and budget.left() < need:
-                        results.append({**row, "status": "skipped: budget"})
-                        continue
-                    t0 = time.perf_counter()
-                    x = inputs[:batch].to(device)
-                    try:
-                        reset_peak(device)
-                        times, alpha, first = time_network(network.run_network, x, device, args.repeats, args.config_s)
-                        if name == "fp32":
-                            reference[batch] = alpha
-                        ref = reference.get(batch)
-                        diff = (alpha - ref).abs() if ref is not None else None
-                        row.update(status="ok", network_input=padded, ms_per_image=1000 * statistics.median(times) / batch,
-                                   ms_per_call_min=1000 * min(times), timed_calls=len(times), first_call_s=round(first, 3),
-                                   mean_abs_d_alpha_vs_fp32=float(diff.mean()) if diff is not None else None,
-                                   max_abs_d_alpha_vs_fp32=float(diff.max()) if diff is not None else None,
-                                   peak_mem_mib=peak_mib(device))
-                    except torch.OutOfMemoryError as exc:
-                        row.update(status="oom", peak_mem_mib=peak_mib(device), error=" ".join(str(exc).split())[:200])
-                    except Exception as exc:
-                        row.update(status=error_text(exc), traceback=traceback.format_exc(limit=4))
-                    row["seconds"] = round(time.perf_counter() - t0, 2)
-                    results.append(row)
-                    figure = (f"{row['ms_per_image']:.2f} ms/image, |d alpha| {row['mean_abs_d_alpha_vs_fp32']:.2e}, "
-                              f"peak {row['peak_mem_mib']} MiB, first call {row['first_call_s']:.1f} s"
-                              if row["status"] == "ok" else row["status"])
-                    log(f"   {backbone:<18} {name:<13} batch {batch}: {figure}")
-                if not compiled:
-                    estimate = max(estimate, time.perf_counter() - started)
-                del network
-                free_memory(device)
-            del model, reference
+                    row.update(status=error_text(exc), traceback=traceback.format_exc(limit=4))
+                row["seconds"] = round(time.perf_counter() - t0, 2)
+                results.append(row)
+                if row["status"] == "ok":
+                    d = row["mean_abs_d_alpha_vs_fp32"]
+                    figure = (f"{row['ms_per_image']:.2f} ms/image, |d alpha| {'n/a' if d is None else f'{d:.2e}'}, "
+                              f"peak {row['peak_mem_mib']} MiB, first call {row['first_call_s']:.1f} s")
+                else:
+                    figure = row["status"]
+                log(f"   {backbone:<18} {name:<13} batch {batch}: {figure}")
+            if not compiled:
+                estimate = max(estimate, time.perf_counter() - started)
+            del network
+            free_memory(device)
+    del models, reference
     return {"settings": settings, "results": results}
 
 
@@ -502,6 +513,9 @@ def section_training_run(args, device: torch.device, budget: Budget, log: Callab
     if args.tiny:
         common.update(batch_size=2, val_max_images=2, val_every=None, visual_count=0, checkpoint_every=10_000)
     out: dict[str, Any] = {"profile": PHOTO_PROFILE, "overrides": dict(common)}
+    minimum = 3.0 if args.tiny else 60.0  # data, a probe and three short steps
+    if budget.left() < minimum:
+        return {**out, "status": "skipped: budget", "available_s": round(budget.left(), 1)}
     with tempfile.TemporaryDirectory(prefix="gpu_check_run_") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
@@ -573,6 +587,8 @@ def section_training_run(args, device: torch.device, budget: Budget, log: Callab
             init = result.model_path
         out["steps"] = steps_out
         done = [r for r in steps_out if r.get("status") == "ok"]
+        if len(done) < len(STEPS):
+            out["status"] = "skipped: budget" if not done else "partial: budget"
         if done:
             out["val_sad_untrained"] = done[0]["val_sad_before"]
             out["val_sad_final"] = done[-1]["val_sad_after"]
@@ -640,6 +656,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--infer-backbones", nargs="+", choices=BACKBONES, default=None,
                         help="default both; --tiny efficientnet_lite0 (densenet201's dynamo trace alone takes ~25 s on 2 cores)")
     parser.add_argument("--repeats", type=int, default=None, help="timed inference calls, at most (default 20; --tiny 1)")
+    parser.add_argument("--compile-s", type=float, default=None,
+                        help="budget a compiled variant needs beyond its timing (default 150 on CUDA, 10 on CPU)")
     parser.add_argument("--model", default=None, help="a trained efficientnet_lite0 checkpoint for the inference rows")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; --device cpu --tiny: 1, as a shared 2-core "
@@ -656,6 +674,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, small if tiny else full)
     if args.threads is None and tiny and args.device == "cpu":
         args.threads = 1
+    if args.compile_s is None:
+        args.compile_s = 10.0 if args.device == "cpu" else 150.0
     if args.precisions is None:
         args.precisions = ["fp32"] if args.device == "cpu" else ["bf16", "fp16"]
     if args.out is None:
@@ -697,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         f"budget {args.budget_s:.0f} s; JSON -> {args.out}")
     failed = False
     functions = {"train_speed": section_train_speed, "inference": section_inference, "training_run": section_training_run}
+    args.sections = [s for s in SECTIONS if s in args.sections]  # run (and share the budget) in this order
     for name in SECTIONS:
         if name not in args.sections:
             doc["sections"][name] = {"status": "skipped: not requested"}
@@ -706,6 +727,15 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         try:
             section = functions[name](args, device, budget, log)
+            if "results" in section:
+                counts: dict[str, int] = {}
+                for r in section["results"]:
+                    counts[r["status"]] = counts.get(r["status"], 0) + 1
+                section["counts"] = counts
+                if not counts.get("ok") and counts.get("skipped: budget"):
+                    section["status"] = "skipped: budget"
+                elif counts.get("skipped: budget"):
+                    section["status"] = "partial: budget"
             section.setdefault("status", "done")
         except Exception as exc:
             section = {"status": error_text(exc), "traceback": traceback.format_exc(limit=6)}
