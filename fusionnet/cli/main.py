@@ -4,7 +4,7 @@
                              [--glob PATTERN] [--skip-existing]
     fusionnet matte - --model CHECKPOINT [--save KIND] < photo.jpg > photo_alpha.png
     fusionnet serve [MODEL] [--host 127.0.0.1] [--port 8000]
-    fusionnet pull [models:/late-fusion-matting@champion] --out DIR
+    fusionnet pull [models:/late-fusion-matting@champion] --out DIR [--force] [--project DIR]
     fusionnet export MODEL --format onnx --out model.onnx [--opset N] [--int8 --calibrate SHARDS_OR_IMAGE_DIR [--int8-scheme accurate|fast]]
     fusionnet --version
 
@@ -61,18 +61,37 @@ decides what it mattes and where each output goes.
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fusionnet import __version__
-from fusionnet.cli import matte as cli_matte
-from fusionnet.cli.inputs import assign_output_stems
-from fusionnet.cli.matte import EXIT_FILE_FAILED, EXIT_OK, EXIT_USAGE, UsageError, parse_background
+from fusionnet.cli import matte_args
+from fusionnet.cli.matte_args import EXIT_FILE_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from fusionnet.cli.video_args import add_video_arguments
 
 __all__ = ["EXIT_FILE_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "assign_output_stems", "build_parser",
            "main", "parse_background"]
+# Only the standard library until a command runs: `--help` and argument errors answer without torch.
+_LAZY = {"assign_output_stems": "fusionnet.cli.inputs", "parse_background": "fusionnet.cli.matte"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _handler(module: str, function: str = "run") -> Callable[[argparse.Namespace], int]:
+    """`module.function`, imported when the command runs (not when the parser is built)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict alpha mattes for images, folders, videos or stdin",
         description="Predict an alpha matte for each input image (no trimap needed).",
     )
-    cli_matte.add_arguments(matte)
+    matte_args.add_arguments(matte)
     add_video_arguments(matte)
-    matte.set_defaults(handler=cli_matte.run)
+    add_project_argument(matte)
+    matte.set_defaults(handler=_handler("fusionnet.cli.matte"))
 
     from fusionnet.server import main as server  # stdlib-only at import; torch is loaded when the server starts
 
@@ -108,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"{MODEL_PULLER_GROUP!r} handles the URI's scheme; pipeline/ registers one for MLflow).",
     )
     pull.add_argument("uri", nargs="?", default=DEFAULT_PULL_URI, help=f"model URI (default {DEFAULT_PULL_URI})")
-    pull.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to create (replaced if it exists)")
+    pull.add_argument("--out", required=True, type=Path, metavar="DIR",
+                      help="folder to write: a new or empty one, or one an earlier pull wrote (replaced)")
+    pull.add_argument("--force", action="store_true", help="replace --out even if it holds files pull did not write")
+    add_project_argument(pull)
     pull.set_defaults(handler=run_pull)
 
     from fusionnet.cli import export as cli_export  # stdlib-only at import, like server
@@ -125,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 MODEL_PULLER_GROUP = "fusionnet.model_pullers"
 DEFAULT_PULL_URI = "models:/late-fusion-matting@champion"
+# How --project reaches the URI plugins (pipeline.tracking.store.PROJECT_ENV; fusionnet imports no pipeline code).
+PROJECT_ENV = "FUSIONNET_PROJECT"
+
+
+def add_project_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--project", type=Path, metavar="DIR",
+        help="the project whose MLflow store (DIR/mlflow.db) models:/ and runs:/ URIs are looked up in "
+        "(default: MLFLOW_TRACKING_URI, else the DVC/git project holding the current folder)")
 
 
 def run_pull(args: argparse.Namespace) -> int:
@@ -139,7 +171,7 @@ def run_pull(args: argparse.Namespace) -> int:
             f"(entry-point group {MODEL_PULLER_GROUP!r}); install fusionnet with its pipeline extra"
         )
     try:
-        folder = found[0].load()(args.uri, args.out)
+        folder = found[0].load()(args.uri, args.out, force=args.force)
     except (LookupError, OSError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     print(f"{args.uri} -> {folder}")
@@ -152,11 +184,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    project = getattr(args, "project", None)
+    if project is not None and not project.is_dir():
+        print(f"error: --project {project}: not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    before = os.environ.get(PROJECT_ENV)
+    if project is not None:
+        os.environ[PROJECT_ENV] = str(project.resolve())  # for this command only (main may run in-process)
     try:
         return args.handler(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if project is not None:
+            if before is None:
+                os.environ.pop(PROJECT_ENV, None)
+            else:
+                os.environ[PROJECT_ENV] = before
 
 
 if __name__ == "__main__":

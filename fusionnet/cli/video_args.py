@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from fusionnet.video.matte import DEFAULT_BATCH_SIZE, VideoOptions
-from fusionnet.video.temporal import DEFAULT_MOTION_THRESHOLD
+from fusionnet.defaults import DEFAULT_MOTION_THRESHOLD, VIDEO_SUFFIXES
+from fusionnet.defaults import DEFAULT_VIDEO_BATCH_SIZE as DEFAULT_BATCH_SIZE
+
+if TYPE_CHECKING:  # video.matte imports torch: loaded when a video is matted, not for --help
+    from fusionnet.video.matte import VideoOptions
 
 
 def _strength(text: str) -> float:
@@ -34,7 +38,7 @@ def _fourcc(text: str) -> str:
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the video options (frames per batch, temporal smoothing, codec) to `fusionnet matte`."""
-    group = parser.add_argument_group("video inputs (.mp4 .mov .avi .mkv .webm .m4v)")
+    group = parser.add_argument_group(f"video inputs ({' '.join(sorted(VIDEO_SUFFIXES))})")
     group.add_argument(
         "--batch-size", type=_positive(int), default=DEFAULT_BATCH_SIZE, metavar="N",
         help=f"video frames per network call (default {DEFAULT_BATCH_SIZE}); memory grows with it, not with "
@@ -59,5 +63,7 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
 
 def video_options(args: argparse.Namespace) -> VideoOptions:
     """The VideoOptions of parsed `fusionnet matte` arguments."""
+    from fusionnet.video.matte import VideoOptions
+
     return VideoOptions(batch_size=args.batch_size, smooth=args.smooth, motion_threshold=args.motion_threshold,
                         video_codec=args.video_codec, max_output_side=getattr(args, "max_output_side", None))

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from fusionnet.defaults import DEVICES  # noqa: F401  re-exported
 from fusionnet.hardware import resolve_device
 from fusionnet.model.checkpoint import load
 from fusionnet.model.network import LateFusionNet
 
-DEVICES = ("auto", "cpu", "cuda")
 MODEL_RESOLVER_GROUP = "fusionnet.model_resolvers"
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "C:\\x" is a path
 

@@ -31,21 +31,16 @@ import torch
 from torch import Tensor
 
 from fusionnet.hardware import resolve_device
-from fusionnet.inference.network import NETWORK_PRECISIONS, PreparedNetwork
+from fusionnet.defaults import (DEFAULT_GUIDED_EPS, DEFAULT_GUIDED_RADIUS, DEFAULT_MAX_OUTPUT_SIDE,  # noqa: F401
+                                DEFAULT_MAX_SIDE, PRECISIONS)
+from fusionnet.inference.network import PreparedNetwork
 from fusionnet.inference.precision import resolve_inference_precision
 from fusionnet.io.images import DEFAULT_MAX_PIXELS, ImageLoadError, LoadedImage, fit_within, load_image
 from fusionnet.model.geometry import as_float_image, resize_maps
 from fusionnet.model.network import LateFusionNet
 from fusionnet.refine import guided_filter
 
-DEFAULT_MAX_SIDE = 800  # paper Sec. 4: longer side below 800 at training and inference
-# Images larger than this are decoded downscaled and matted at this size (bounds memory: the float
-# image, the maps and the guided filter all scale with the output size).
-DEFAULT_MAX_OUTPUT_SIDE = 6144
-# The paper gives no radius/eps for the guided filter; these are starting points, tune on validation.
-DEFAULT_GUIDED_RADIUS = 8
-DEFAULT_GUIDED_EPS = 1e-4
-PRECISIONS = (*NETWORK_PRECISIONS, "auto")
+# DEFAULT_MAX_SIDE, DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_GUIDED_RADIUS/EPS, PRECISIONS: fusionnet.defaults (--help without torch)
 
 
 # ---------------------------------------------------------------------------------------------

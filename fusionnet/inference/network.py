@@ -32,7 +32,7 @@ from fusionnet.inference import int8
 from fusionnet.model.geometry import pad_to_size
 from fusionnet.model.network import LateFusionNet
 
-NETWORK_PRECISIONS = ("fp32", "fp32-cl", "bf16", "int8", "fp16")  # "auto" is chosen among them (Matter)
+from fusionnet.defaults import NETWORK_PRECISIONS  # "auto" is chosen among them (Matter)
 COMPILE_RUNGS = 4  # compile: bucket sizes per side up to bucket_side (module docstring: the graph bound)
 DEFAULT_BUCKET_SIDE = 512  # compile without a max_side: buckets of 128 px
 

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fusionnet.defaults import OUTPUT_KINDS  # noqa: F401  re-exported: callers import it from here
 from fusionnet.inference.matter import MatteResult
 from fusionnet.io.images import to_uint8
 from fusionnet.model.geometry import resize_maps
 from fusionnet.refine import estimate_foreground, implicit_trimap
 
-OUTPUT_KINDS = ("alpha", "rgba", "composite", "trimap")
 Background = tuple[int, int, int] | np.ndarray  # an RGB colour, or an (H,W,3) float image in [0,1]
 
 

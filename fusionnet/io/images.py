@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# 2**29 pixels (about 23170 x 23170): a 20000x20000 scan fits, a crafted bomb does not.
-DEFAULT_MAX_PIXELS = 2**29
+from fusionnet.defaults import DEFAULT_MAX_PIXELS  # noqa: F401  2**29 pixels: a 20000x20000 scan fits, a bomb does not
 # EXIF Orientation tag (0x0112) value -> the transpose that undoes it (same table as PIL.ImageOps).
 EXIF_ORIENTATION_TAG = 0x0112
 _ORIENTATION_TRANSPOSE = {

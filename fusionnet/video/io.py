@@ -16,7 +16,7 @@ import numpy as np
 
 from fusionnet.io.images import fit_within
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"})
+from fusionnet.defaults import VIDEO_SUFFIXES  # noqa: F401
 DEFAULT_FPS = 25.0  # for containers that declare no frame rate
 # These containers store the frame count; mkv/webm frame counts are estimated from the duration
 # (which may include a longer audio track), so only a clear shortfall counts as truncation there.

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusionnet.defaults import DEFAULT_VIDEO_BATCH_SIZE
 from fusionnet.inference.matter import MatteResult, Matter
 from fusionnet.inference.render import Background, fit_background, render_outputs
 from fusionnet.model.geometry import as_float_image
@@ -46,7 +47,7 @@ __all__ = ["VIDEO_SUFFIXES", "VideoError", "VideoOptions", "matte_frames", "matt
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".mov": "mp4v", ".m4v": "mp4v", ".mkv": "mp4v", ".avi": "MJPG", ".webm": "VP90"}
 VIDEO_KINDS = ("alpha", "composite", "trimap")  # written as videos; "rgba" is a PNG sequence
-DEFAULT_BATCH_SIZE = 4
+DEFAULT_BATCH_SIZE = DEFAULT_VIDEO_BATCH_SIZE
 DEFAULT_BACKGROUND = (255, 255, 255)
 
 

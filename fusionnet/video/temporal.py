@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 
-DEFAULT_MOTION_THRESHOLD = 0.02  # benchmarks/bench_video.py sweeps it: higher smooths more and smears moving edges more
+from fusionnet.defaults import DEFAULT_MOTION_THRESHOLD  # noqa: F401  benchmarks/bench_video.py sweeps it
+
 # Box-blur the frames before differencing: it averages sensor noise away (5x5: ~5x less) but keeps motion.
 CHANGE_BLUR_SIZE = 5
 
