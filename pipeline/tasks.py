@@ -24,7 +24,7 @@ from prefect import task
 
 from fusionnet.evaluation.run import run_evaluation, tune_refinement
 from pipeline.env import PROJECT_DIR
-from pipeline.tracking.evaluation import log_evaluation
+from pipeline.tracking.evaluation import evaluation_run, log_evaluation
 from fusionnet.io.params import load_params
 from fusionnet.train.config import STEPS
 from pipeline.registry.registration import TASK_OPTIONS, log_to_run, register_task
@@ -50,13 +50,16 @@ def evaluate_task(
     parent_run_id: str | None,
 ) -> dict[str, Any]:
     """The paper's table rows, claims and pictures into metrics_dir/reports_dir; logged to MLflow
-    as child run "evaluate" of parent_run_id (not logged when None). Returns the record."""
+    as child run "evaluate" of parent_run_id (not logged when None), a run opened before the
+    evaluation and closed after it, with the headline metrics also on the parent. Returns the record."""
     params = load_params(params_path)
     base_dir = Path(params_path).resolve().parent  # a relative photos root is relative to params.yaml
-    record = run_evaluation(params, checkpoints, Path(composites), Path(metrics_dir), Path(reports_dir), base_dir,
-                            foregrounds, guided_filter=guided_filter)
-    if parent_run_id:
-        record["run_id"] = log_evaluation(record, params, parent_run_id)
+    with evaluation_run(params, parent_run_id) as run_id:  # open around the work: the run's duration is the evaluation's
+        record = run_evaluation(params, checkpoints, Path(composites), Path(metrics_dir), Path(reports_dir), base_dir,
+                                foregrounds, guided_filter=guided_filter)
+        if run_id is not None:
+            log_evaluation(record, run_id, parent_run_id)
+            record["run_id"] = run_id
     raw = record["evaluate"].get("raw", {}).get("band", {})
     log_to_run(f"evaluated {record['details']['images']['test']} test composites: raw SAD-25 {raw.get('sad', float('nan')):.3f}")
     return record
