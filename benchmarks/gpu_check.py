@@ -10,7 +10,8 @@ taken away mid-run leaves what was measured:
 
 1. train_speed: samples/s of each training step (segmentation, fusion, joint: forward under autocast,
    the step's loss in float32, backward, gradient clip, optimizer step, as `fusionnet.train.loop.run_step`
-   does, built from `step_module`, `step_loss`, `set_trainable`, `set_train_mode`, `lr_groups`) for
+   does, built from its parts: `accumulate_gradients` (step_module's forward, `step_loss`),
+   `set_trainable`, `set_train_mode`, `lr_groups`, `training_settings`) for
    densenet201 (params-paper.yaml's widths) and efficientnet_lite0 (params-photos.yaml's), 512x512,
    batch sizes 2/4/8, bf16 and fp16 autocast, channels-last on and off; peak memory
    (torch.cuda.max_memory_allocated) per configuration; warm-up iterations excluded, data loading
@@ -40,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -62,8 +64,9 @@ from machine import command, header, machine, results_folder  # noqa: E402
 from fusionnet.io.atomic import write_text_atomic  # noqa: E402
 from fusionnet.model import LateFusionNet  # noqa: E402
 from fusionnet.train.config import STEPS, StepConfig  # noqa: E402
-from fusionnet.train.forward import step_loss, step_module  # noqa: E402
+from fusionnet.train.forward import accumulate_gradients, step_module  # noqa: E402
 from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable  # noqa: E402
+from fusionnet.train.torchsettings import training_settings  # noqa: E402
 from fusionnet.train.toy import toy_sample, write_toy_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,13 +205,16 @@ def train_configs(args, device: torch.device) -> list[dict[str, Any]]:
 
 
 def step_config(backbone: str, step: str, **changes) -> StepConfig:
+    """The backbone's profile's step settings (loss weights, optimizer, frozen BNs), one micro-batch a step."""
     params = yaml.safe_load((ROOT / PROFILE_OF[backbone]).read_text())
-    return StepConfig.from_params(params, step).replace(pretrained=False, **changes)
+    return StepConfig.from_params(params, step).replace(pretrained=False, global_batch_size=None, **changes)
 
 
 def time_train_config(model: LateFusionNet, initial: dict, c: dict, device: torch.device, size: int,
                       warmup: int, iters: int, max_s: float) -> dict[str, Any]:
-    """One configuration: run_step's iteration (autocast forward, float32 loss, backward, clip, step)."""
+    """One configuration: run_step's iteration (autocast forward, float32 loss, backward, clip, step), built
+    from its own parts (accumulate_gradients -> step_module's forward and step_loss; set_trainable,
+    set_train_mode, lr_groups; training_settings)."""
     step, precision, channels_last = c["step"], c["precision"], c["channels_last"]
     cfg = step_config(c["backbone"], step, batch_size=c["batch"], precision=precision, channels_last=channels_last,
                       device=device.type)
@@ -227,33 +233,33 @@ def time_train_config(model: LateFusionNet, initial: dict, c: dict, device: torc
     image, alpha = image.to(device, copy=True), alpha.to(device, copy=True)  # toy_batch's are cached
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext  # run_step's
+    batches = itertools.repeat({"image": image, "alpha": alpha})
 
     def iteration() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):  # run_step's autocast()
-            output = module(image)
-        with torch.autocast(device.type, enabled=False):  # every loss in float32, as run_step
-            loss, _terms = step_loss(step, output, alpha, cfg)
+        """run_step's _train_iteration, one micro-batch (no accumulation), without its LR schedule and logging."""
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        terms, _wait = accumulate_gradients(module, batches, 1, step, cfg, device, autocast, scaler, False)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        return loss.detach()
+        return terms["loss"]
 
     try:
-        reset_peak(device)
-        for _ in range(warmup):
-            iteration()
-        sync(device)
-        times: list[float] = []
-        started = time.perf_counter()
-        while len(times) < iters and (len(times) < 2 or time.perf_counter() - started < max_s):
-            t0 = time.perf_counter()
-            loss = iteration()
+        with training_settings(device, None, cfg.deterministic):  # run_step's: cudnn.benchmark on CUDA
+            reset_peak(device)
+            for _ in range(warmup):
+                iteration()
             sync(device)
-            times.append(time.perf_counter() - t0)
+            times: list[float] = []
+            started = time.perf_counter()
+            while len(times) < iters and (len(times) < 2 or time.perf_counter() - started < max_s):
+                t0 = time.perf_counter()
+                loss = iteration()
+                sync(device)
+                times.append(time.perf_counter() - t0)
         per_iter = sum(times) / len(times)
         return {"status": "ok", "samples_per_s": c["batch"] / per_iter, "s_per_iter": per_iter,
                 "s_per_iter_median": statistics.median(times), "timed_iters": len(times), "warmup_iters": warmup,
@@ -263,7 +269,7 @@ def time_train_config(model: LateFusionNet, initial: dict, c: dict, device: torc
         return {"status": "oom", "peak_mem_mib": peak_mib(device), "error": " ".join(str(exc).split())[:200]}
     finally:
         optimizer.zero_grad(set_to_none=True)
-        del optimizer, scaler, image, alpha
+        del optimizer, scaler, image, alpha, batches
         free_memory(device)
 
 
@@ -273,7 +279,8 @@ def section_train_speed(args, device: torch.device, budget: Budget, log: Callabl
                 "max_timed_iters": args.iters, "max_timed_s_per_config": args.config_s,
                 "widths": {b: model_widths(b) for b in args.backbones},
                 "what": "one training iteration as run_step runs it (autocast forward, float32 loss, backward, "
-                        "grad clip, optimizer step); data loading and the per-iteration loss read-back excluded; "
+                        "grad clip, optimizer step; cudnn.benchmark on CUDA), one micro-batch per optimizer step "
+                        "(samples/s = batch / s per iteration); data loading excluded; "
                         "one batch of toy composites on the device; random init (pretrained=False)"}
     models: dict[str, LateFusionNet] = {}
     initial: dict[str, dict] = {}
@@ -510,6 +517,8 @@ def section_training_run(args, device: torch.device, budget: Budget, log: Callab
               "num_workers": min(4, max(0, (os.cpu_count() or 1) // 4)) if cuda else 0}
     if args.threads:
         common["threads"] = args.threads
+    if cuda:
+        common["val_batch_size"] = 8  # validation has no gradients: batches of 8 keep the GPU busy (paper profile)
     if args.tiny:
         common.update(batch_size=2, val_max_images=2, val_every=None, visual_count=0, checkpoint_every=10_000)
     out: dict[str, Any] = {"profile": PHOTO_PROFILE, "overrides": dict(common)}
