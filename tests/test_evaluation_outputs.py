@@ -1,5 +1,5 @@
-"""The evaluate stage's DVC metrics (fusionnet.evaluation.outputs): only the table's numbers, one file
-per table row, so `dvc metrics show` is a narrow table; everything else stays a plain output.
+"""The evaluate stage's outputs (fusionnet.evaluation.outputs): the DVC metrics are only the headline
+numbers, so `dvc exp show` is narrow; the table (one file per row) and everything else are plain outputs.
 
 The files and dvc.yaml are checked here; how DVC renders them is DVC's business, not run here."""
 
@@ -58,19 +58,42 @@ def test_table_metrics_files_are_the_table_rounded_and_replaced_whole(tmp_path):
     assert sorted(p.name for p in metrics_dir.iterdir()) == ["table"]
 
 
-def test_dvc_yaml_declares_only_the_table_as_metrics():
-    """The evaluate stage's one DVC metrics entry is metrics/table; what other code reads stays a plain output."""
+def test_dvc_yaml_declares_only_the_headline_as_metrics():
+    """The evaluate stage's one DVC metrics entry is metrics/headline; the table and what other code
+    reads stay plain outputs."""
     import yaml
 
     project = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
     declared = {name: [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
                 for name, stage in project["stages"].items()}
-    assert {name: paths for name, paths in declared.items() if paths} == {"evaluate": ["metrics/table"]}
+    assert {name: paths for name, paths in declared.items() if paths} == {"evaluate": ["metrics/headline"]}
     assert "metrics" not in project  # no top-level metrics either
     outs = {next(iter(o)): o[next(iter(o))] for o in project["stages"]["evaluate"]["outs"] if isinstance(o, dict)}
-    for name in ("evaluate", "claims", "photos", "details"):  # read by pipeline/registry/models.py, tests, scripts
-        assert outs[f"metrics/{name}.json"] == {"cache": False}
-    assert project["stages"]["evaluate"]["metrics"] == [{"metrics/table": {"cache": False}}]
+    for name in ("evaluate.json", "claims.json", "photos.json", "details.json", "table"):  # read by the registry, tests, scripts
+        assert outs[f"metrics/{name}"] == {"cache": False}
+    assert project["stages"]["evaluate"]["metrics"] == [{"metrics/headline": {"cache": False}}]
+
+
+def test_headline_is_sad_and_mse_of_raw_and_refined_with_keys_unique_across_files(tmp_path):
+    from fusionnet.evaluation.outputs import write_headline_metrics
+
+    def regions(names, base):
+        return {r: {"sad": base * (i + 1), "mse": base / 7, "grad": 1.0, "conn": 2.0} for i, r in enumerate(names)}
+
+    record = {"evaluate": {row: regions(["band", "full"], b) for row, b in (("raw", 6.4521), ("refined", 6.34), ("closed_form", 3.0))},
+              "photos": {"rows": {row: regions(["trimap1", "trimap2", "full"], b) for row, b in (("raw", 32.361), ("zeros", 41.0))}}}
+    paths = write_headline_metrics(record, tmp_path / "metrics")
+    headline = tmp_path / "metrics" / "headline"
+    assert paths == [str(headline / "composites.json"), str(headline / "photos.json")]
+    composites = json.loads((headline / "composites.json").read_text())
+    assert composites == {"raw": {"sad25": 6.452, "mse25": 0.9217, "sad": 12.9, "mse": 0.9217},
+                          "refined": {"sad25": 6.34, "mse25": 0.9057, "sad": 12.68, "mse": 0.9057}}
+    photos = json.loads((headline / "photos.json").read_text())
+    assert photos == {"photo_raw": {"sad_t1": 32.36, "mse_t1": 4.623, "sad": 97.08, "mse": 4.623}}  # no refined row scored
+    assert not {f"{r}.{k}" for r, v in composites.items() for k in v} & {f"{r}.{k}" for r, v in photos.items() for k in v}
+    record["photos"] = {"skipped": "absent"}  # photos skipped the next time: their file goes
+    assert write_headline_metrics(record, tmp_path / "metrics") == [str(headline / "composites.json")]
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["headline"]
 
 
 @pytest.mark.slow
@@ -108,5 +131,11 @@ def test_run_evaluation_writes_only_the_table_numbers_as_metrics(tiny_project, t
             columns.add(key)
     assert columns == {f"{r}.{m}" for r in ("band", "full", "trimap1", "trimap2") for m in ("conn", "grad", "mse", "sad")}
     assert sorted(p.name for p in metrics_dir.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+    headline = json.loads((metrics_dir / "headline" / "composites.json").read_text())  # the DVC metrics
+    assert headline["refined"] == {"sad25": files["metrics/table/composites/refined.json"]["band"]["sad"],
+                                   "mse25": files["metrics/table/composites/refined.json"]["band"]["mse"],
+                                   "sad": files["metrics/table/composites/refined.json"]["full"]["sad"],
+                                   "mse": files["metrics/table/composites/refined.json"]["full"]["mse"]}
+    assert sorted(record["headline_files"]) == [str(metrics_dir / "headline" / f) for f in ("composites.json", "photos.json")]
     details = json.loads((metrics_dir / "details.json").read_text())  # still written, not a metric
     assert details["provenance"]["raw"]["sha256"] == hashlib.sha256(tiny_project["checkpoints"]["joint"].read_bytes()).hexdigest()

@@ -1,8 +1,16 @@
-"""What an evaluation record becomes on disk: the compact DVC metrics table and photos.json.
+"""What an evaluation record becomes on disk: the headline DVC metrics, the table, photos.json.
 
-The DVC metrics are only the paper's table numbers, one small JSON file per table row, so that
-`dvc metrics show` prints a narrow table (a line per method, a column per region and metric)
-instead of one line of every number the step produces:
+The DVC metrics (dvc.yaml `metrics:`) are only the headline numbers, SAD and MSE of Ours-raw and
+Ours-refined, so that `dvc exp show` and `dvc metrics diff` compare experiments in a few columns
+(every metric file is a column per key there):
+
+- metrics/headline/composites.json  {"raw"|"refined": {sad25, mse25, sad, mse}}   (25: the "-25" band)
+- metrics/headline/photos.json      {"photo_raw"|"photo_refined": {sad_t1, mse_t1, sad, mse}}
+                                    (trimap1's region and the whole photo; only when photos were scored)
+
+Keys differ between the two files: DVC prefixes a key two files share with the file's path.
+The whole table, one small JSON file per row, is a plain output beside them, so that
+`dvc metrics show metrics/table` still prints a line per method:
 
 - metrics/table/composites/<row>.json   {"band"|"full": {sad, mse, grad, conn}}   (band: the "-25")
 - metrics/table/photos/<row>.json       {"trimap1"|"trimap2"|"full": {sad, mse, grad, conn}}
@@ -27,7 +35,15 @@ from typing import Any
 
 from fusionnet.evaluation import report
 
-TABLE_DIR = "table"  # metrics/table: the one DVC metrics entry of the evaluate stage
+TABLE_DIR = "table"  # metrics/table: the whole table, a plain output
+HEADLINE_DIR = "headline"  # metrics/headline: the evaluate stage's one DVC metrics entry
+# headline file -> (record rows, {key: (region, metric)}): SAD and MSE of the two methods of the paper
+HEADLINE = {
+    "composites": ({"raw": "raw", "refined": "refined"},
+                   {"sad25": ("band", "sad"), "mse25": ("band", "mse"), "sad": ("full", "sad"), "mse": ("full", "mse")}),
+    "photos": ({"photo_raw": "raw", "photo_refined": "refined"},
+               {"sad_t1": ("trimap1", "sad"), "mse_t1": ("trimap1", "mse"), "sad": ("full", "sad"), "mse": ("full", "mse")}),
+}
 SIGNIFICANT_DIGITS = 4
 
 
@@ -53,41 +69,64 @@ def table_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, dict[str, fl
     return out
 
 
-def write_table_metrics(record: Mapping[str, Any], metrics_dir: Path) -> list[str]:
-    """Write metrics_dir/table/{composites,photos}/<row>.json (`table_metrics`); returns the paths.
-
-    The folder is replaced as a whole: built in a temp sibling, then swapped in, so a reader never
-    sees half a table, and rows (or photos) of an earlier run with another configuration are gone.
-    """
-    metrics_dir = Path(metrics_dir)
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    target = metrics_dir / TABLE_DIR
+def headline_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{"composites": {"raw"|"refined": {sad25, mse25, sad, mse}}, "photos": {"photo_raw"|...}} from a
+    record of pipeline.evaluation.run_evaluation, rounded (`_rounded`); a row the run did not score
+    is left out, and so is "photos" when no photo was scored."""
     tables = table_metrics(record)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{TABLE_DIR}.new.", dir=metrics_dir))
+    out = {}
+    for group, (rows, keys) in HEADLINE.items():
+        table = tables.get(group, {})
+        picked = {name: {key: table[row][region][metric] for key, (region, metric) in keys.items()}
+                  for name, row in rows.items() if row in table}
+        if picked:
+            out[group] = picked
+    return out
+
+
+def _replace_folder(target: Path, files: Mapping[str, Any]) -> list[str]:
+    """Write {relative path: JSON data} as the folder `target`, replacing it as a whole: built in a
+    temp sibling, then swapped in, so a reader never sees half of it, and files of an earlier run
+    with another configuration are gone; a failure keeps the folder before it. Returns the paths."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    texts = {name: json.dumps(data, indent=2, allow_nan=False) + "\n" for name, data in files.items()}
+    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.new.", dir=target.parent))
     try:
-        os.chmod(fresh, 0o755)  # mkdtemp's 0700 would become the table folder's mode
-        names = []
-        for group, rows in tables.items():
-            (fresh / group).mkdir()
-            for row, regions in rows.items():
-                text = json.dumps(regions, indent=2, allow_nan=False) + "\n"
-                (fresh / group / f"{row}.json").write_text(text, encoding="utf-8")
-                names.append(f"{group}/{row}.json")
-        old = Path(tempfile.mkdtemp(prefix=f".{TABLE_DIR}.old.", dir=metrics_dir))
+        os.chmod(fresh, 0o755)  # mkdtemp's 0700 would become the folder's mode
+        for name, text in texts.items():
+            if "/" in name:  # one level of subfolders (a group); a row named "a/b" is an error
+                (fresh / name.split("/")[0]).mkdir(exist_ok=True)
+            (fresh / name).write_text(text, encoding="utf-8")
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         if target.exists():
-            os.replace(target, old / TABLE_DIR)
+            os.replace(target, old / target.name)
         try:
             os.replace(fresh, target)
         except BaseException:
-            if (old / TABLE_DIR).exists():
-                os.replace(old / TABLE_DIR, target)  # put the previous table back
+            if (old / target.name).exists():
+                os.replace(old / target.name, target)  # put the previous folder back
             raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
-    return [str(target / name) for name in names]
+    return [str(target / name) for name in files]
+
+
+def write_table_metrics(record: Mapping[str, Any], metrics_dir: Path) -> list[str]:
+    """Write metrics_dir/table/{composites,photos}/<row>.json (`table_metrics`), replacing the folder
+    as a whole (`_replace_folder`); returns the paths."""
+    files = {f"{group}/{row}.json": regions for group, rows in table_metrics(record).items()
+             for row, regions in rows.items()}
+    return _replace_folder(Path(metrics_dir) / TABLE_DIR, files)
+
+
+def write_headline_metrics(record: Mapping[str, Any], metrics_dir: Path) -> list[str]:
+    """Write metrics_dir/headline/{composites,photos}.json (`headline_metrics`), the stage's DVC
+    metrics, replacing the folder as a whole; returns the paths."""
+    files = {f"{group}.json": rows for group, rows in headline_metrics(record).items()}
+    return _replace_folder(Path(metrics_dir) / HEADLINE_DIR, files)
 
 
 def photos_record(result, skipped: str | None, held_out: dict | None, trimaps: list[str]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import numpy as np
 from fusionnet.evaluation import report
 from fusionnet.evaluation.config import EvalConfig
 from fusionnet.evaluation.data import held_out_photos, split_data_version
-from fusionnet.evaluation.outputs import photos_record, write_table_metrics
+from fusionnet.evaluation.outputs import photos_record, write_headline_metrics, write_table_metrics
 from fusionnet.evaluation.rows import (
     ROW_BY_NAME,
     ROWS,
@@ -266,5 +266,6 @@ def run_evaluation(
     record["files"] = report.write_evaluation(
         record, composites_result, photos_result, test_images, config.pictures, metrics_dir, reports_dir
     )
-    record["table_files"] = write_table_metrics(record, metrics_dir)  # the DVC metrics: table numbers only
+    record["table_files"] = write_table_metrics(record, metrics_dir)  # the whole table, a plain output
+    record["headline_files"] = write_headline_metrics(record, metrics_dir)  # the DVC metrics: few columns
     return record
