@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_cli import cli_env, run_cli
+from tests.test_cli import cli_env, make_good, run_cli
 
 HEAVY = ("torch", "torchvision", "cv2", "numpy", "PIL", "onnxruntime")
 NO_HEAVY_IMPORTS = """
@@ -37,3 +37,36 @@ def test_help_and_argument_errors_answer_before_heavy_imports(argv):
 def test_matte_help_through_the_real_command():
     result = run_cli("matte", "--help")
     assert result.returncode == 0 and "--max-side" in result.stdout and "(default: the model's setting" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------- usage before work
+
+
+def test_out_that_cannot_be_created_is_a_usage_error(tiny_checkpoint, tmp_path):
+    """Was a Python traceback (rc 1): a file where a parent folder should be."""
+    good = make_good(tmp_path / "in")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("matte", good, "--model", tiny_checkpoint, "--out", blocker / "sub" / "out")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: --out {blocker / 'sub' / 'out'}: cannot be created: {blocker} is not a directory"
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_inputs_are_reported_before_anything_is_created(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "nope.jpg"
+    result = run_cli("matte", missing, "--model", tmp_path / "no-model.safetensors", "--out", out)
+    # the model is never opened (it does not exist either): the input is what is reported, rc 2
+    assert (result.returncode, result.stderr) == (2, f"error: {missing}: no such file\n")
+    assert not out.exists()
+
+
+def test_a_video_is_summarised_as_a_video(tiny_checkpoint, tmp_path):
+    from tests.test_video import scene, write_clip
+
+    clip = write_clip(tmp_path / "clip.mp4", (scene(i) for i in range(4)))
+    result = run_cli("matte", clip, "--model", tiny_checkpoint, "--out", tmp_path / "out", "--max-side", "64")
+    assert result.returncode == 0, result.stderr
+    assert "matted 1 of 1 videos (0 failed)" in result.stdout

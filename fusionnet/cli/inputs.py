@@ -133,6 +133,9 @@ def collect_inputs(inputs: Sequence[Path], out: Path, glob: str | None = None) -
         placed.append((path, out_dir))
 
     for given in inputs:
+        if not given.exists():  # known before the model is loaded or --out created (issue 27)
+            collected.errors.append((given, "no such file"))
+            continue
         if not given.is_dir():
             place(given, out)
             continue

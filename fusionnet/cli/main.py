@@ -38,7 +38,9 @@ same file given twice is matted once.
 
 A file that fails (missing, not an image, truncated, too large, ...) prints `error: <path>: <problem>`
 on stderr, leaves no output behind and does not stop the batch; the exit status is 1 if any file
-failed, 2 for a usage error (bad option, unreadable model, unusable --background), else 0.
+failed, 2 for a usage error (bad option, unreadable model, unusable --background, an `--out` that
+cannot be created, or no input that exists: then nothing is created and no model loaded), else 0.
+The summary line counts images, videos or "images and videos".
 
 `--model` takes a path or a URI such as `models:/name@alias`, resolved by
 `fusionnet.inference.loading.resolve_model_path` through plugins of entry-point group `fusionnet.model_resolvers`.

@@ -120,7 +120,30 @@ def _check_matte_usage(args: argparse.Namespace) -> bool:
         raise UsageError(f"--out DIR is required (only INPUT {STDIN} writes to stdout)")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
+    _check_creatable(args.out)
     return False
+
+
+def _check_creatable(out: Path) -> None:
+    """UsageError unless `out` exists or its nearest existing parent is a folder this process may write in."""
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent == out:
+        problem = None if os.access(out, os.W_OK | os.X_OK) else "folder is not writable"
+    elif not parent.is_dir():
+        problem = f"cannot be created: {parent} is not a directory"
+    else:
+        problem = None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created: {parent} is not writable"
+    if problem:
+        raise UsageError(f"--out {out}: {problem}")
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a race with the check above, or a limit os.access does not see (read-only fs)
+        raise UsageError(f"--out {out}: cannot be created ({exc.strerror or exc})") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
         collected = None if piped else collect_inputs(args.inputs, args.out, args.glob)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if collected is not None:
+        for note in collected.notes:
+            print(note, file=sys.stderr)
+        for path, problem in collected.errors:
+            print(f"error: {path}: {problem}", file=sys.stderr)
+        if not collected.jobs:  # nothing to matte: say so before loading a model or creating --out
+            return EXIT_USAGE
     background = (
         parse_background(args.background, args.max_output_side, args.max_pixels)
         if "composite" in args.save
@@ -251,11 +281,7 @@ def _matte_batch(
 ) -> int:
     from tqdm import tqdm
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    for note in collected.notes:
-        print(note, file=sys.stderr)
-    for path, problem in collected.errors:
-        print(f"error: {path}: {problem}", file=sys.stderr)
+    _make_out(args.out)
     jobs = collected.jobs
     todo = [job for job in jobs if not outputs_exist(job, args.save)] if args.skip_existing else jobs
     skipped = len(jobs) - len(todo)
@@ -275,5 +301,7 @@ def _matte_batch(
     done = total - failed - skipped
     elapsed = time.perf_counter() - started
     counts = f"{failed} failed, {skipped} skipped: outputs exist" if args.skip_existing else f"{failed} failed"
-    print(f"matted {done} of {total} images ({counts}) in {elapsed:.1f} s; outputs in {args.out}")
+    videos = sum(job.is_video for job in jobs)
+    noun = "images" if not videos else "videos" if videos == total else "images and videos"
+    print(f"matted {done} of {total} {noun} ({counts}) in {elapsed:.1f} s; outputs in {args.out}")
     return EXIT_FILE_FAILED if failed else EXIT_OK
