@@ -94,3 +94,5 @@ def test_the_json_is_a_result_the_speed_table_reads(dry_run, tmp_path):
     (tmp_path / "gpu_check.json").write_text(dry_run[2].read_text())
     data = speed_table.load_results(tmp_path)["gpu_check"]
     assert data["rows"] and all(set(r) == {"what", "command", "result", "target"} for r in data["rows"])
+    table = speed_table.render({"gpu_check": data})
+    assert "three-step training run" in table and "inference 64x64, efficientnet_lite0" in table
