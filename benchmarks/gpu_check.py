@@ -110,7 +110,8 @@ class Budget:
 def gpu_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
                             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                            "cuda_available": torch.cuda.is_available(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+                            "cuda_available": torch.cuda.is_available(),
+                            "cudnn_benchmark_default": torch.backends.cudnn.benchmark}  # training_settings turns it on for training
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=torch.cuda.get_device_name(device), capability=".".join(map(str, torch.cuda.get_device_capability(device))),
@@ -139,6 +140,10 @@ def peak_mib(device: torch.device) -> float | str:
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def fmt(value: Any, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 def error_text(exc: BaseException) -> str:
@@ -311,7 +316,8 @@ def section_train_speed(args, device: torch.device, budget: Budget, log: Callabl
         figure = f"{row['samples_per_s']:.2f} samples/s, peak {row['peak_mem_mib']} MiB" if row["status"] == "ok" else row["status"]
         log(f"   {c['backbone']:<18} {c['step']:<13} batch {c['batch']} {c['precision']}{' cl' if c['channels_last'] else '   '}: "
             f"{figure} ({row['seconds']:.1f} s)")
-    del models
+    models.clear()
+    initial.clear()
     free_memory(device)
     return {"settings": settings, "results": results}
 
@@ -500,6 +506,35 @@ def nominal_iterations(cfg: StepConfig, train_rows: int) -> int:
     return total
 
 
+STEP_COST = {"segmentation": 1.0, "fusion": 1.0, "joint": 1.6}  # seconds per iteration relative to segmentation's
+
+
+def plan_schedule(cfgs: dict[str, StepConfig], nominal: dict[str, int], s_iter: float, val_per_image: float,
+                  overhead: float, left: float, fixed_length: bool = False) -> tuple[dict[str, StepConfig] | None, dict]:
+    """Fit the three steps into `left` seconds: first drop the validations between epoch ends
+    (val_every), then scale the iterations per epoch (same epochs, so the LR cycles keep their shape).
+    Returns (the steps' configs, or None when under 5% of the schedule would fit; what was planned)."""
+    need = sum(nominal[s] * STEP_COST[s] * s_iter for s in cfgs)
+
+    def validation_s(every: bool) -> float:
+        count = sum((c.epochs + 1 + (nominal[s] // c.val_every if every and c.val_every else 0)) * (c.val_max_images or 24)
+                    for s, c in cfgs.items())
+        return count * val_per_image + len(cfgs) * overhead
+
+    keep_every = fixed_length or need + validation_s(True) <= left
+    fixed = validation_s(keep_every)
+    scale = 1.0 if fixed_length or need <= 0 else max(0.0, min(1.0, (left - fixed) / need))
+    plan = {"nominal_iterations": nominal, "scale": round(scale, 3), "val_every_kept": bool(keep_every),
+            "estimated_s": round(need * scale + fixed, 1), "available_s": round(left, 1)}
+    if scale < 0.05:
+        return None, plan
+    if not keep_every:
+        cfgs = {s: c.replace(val_every=None) for s, c in cfgs.items()}
+    if scale < 1.0:
+        cfgs = {s: c.replace(max_iters_per_epoch=max(1, math.ceil(nominal[s] * scale / c.epochs))) for s, c in cfgs.items()}
+    return cfgs, plan
+
+
 def read_kept(history_path: Path) -> dict[str, Any]:
     try:
         return json.loads(history_path.read_text()).get("kept") or {}
@@ -540,38 +575,27 @@ def section_training_run(args, device: torch.device, budget: Budget, log: Callab
         cfgs = {step: StepConfig.from_params(params, step).replace(**common) for step in STEPS}
         if args.tiny:
             cfgs = {s: c.replace(epochs=1, max_iters_per_epoch=2, warmup_epochs=min(c.warmup_epochs, 1)) for s, c in cfgs.items()}
-        # probe: a few segmentation iterations with one validation image give s/iteration and s/val image
-        probe_cfg = cfgs["segmentation"].replace(epochs=1, max_iters_per_epoch=1 if args.tiny else 8, val_max_images=1,
-                                                 val_every=None, visual_count=0, warmup_epochs=0)
+        # probe: a few segmentation iterations and a warm validation give s/iteration and s/val image
+        probe_cfg = cfgs["segmentation"].replace(epochs=1, max_iters_per_epoch=1 if args.tiny else 8, val_every=None,
+                                                 val_max_images=1 if args.tiny else 4, visual_count=0, warmup_epochs=0)
         t0 = time.perf_counter()
         probe = run_step("segmentation", probe_cfg, shards, work / "probe")
         s_iter = probe.train_s / max(1, probe.iterations)
-        val_per_image = float(probe.initial_val.get("val_s", 0.0)) / max(1.0, float(probe.initial_val.get("val_images", 1)))
+        warm_val = probe.history[-1] if probe.history else probe.initial_val  # the second validation: kernels chosen
+        val_per_image = float(warm_val.get("val_s", 0.0)) / max(1.0, float(warm_val.get("val_images") or 1))
         out["probe"] = {"iterations": probe.iterations, "s_per_iter": s_iter, "val_s_per_image": val_per_image,
                         "wall_s": round(time.perf_counter() - t0, 1)}
-        # scale the schedule (iterations per epoch) so the three steps fit what is left, validations included
         nominal = {s: nominal_iterations(c, train_rows) for s, c in cfgs.items()}
-        cost = {"segmentation": 1.0, "fusion": 1.0, "joint": 1.6}  # per iteration, relative (joint runs everything twice)
-        vals = {s: (c.epochs + (nominal[s] // c.val_every if c.val_every else 0) + 1) * (c.val_max_images or 24)
-                for s, c in cfgs.items()}
         overhead = 8.0 if not args.tiny else 1.0  # per step: model build, DataLoader start, files
-        need = sum(nominal[s] * cost[s] * s_iter for s in STEPS)
-        fixed = sum(vals.values()) * val_per_image + 3 * overhead
-        available = budget.left() - fixed
-        scale = 1.0 if args.tiny or need <= 0 else max(0.0, min(1.0, available / need))
-        out["schedule"] = {"nominal_iterations": nominal, "scale": round(scale, 3),
-                           "estimated_s": round(need + fixed, 1), "available_s": round(budget.left(), 1)}
-        if scale < 0.05:
+        cfgs, out["schedule"] = plan_schedule(cfgs, nominal, s_iter, val_per_image, overhead, budget.left(),
+                                              fixed_length=args.tiny)
+        if cfgs is None:
             out["status"] = "skipped: budget"
-            log(f"   training run: skipped (needs ~{need + fixed:.0f} s at full length, {budget.left():.0f} s left)")
+            log(f"   training run: skipped ({out['schedule']})")
             return out
         steps_out, init = [], None
         for step in STEPS:
             cfg = cfgs[step]
-            if scale < 1.0:
-                per_epoch = max(1, math.ceil(nominal[step] * scale / cfg.epochs))
-                val_every = max(1, round(cfg.val_every * scale)) if cfg.val_every else None
-                cfg = cfg.replace(max_iters_per_epoch=per_epoch, val_every=val_every)
             row: dict[str, Any] = {"step": step, "epochs": cfg.epochs, "max_iters_per_epoch": cfg.max_iters_per_epoch,
                                    "batch": cfg.batch_size, "val_every": cfg.val_every}
             if budget.left() < 2 * overhead:
@@ -590,7 +614,7 @@ def section_training_run(args, device: torch.device, budget: Budget, log: Callab
                        val_images=before.get("val_images"), iterations=result.iterations,
                        samples_per_s=result.samples_per_s, data_wait_fraction=result.data_wait_fraction,
                        train_s=round(result.train_s, 1), wall_s=round(time.perf_counter() - t0, 1))
-            log(f"   {step}: val SAD {row['val_sad_before']:.4f} -> {row['val_sad_after']:.4f} "
+            log(f"   {step}: val SAD {fmt(row['val_sad_before'])} -> {fmt(row['val_sad_after'])} "
                 f"({result.iterations} iterations, {result.samples_per_s:.1f} samples/s, {row['wall_s']} s)")
             steps_out.append(row)
             init = result.model_path
@@ -628,19 +652,23 @@ def summary_rows(doc: dict) -> list[dict[str, str]]:
         for batch in infer["settings"]["batches"]:
             ok = [r for r in infer["results"] if r["backbone"] == backbone and r["batch"] == batch and r["status"] == "ok"]
             if ok:
-                text = ", ".join(f"{r['variant']} {r['ms_per_image']:.1f} ms (|da| {r['mean_abs_d_alpha_vs_fp32']:.1e})" for r in ok)
+                text = ", ".join(f"{r['variant']} {r['ms_per_image']:.1f} ms (|da| {fmt(r['mean_abs_d_alpha_vs_fp32'], '.1e')})" for r in ok)
                 rows.append({"what": f"{gpu}: inference {infer['settings']['size']}x{infer['settings']['size']}, {backbone}, batch {batch}: ms/image",
                              "command": cmd if not rows else "(same run)", "result": text, "target": ""})
     run = doc["sections"].get("training_run", {})
     if run.get("steps"):
-        text = "; ".join(f"{r['step']} {r['val_sad_before']:.3f} -> {r['val_sad_after']:.3f}" for r in run["steps"] if r.get("status") == "ok")
+        text = "; ".join(f"{r['step']} {fmt(r['val_sad_before'], '.3f')} -> {fmt(r['val_sad_after'], '.3f')}" for r in run["steps"] if r.get("status") == "ok")
         rows.append({"what": f"{gpu}: three-step training run, photo profile, val SAD before -> after",
                      "command": cmd if not rows else "(same run)", "result": text, "target": "falls"})
     return rows
 
 
 def write(doc: dict, path: Path) -> None:
-    doc["rows"] = summary_rows(doc)
+    try:
+        doc["rows"] = summary_rows(doc)
+    except Exception as exc:  # a summary that cannot be drawn must not cost the figures
+        doc["rows"] = []
+        doc["rows_error"] = error_text(exc)
     write_text_atomic(path, json.dumps(doc, indent=1, allow_nan=True) + "\n")
 
 

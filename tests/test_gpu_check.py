@@ -17,9 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("segmentation", "fusion", "joint")
 BACKBONES = ("densenet201", "efficientnet_lite0")
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("gpu_check") / "x.json"
@@ -34,6 +31,7 @@ def _ok(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and all(r[k] == v for k, v in match.items())]
 
 
+@pytest.mark.slow
 def test_the_script_says_where_the_json_is_and_records_the_machine(dry_run):
     doc, stdout, out = dry_run
     assert f"JSON written to {out}" in stdout
@@ -46,6 +44,7 @@ def test_the_script_says_where_the_json_is_and_records_the_machine(dry_run):
         assert section["status"] == "done" and section["seconds"] > 0, (name, section.get("status"))
 
 
+@pytest.mark.slow
 def test_training_samples_per_second_for_every_step_and_backbone(dry_run):
     rows = dry_run[0]["sections"]["train_speed"]["results"]
     for backbone in BACKBONES:
@@ -59,6 +58,7 @@ def test_training_samples_per_second_for_every_step_and_backbone(dry_run):
     assert all(r["peak_mem_mib"] == "n/a on cpu" for r in rows)
 
 
+@pytest.mark.slow
 def test_inference_ms_per_image_and_d_alpha_for_every_precision(dry_run):
     section = dry_run[0]["sections"]["inference"]
     rows, batches = section["results"], section["settings"]["batches"]
@@ -70,6 +70,7 @@ def test_inference_ms_per_image_and_d_alpha_for_every_precision(dry_run):
     assert all(r["status"] == "n/a on cpu" for r in rows if r["variant"] == "fp16")
 
 
+@pytest.mark.slow
 def test_three_step_training_run_records_validation_before_and_after(dry_run):
     run = dry_run[0]["sections"]["training_run"]
     steps = run["steps"]
@@ -86,6 +87,7 @@ def test_three_step_training_run_records_validation_before_and_after(dry_run):
     assert run["probe"]["s_per_iter"] > 0 and run["data"]["seconds"] >= 0
 
 
+@pytest.mark.slow
 def test_the_json_is_a_result_the_speed_table_reads(dry_run, tmp_path):
     """Written into benchmarks/results (the default), it must not break scripts/speed_table.py (make bench)."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -96,3 +98,27 @@ def test_the_json_is_a_result_the_speed_table_reads(dry_run, tmp_path):
     assert data["rows"] and all(set(r) == {"what", "command", "result", "target"} for r in data["rows"])
     table = speed_table.render({"gpu_check": data})
     assert "three-step training run" in table and "inference 64x64, efficientnet_lite0" in table
+
+
+def test_the_training_run_is_planned_to_fit_the_time_left():
+    """The photo profile's schedule (864 + 160 + 100 iterations) runs whole when it fits; else the
+    validations between epoch ends go first, then iterations per epoch shrink; under 5% it is skipped."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    from fusionnet.train.config import StepConfig
+
+    params = yaml.safe_load((ROOT / "params-photos.yaml").read_text())
+    cfgs = {s: StepConfig.from_params(params, s) for s in STEPS}
+    nominal = {s: gpu_check.nominal_iterations(c, 288) for s, c in cfgs.items()}
+    assert nominal == {"segmentation": 864, "fusion": 160, "joint": 100}
+    plan = lambda left: gpu_check.plan_schedule(cfgs, nominal, 0.05, 0.02, 8.0, left)  # noqa: E731
+    whole, info = plan(1000.0)
+    assert info["scale"] == 1.0 and info["val_every_kept"] and whole == cfgs
+    short, info = plan(60.0)
+    assert not info["val_every_kept"] and 0.05 < info["scale"] < 1 and info["estimated_s"] <= 60.0
+    assert all(c.val_every is None and c.epochs == cfgs[s].epochs for s, c in short.items())
+    planned = {s: sum(min(c.max_iters_per_epoch, 10**9) for _ in range(c.epochs)) for s, c in short.items()}
+    assert all(0 < planned[s] <= nominal[s] for s in STEPS)
+    assert plan(20.0)[0] is None  # epoch-end validations and the steps' start-up alone take ~30 s
