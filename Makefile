@@ -57,8 +57,8 @@ bench: $(STAMP)
 	if [ -n "$$failed" ]; then echo "benchmarks that missed a target or failed:$$failed"; exit 1; fi
 
 ui: $(STAMP)
-	@echo "runs table: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'import mlflow; mlflow.set_tracking_uri("sqlite:///mlflow.db"); e = mlflow.get_experiment_by_name("fusionnet"); print(e.experiment_id if e else 0)')/runs?workflowType=machine_learning"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'import mlflow; mlflow.set_tracking_uri("sqlite:///mlflow.db"); e = mlflow.get_experiment_by_name("fusionnet"); print(e.experiment_id if e else 0)')"
+	$(BIN)/mlflow ui --app-name fusionnet --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # Regenerate the pinned set after changing dependencies in pyproject.toml.
 lock: $(STAMP)

@@ -169,3 +169,79 @@ def test_the_experiment_link_opens_on_runs_once_model_training_is_chosen(served_
         page.get_by_text(ids["parent_run_name"], exact=True).first.wait_for(timeout=120_000)
         assert f"#/experiments/{ids['experiment_id']}/runs" in page.url
         assert_model_training_runs_page(page)
+
+
+# ---------------------------------------------------------------------------------- the link a user clicks
+@pytest.fixture(scope="module")
+def project_ui(tmp_path_factory):
+    """A store with experiment "fusionnet" made as the pipeline makes it (tracking.experiment_id via
+    parent_run, two step runs), served by `mlflow ui --app-name fusionnet` (`make ui`): (url, ids)."""
+    from tests.support.helpers import isolate_mlflow
+
+    root = tmp_path_factory.mktemp("mlflow-link")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        isolate_mlflow(mp, uri, experiment="fusionnet")
+        mp.chdir(root)
+        params = {"seed": 0, "foregrounds": {"source": "synthetic"}}
+        with tracking.parent_run(params) as parent_id:
+            client = tracking.get_client()
+            steps = [tracking.start_step_run(client, parent_id, step, params, None) for step in ("segmentation", "fusion")]
+            for run_id in steps:
+                client.set_terminated(run_id)
+    ids = {"experiment_id": client.get_run(parent_id).info.experiment_id, "parent_run_name": "synthetic",
+           "step_names": ["segmentation", "fusion"]}
+    env = {**base_env(root), "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    port = free_port()
+    log = open(root / "mlflow-ui.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "ui", "--app-name", "fusionnet", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri", uri],
+        env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=server)
+        yield f"http://127.0.0.1:{port}", ids
+    finally:
+        stop_group(server)
+        log.close()
+
+
+LANDINGS = ("/runs", "/overview", "/traces")  # the experiment page's tabs it redirects a bare link to
+
+
+def open_experiment_from_the_list(page, url: str) -> str:
+    """The experiments list, then a click on the experiment's name, as a user does: the page's URL
+    once the experiment page has chosen its tab."""
+    page.goto(f"{url}/#/experiments")
+    link = page.get_by_role("link", name="fusionnet", exact=True)
+    link.wait_for(timeout=120_000)
+    link.click()
+    page.wait_for_url(lambda u: any(tab in u for tab in LANDINGS), timeout=120_000)
+    return page.url
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_clicking_the_experiment_opens_its_training_runs(project_ui):
+    """A fresh browser (nothing chosen, nothing dismissed) clicks the experiment in the list: the runs
+    table with the runs, not the GenAI overview (traces, "Detect Issues", the assistant panel)."""
+    from tests.support.browser import chromium_page
+
+    url, ids = project_ui
+    with chromium_page(viewport=(1600, 900)) as page:
+        landed = open_experiment_from_the_list(page, url)
+        assert f"#/experiments/{ids['experiment_id']}/runs" in landed, landed
+        page.get_by_text(ids["parent_run_name"], exact=True).first.wait_for(timeout=120_000)
+        assert_model_training_runs_page(page)
+        assert page.get_by_text("Detect Issues").count() == 0
+        # a pasted bare link lands there too
+        page.goto(f"{url}/#/")
+        page.goto(f"{url}/#/experiments/{ids['experiment_id']}")
+        page.get_by_text(ids["parent_run_name"], exact=True).first.wait_for(timeout=120_000)
+        assert f"#/experiments/{ids['experiment_id']}/runs" in page.url, page.url
+
+    with chromium_page(viewport=(1600, 900)) as page:  # a browser that chose GenAI keeps its choice
+        page.goto(f"{url}/#/")
+        page.evaluate("window.localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('genai'))")
+        landed = open_experiment_from_the_list(page, url)
+        assert "/overview" in landed or "/traces" in landed, landed
