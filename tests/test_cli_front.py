@@ -70,3 +70,36 @@ def test_a_video_is_summarised_as_a_video(tiny_checkpoint, tmp_path):
     result = run_cli("matte", clip, "--model", tiny_checkpoint, "--out", tmp_path / "out", "--max-side", "64")
     assert result.returncode == 0, result.stderr
     assert "matted 1 of 1 videos (0 failed)" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--int8",), "error: --int8 needs --calibrate SHARDS_OR_IMAGE_DIR (training composites to calibrate on)\n"),
+    (("--int8", "--calibrate", "{tmp}/no-shards"), "error: --calibrate {tmp}/no-shards: no such file or folder\n"),
+    (("--verify-image", "{tmp}/no.png"), "error: --verify-image {tmp}/no.png: no such file or folder\n"),
+])
+def test_export_usage_errors_are_whole_lines_before_the_export(tiny_checkpoint, tmp_path, extra, message):
+    """Each is one line ending in a newline, rc 2, nothing written, and answered before a minute of export."""
+    out = tmp_path / "model.onnx"
+    result = run_cli("export", tiny_checkpoint, "--format", "onnx", "--out", out,
+                     *(e.format(tmp=tmp_path) for e in extra))
+    assert (result.returncode, result.stderr) == (2, message.format(tmp=tmp_path))
+    assert not out.exists()
+
+
+def test_export_finds_its_photo_beside_the_project_not_the_current_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fusionnet.onnx.export import find_verify_image
+
+    photo = tmp_path / "shared" / "data" / "alphamatting-dev" / "image" / "GT01.png"
+    photo.parent.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(photo)
+    project = tmp_path / "project"
+    (project / "docs" / "notes").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(project / "docs" / "notes")  # ../shared from here is project/docs/shared: not it
+    image, name = find_verify_image()
+    assert name == str(photo) and image.shape == (30, 40, 3)

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-images", type=int_at_least(1), default=16, metavar="N",
                         help="how many calibration images (default 16)")
     parser.add_argument("--verify-image", type=Path, metavar="IMAGE",
-                        help="photo to check the export on (default: ../shared/data/alphamatting-dev GT01 if present)")
+                        help="photo to check the export on (default: ../shared/data/alphamatting-dev GT01 beside the project "
+                        "holding the current folder, if present)")
     parser.add_argument("--verify-side", type=int_at_least(32), default=DEFAULT_VERIFY_SIDE,
                         help=f"network side for the check (default {DEFAULT_VERIFY_SIDE})")
     parser.add_argument("--tolerance", type=positive_number(), default=FP32_TOLERANCE,
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--calibrate is only used with --int8")
     if args.out.exists() and args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a directory")
+    for option, path in (("--calibrate", args.calibrate), ("--verify-image", args.verify_image)):
+        if path is not None and not path.exists():  # before a minute of export, not after it
+            raise UsageError(f"{option} {path}: no such file or folder")
     from fusionnet.onnx.export import ExportError, export_model_file
 
     try:

@@ -51,8 +51,8 @@ do not apply (a note says so when given).
 `export` writes an ONNX file (`fusionnet.onnx.export`): input "image" (N,3,H,W) float32 in [0,1] with
 N, H, W dynamic and H, W multiples of 32, outputs "alpha", "fg_prob", "bg_prob"; the opset is printed
 and stored in the file's metadata. It is checked against PyTorch fp32 on a photo (`--verify-image`,
-default ../shared/data/alphamatting-dev/image/GT01.png when present, else a synthetic image) and
-fails (exit 1, nothing written) beyond `--tolerance`. `--int8` quantises it with ONNX Runtime, calibrated
+default ../shared/data/alphamatting-dev/image/GT01.png beside the project holding the current folder when
+present, else a synthetic image) and fails (exit 1, nothing written) beyond `--tolerance`. `--int8` quantises it with ONNX Runtime, calibrated
 on `--calibrate` (shards of training composites, or a folder of images); `--int8-scheme` says what
 int8 touches (accurate, the default: encoder and fusion convolutions; fast: every op).
 

@@ -53,6 +53,22 @@ EXAMPLE_SHAPE = (2, 3, 96, 128)
 MAX_SIDE_STRIDES = 512  # 16384 px: dynamic sides are declared up to this many strides
 # A real photo for the check, relative to the project root (../shared/data: see README.md), else synthetic.
 VERIFY_IMAGE_CANDIDATES = ("../shared/data/alphamatting-dev/image/GT01.png",)
+PROJECT_MARKERS = ("dvc.yaml", "pyproject.toml", ".git")
+
+
+def project_roots(start: str | os.PathLike | None = None) -> list[Path]:
+    """The project holding `start` (default: the current folder; the nearest folder with a PROJECT_MARKERS
+    entry), then the checkout this package runs from: where `../shared` is looked for, never the cwd itself."""
+    roots: list[Path] = []
+    here = Path(start if start is not None else os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / marker).exists() for marker in PROJECT_MARKERS):
+            roots.append(folder)
+            break
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and checkout not in roots:
+        roots.append(checkout)
+    return roots
 
 
 class MattingGraph(nn.Module):
@@ -142,9 +158,11 @@ def find_verify_image(explicit: str | os.PathLike | None = None) -> tuple[np.nda
     """The check image `(H,W,3)` float32 and its name: `explicit`, else a real photo, else synthetic."""
     if explicit is not None:
         return load_image(explicit).rgb, str(explicit)
-    for candidate in VERIFY_IMAGE_CANDIDATES:
-        if Path(candidate).is_file():
-            return load_image(candidate).rgb, candidate
+    for root in project_roots():
+        for candidate in VERIFY_IMAGE_CANDIDATES:
+            path = Path(os.path.normpath(root / candidate))
+            if path.is_file():
+                return load_image(path).rgb, str(path)
     rng = np.random.default_rng(0)  # smooth blobs, so the network sees edges and flat regions
     y, x = np.mgrid[0:600, 0:450] / 100.0
     base = np.stack([np.sin(x + 1.3 * y), np.cos(1.7 * x - y), np.sin(0.5 * x * y)], -1) * 0.4 + 0.5
