@@ -114,10 +114,12 @@ if [ "$budget_given" = 0 ]; then
 fi
 echo "== benchmarks/gpu_check.py ${args[*]} ${forward[*]}"
 rc=0
+marker=$(mktemp)  # an --out left by an earlier run must not pass for this run's
 "$PY" benchmarks/gpu_check.py "${args[@]}" "${forward[@]}" || rc=$?
 
 echo
 echo "gpu_check.sh: $((SECONDS - started)) s in all; pytest -m cuda: ${pytest_summary}"
-if [ -f "$out" ]; then echo "gpu_check.sh: JSON written to $out"; else echo "gpu_check.sh: no JSON written ($out)" >&2; fi
+if [ -f "$out" ] && [ "$out" -nt "$marker" ]; then echo "gpu_check.sh: JSON written to $out"; else echo "gpu_check.sh: no JSON written ($out)" >&2; fi
+rm -f "$marker"
 if [ "$rc" = 0 ] && [ -n "$pytest_rc" ] && [ "$pytest_rc" != 0 ] && [ "$pytest_rc" != 5 ]; then rc=$pytest_rc; fi
 exit "$rc"
