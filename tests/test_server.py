@@ -238,6 +238,9 @@ BAD_REQUESTS = {
     "truncated-png": (lambda: _raw_body(_png()[:300]), False, 400, "truncated or corrupt"),
     "truncated-upload": (lambda: post_head("/matte", 5000) + _png()[:1000], True, 400, "ended after 1000 of 5000"),
     "not-an-image": (lambda: _raw_body(b"just some text, honestly"), False, 400, "not an image file"),
+    # over twice the server's --max-pixels (50 MP) PIL refuses at open: the message still names --max-pixels
+    "bomb": (lambda: _raw_body(_bomb_png(12000, 10000)), False, 400,
+             "image is 120 megapixels, over the limit of 50 megapixels (decompression-bomb guard); raise --max-pixels"),
     "text-plain": (lambda: _raw_body(_png(), "text/plain"), False, 415, "'text/plain' is not an image"),
     "form-urlencoded": (lambda: _raw_body(_png(), "application/x-www-form-urlencoded"), False, 415, "curl -F"),
     "huge-declared-size": (lambda: post_head("/matte", 10**12) + b"x" * 1024, False, 413,
@@ -259,6 +262,18 @@ BAD_REQUESTS = {
     "unknown-path": (lambda: b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "no such path"),
     "garbage-request-line": (lambda: b"HELLO THERE NOW\r\n\r\n", False, 400, "Bad request version"),
 }
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A two-tone PNG of width x height pixels in a few hundred KB."""
+    import tempfile
+
+    from tests.test_cli import write_two_tone_png
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bomb.png"
+        write_two_tone_png(path, width, height, (1, 2, 3), (4, 5, 6))
+        return path.read_bytes()
 
 
 def _raw_body(data: bytes, content_type: str = "image/png", path: str = "/matte") -> bytes:

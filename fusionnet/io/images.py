@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import secrets
 import threading
 import warnings
@@ -131,7 +132,7 @@ def load_image(
     except ImageLoadError:
         raise
     except _DECODE_ERRORS as exc:
-        raise _load_error(path, exc) from exc
+        raise _load_error(path, exc, max_pixels) from exc
 
 
 def load_image_bytes(
@@ -155,16 +156,24 @@ def load_image_bytes(
     except ImageLoadError:
         raise
     except _DECODE_ERRORS as exc:
-        raise _load_error(name, exc) from exc
+        raise _load_error(name, exc, max_pixels) from exc
 
 
 _DECODE_ERRORS = (Image.DecompressionBombError, MemoryError, OSError, SyntaxError, ValueError, EOFError, zlib.error)
 
 
-def _load_error(name: str | os.PathLike, exc: BaseException) -> ImageLoadError:
+def _too_many_pixels(size: str, max_pixels: int) -> str:
+    return (f"image is {size} megapixels, over the limit of {max_pixels / 1e6:.0f} megapixels "
+            "(decompression-bomb guard); raise --max-pixels if you trust this file")
+
+
+def _load_error(name: str | os.PathLike, exc: BaseException, max_pixels: int) -> ImageLoadError:
     """The ImageLoadError that stands for one of `_DECODE_ERRORS` raised while decoding."""
     if isinstance(exc, Image.DecompressionBombError):
-        return ImageLoadError(name, f"refused as a possible decompression bomb ({exc})")
+        # PIL refuses at open beyond twice our limit and cites its own figure: name ours (--max-pixels)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f}" if found else "more than twice that many"
+        return ImageLoadError(name, _too_many_pixels(size, max_pixels))
     if isinstance(exc, UnidentifiedImageError):
         return ImageLoadError(name, "not an image file PIL can read (unknown or damaged header)")
     if isinstance(exc, MemoryError):
@@ -211,11 +220,7 @@ def _decode(path: Path, im: Image.Image, max_side: int | None, max_pixels: int) 
     if w < 1 or h < 1:
         raise ImageLoadError(path, f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageLoadError(
-            path,
-            f"image is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the limit of {max_pixels / 1e6:.0f} "
-            "megapixels (decompression-bomb guard); raise --max-pixels if you trust this file",
-        )
+        raise ImageLoadError(path, _too_many_pixels(f"{w}x{h} = {w * h / 1e6:.0f}", max_pixels))
     source_mode = im.mode
     orientation = _exif_orientation(im)
     th, tw = fit_within((h, w), max_side)
