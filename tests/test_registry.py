@@ -323,9 +323,9 @@ def test_an_alias_moved_during_the_download_does_not_mix_versions(registry, monk
     client.set_registered_model_alias(name, "champion", "1")
     download = resolver.download_model
 
-    def promoted_meanwhile(uri, dest):
+    def promoted_meanwhile(uri, dest, *store):
         client.set_registered_model_alias(name, "champion", "2")
-        return download(uri, dest)
+        return download(uri, dest, *store)
 
     monkeypatch.setattr(resolver, "download_model", promoted_meanwhile)
     looked_up = resolver.resolve(f"models:/{name}@champion")

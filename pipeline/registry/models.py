@@ -37,6 +37,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.tracking import store as store_rule
 from pipeline.tracking.runs import get_client, parent_run, tracking_uri
 
 MODEL_NAME = "late-fusion-matting"
@@ -318,34 +319,72 @@ def onnx_file(model_dir: str | os.PathLike) -> Path | None:
     return model_artifacts(model_dir).get("onnx")
 
 
-def download_model(uri: str, dest: str | os.PathLike) -> Path:
+PULLED_FILES = ".fusionnet-files"  # in every folder download_model writes: the files it put there
+
+
+def download_model(uri: str, dest: str | os.PathLike, store_uri: str | None = None) -> Path:
     """Download model `uri` (models:/..., runs:/...) into folder `dest`, atomically; returns dest.
 
+    store_uri: the MLflow store to look `uri` up in and download from, for both the tracking and the
+    registry side (default: pipeline.tracking.store's rule, which never creates a store): never
+    MLflow's own default, ./mlflow.db of the current folder.
     The files land in a temporary sibling first and are renamed into place when complete; an
-    existing `dest` is replaced. A file `fusionnet-model.json` records the uri it came from (and
-    "onnx", the ONNX file's path in the folder, when the model carries one).
+    existing `dest` is replaced (callers decide whether it may be: resolver.pull). A file
+    `fusionnet-model.json` records the uri it came from (and "onnx", the ONNX file's path in the
+    folder, when the model carries one); PULLED_FILES lists every file written.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per file on stderr
+    store_uri = store_uri or store_rule.tracking_uri(must_exist=True)
     dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        uri_store = tracking_uri()
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(tmp), tracking_uri=uri_store, registry_uri=uri_store
-        ))
+        with _default_store(store_uri):
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp), tracking_uri=store_uri, registry_uri=store_uri
+            ))
         model_dir = local if local.is_dir() else tmp  # MLflow 3: runs:/<run>/<name> lands in tmp/<name>
         weights_file(model_dir)  # fail before the rename when this is not a matting model
         onnx = onnx_file(model_dir)
         carried = {"onnx": str(onnx.relative_to(model_dir))} if onnx is not None else {}
-        (model_dir / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **describe(uri), **carried}, indent=2))
-        if dest.exists():
+        info = describe(uri, MlflowClient(tracking_uri=store_uri, registry_uri=store_uri))
+        (model_dir / "fusionnet-model.json").write_text(json.dumps({"uri": uri, **info, **carried}, indent=2))
+        written = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
+        (model_dir / PULLED_FILES).write_text("\n".join([*written, PULLED_FILES]) + "\n")
+        if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
         os.replace(model_dir, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+@contextmanager
+def _default_store(store_uri: str) -> Iterator[None]:
+    """MLflow's process-wide default tracking and registry store = `store_uri` meanwhile, then exactly as
+    before (module state and environment variables; mlflow.set_tracking_uri would leave
+    MLFLOW_TRACKING_URI set). A registered version whose source is a LoggedModel (models:/m-<id>) is
+    fetched from the default store whatever tracking_uri download_artifacts is given, and MLflow's
+    default is ./mlflow.db of the current folder (created if missing)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, {n: os.environ.get(n) for n in names})
+    mlflow.set_tracking_uri(store_uri)
+    mlflow.set_registry_uri(store_uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+        for name, value in saved[2].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -360,18 +399,27 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     return parts[0], (parts[1] if len(parts) > 1 else None), None
 
 
-def describe(uri: str) -> dict[str, str]:
-    """Registered name and version behind a models:/name@alias or models:/name/N uri ({} otherwise)."""
+def registered_version(uri: str, client: MlflowClient | None = None):
+    """The ModelVersion behind a models:/name@alias or models:/name/N uri (None for other URIs), looked
+    up in `client`'s registry (default: get_client())."""
     if not uri.startswith("models:/") or uri.startswith("models:/m-"):
-        return {}
+        return None
     name, number, alias = parse_models_uri(uri)
-    client = get_client()
+    client = client or get_client()
     if alias is not None:
-        found = client.get_model_version_by_alias(name, alias)
-        return {"name": name, "version": str(found.version), "alias": alias}
+        return client.get_model_version_by_alias(name, alias)
     if number is None:
         raise ValueError(f"{uri}: give a version or an alias, e.g. models:/{name}@{CHAMPION}")
-    return {"name": name, "version": str(client.get_model_version(name, number).version)}
+    return client.get_model_version(name, number)
+
+
+def describe(uri: str, client: MlflowClient | None = None) -> dict[str, str]:
+    """Registered name and version behind a models:/name@alias or models:/name/N uri ({} otherwise)."""
+    found = registered_version(uri, client)
+    if found is None:
+        return {}
+    _, _, alias = parse_models_uri(uri)
+    return {"name": found.name, "version": str(found.version), **({"alias": alias} if alias is not None else {})}
 
 
 # ----------------------------------------------------------------------------- the pipeline step

@@ -23,6 +23,7 @@ import yaml
 
 from fusionnet.io.hashing import file_sha256
 from pipeline.env import PROJECT_DIR
+from pipeline.tracking.store import project_dir
 
 PIPELINE_RUN_ENV = "FUSIONNET_PIPELINE_RUN"
 
@@ -116,9 +117,12 @@ def data_version_tags(shards_dir: Path, dvc_root: Path) -> dict[str, str]:
 
 def project_root(environ: Mapping[str, str] | None = None) -> Path:
     """The DVC project the run belongs to: DVC_ROOT inside a DVC stage (which may be a `dvc exp`
-    workspace copy), else the checkout holding this package."""
+    workspace copy), else the project being run (pipeline.tracking.store.project_dir: the one whose
+    MLflow store the run logs to), else the checkout holding this package."""
     env = os.environ if environ is None else environ
-    return Path(env["DVC_ROOT"]) if env.get("DVC_ROOT") else PROJECT_DIR
+    if env.get("DVC_ROOT"):
+        return Path(env["DVC_ROOT"])
+    return project_dir(env) or PROJECT_DIR
 
 
 def _dvc_process_identity() -> str | None:

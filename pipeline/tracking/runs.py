@@ -1,7 +1,9 @@
 """MLflow tracking: one parent run per pipeline run, one child run per training step.
 
-Store: MLFLOW_TRACKING_URI when set (a tracking server), else the project's SQLite file
-`sqlite:///<project>/mlflow.db` with artifacts in `<project>/mlartifacts`. SQLite locks under
+Store: MLFLOW_TRACKING_URI when set (a tracking server), else the SQLite file
+`sqlite:///<project>/mlflow.db` of the project being run (pipeline.tracking.store: FUSIONNET_PROJECT,
+DVC_ROOT, else the project holding the current folder; never the checkout the package is installed
+from), with artifacts in `<project>/mlartifacts`. SQLite locks under
 several writing processes: keep one writer (DVC runs stages one at a time; only rank 0 logs) or
 use a server.
 
@@ -42,7 +44,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
-from pipeline.env import PROJECT_DIR
+from pipeline.tracking import store
 from pipeline.tracking.provenance import data_version_tags, flatten_params, git_commit, pipeline_run_key, project_root
 
 PARENT_RUN_ENV = "FUSIONNET_PARENT_RUN_ID"
@@ -64,8 +66,8 @@ PROFILES = {"synthetic": "synthetic", "folder": "photos", "dim": "dim"}  # foreg
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the project's SQLite file."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_DIR / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the SQLite file of the project being run (pipeline.tracking.store)."""
+    return store.tracking_uri()
 
 
 def get_client() -> MlflowClient:
@@ -186,8 +188,11 @@ def parent_run(
     if client.tracking_uri.startswith(("http://", "https://")):  # where to look, for whoever watches the log
         exp_id = client.get_run(run_id).info.experiment_id
         print(f"[mlflow] runs: {runs_page_url(client.tracking_uri, exp_id)}", file=sys.stderr, flush=True)
-    previous = os.environ.get(PARENT_RUN_ENV)
+    previous = {name: os.environ.get(name) for name in (PARENT_RUN_ENV, store.PROJECT_ENV)}
     os.environ[PARENT_RUN_ENV] = run_id  # step subprocesses and the evaluation hook inherit it
+    if client.tracking_uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # ... and the project, so a step started in another folder logs into this store, not its cwd's
+        os.environ[store.PROJECT_ENV] = str(store.project_dir())
     try:
         yield run_id
     except BaseException as exc:
@@ -196,10 +201,11 @@ def parent_run(
     else:
         client.set_terminated(run_id, status="FINISHED")
     finally:
-        if previous is None:
-            os.environ.pop(PARENT_RUN_ENV, None)
-        else:
-            os.environ[PARENT_RUN_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def start_step_run(

@@ -77,7 +77,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0, group: bool = Fa
 
 
 # What a test run inherits from a surrounding pipeline run or DVC stage and would otherwise log into.
-INHERITED_RUN_ENV = ("MLFLOW_RUN_ID", "FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "DVC_ROOT")
+INHERITED_RUN_ENV = ("MLFLOW_RUN_ID", "FUSIONNET_PARENT_RUN_ID", "FUSIONNET_PIPELINE_RUN", "DVC_STAGE", "DVC_ROOT",
+                     "FUSIONNET_PROJECT")
 
 
 def isolate_mlflow(mp: pytest.MonkeyPatch, uri: str, *, experiment: str | None = None,
