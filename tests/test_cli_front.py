@@ -103,3 +103,42 @@ def test_export_finds_its_photo_beside_the_project_not_the_current_folder(tmp_pa
     monkeypatch.chdir(project / "docs" / "notes")  # ../shared from here is project/docs/shared: not it
     image, name = find_verify_image()
     assert name == str(photo) and image.shape == (30, 40, 3)
+
+
+# --------------------------------------------------------------------------------------------- serving settings
+
+
+def test_a_model_trained_at_96_px_is_matted_at_96_unless_told(tmp_path):
+    """The file's header carries max_side 96 (as training writes it): `fusionnet matte` without flags
+    mattes at 96 (it used to take 800), `--max-side 800` overrides it, and `serve` reports 96 too."""
+    import argparse
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from fusionnet.model import save
+    from fusionnet.server import main as server
+    from tests.support.helpers import tiny_net
+
+    model = save(tiny_net(seed=4, narrow=True), tmp_path / "trained-at-96.safetensors", serving={"max_side": 96})
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(photo)
+    alphas = {}
+    for name, extra in {"default": (), "96": ("--max-side", "96"), "800": ("--max-side", "800")}.items():
+        result = run_cli("matte", photo, "--model", model, "--out", tmp_path / name, "--precision", "fp32", *extra)
+        assert result.returncode == 0, result.stderr
+        alphas[name] = np.asarray(Image.open(tmp_path / name / "photo_alpha.png"), np.int32)
+        if name == "default":
+            assert f"note: max_side=96 from {model} (header serving)" in result.stderr
+    assert np.array_equal(alphas["default"], alphas["96"])
+    assert np.abs(alphas["default"] - alphas["800"]).mean() > 1  # the scale shows in the matte
+
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    httpd = SimpleNamespace()
+    service = server._load_service(parser.parse_args([str(model), "--threads", "1"]), httpd)
+    try:
+        assert httpd.health_info["max_side"] == 96
+    finally:
+        service.close()

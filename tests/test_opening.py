@@ -106,3 +106,33 @@ def test_matte_and_serve_treat_one_file_the_same(with_header, model, tmp_path, c
         assert health["model"]["settings_from"]["max_side"].endswith("(header serving)")
     finally:
         service.close()
+
+
+def test_a_header_and_a_registry_settings_json_apply_key_by_key(tmp_path, model):
+    """Training writes max_side into the file; registration adds the tuned guided filter beside it
+    (settings.json) without touching the file: both apply (the header used to hide settings.json)."""
+    registered = {"max_side": 800, "precision": "fp32", "refine": True, "radius": 2, "eps": 0.001}
+    weights = mlflow_layout(tmp_path / "pulled", model, registered)
+    save(model, weights, serving={"max_side": 96})
+    settings, source = stored_settings(weights)
+    assert settings == registered | {"max_side": 96} and source == f"{weights} (header serving)"
+    opened = open_model(weights, device="cpu")
+    assert (opened.matter.max_side, opened.matter.radius, opened.matter.eps) == (96, 2, 0.001)
+    assert opened.settings_from["max_side"] == f"{weights} (header serving)"
+    assert opened.settings_from["radius"] == str(weights.parent / "settings.json")
+
+
+def test_training_writes_its_working_scale_into_the_model_file(tmp_path):
+    """A model trained on shards whose composites were shrunk to max_side N is served at N by default."""
+    from fusionnet.train.config import StepConfig
+    from fusionnet.train.loop import run_step
+    from fusionnet.train.toy import write_toy_shards
+    from tests.test_keep_best import params
+
+    shards = write_toy_shards(tmp_path / "shards", n_train=4, n_val=2, size=64, seed=1)
+    assert json.loads((shards / "summary.json").read_text())["working_max_side"] == 96
+    cfg = StepConfig.from_params(params(keep="last", val_every=None) | {"train_seg": {
+        "epochs": 1, "max_iters_per_epoch": 1, "base_lr": 5e-3, "max_lr": 2e-2, "half_cycle_epochs": 1}}, "segmentation")
+    result = run_step("segmentation", cfg, shards, tmp_path / "seg")
+    assert json.loads(read_metadata(result.model_path)["serving"]) == {"max_side": 96}
+    assert open_model(result.model_path, device="cpu").settings["max_side"] == 96

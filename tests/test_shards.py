@@ -135,6 +135,7 @@ def test_build_shards_layout_summary_and_determinism(tmp_path):
         "composites": {"train": 3, "val": 2},
         "sampling": {"sizes": [16, 24], "out_size": 16, "warmup_size": 20, "rotation_deg": 15.0, "flip": True},
         "data_version": shards_digest(tmp_path / "a"),
+        "working_max_side": tiny_params().max_side,  # the trained model's serving max_side
     }
     assert json.loads((tmp_path / "a" / "summary.json").read_text()) == summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "composites"]  # no temp dir left

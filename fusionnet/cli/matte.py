@@ -171,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
     for note in opened.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"device: {describe_device(matter, opened.settings['precision'])}", file=sys.stderr)
-    stored = sorted(k for k, source in opened.settings_from.items() if source not in ("command line", "default"))
-    if stored:
-        print(f"note: {', '.join(f'{k}={opened.settings[k]}' for k in stored)} from "
-              f"{opened.settings_from[stored[0]]}", file=sys.stderr)
+    by_source: dict[str, list[str]] = {}
+    for key, source in sorted(opened.settings_from.items()):
+        if source not in ("command line", "default"):
+            by_source.setdefault(source, []).append(f"{key}={opened.settings[key]}")
+    for source, keys in by_source.items():  # the model's own settings (its header, a registry's settings.json)
+        print(f"note: {', '.join(keys)} from {source}", file=sys.stderr)
     if collected is None:
         return _matte_stdin(matter, args, background)
     return _matte_batch(matter, args, background, collected, started)

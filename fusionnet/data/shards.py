@@ -341,7 +341,8 @@ def build_shards(
 
     The output is identical for any `workers`. Returns the summary also written to summary.json:
     {"train"|"val": {"rows", "shards", "bytes"}, "composites": {"train": int, "val": int},
-    "sampling": sampling_settings(params), "data_version": shards_digest(out_dir)}.
+    "sampling": sampling_settings(params), "data_version": shards_digest(out_dir),
+    "working_max_side": params.max_side} (the scale the model trained at: its serving max_side).
     """
     composites_dir, out_dir = Path(composites_dir), Path(out_dir)
     records = [r for r in load_composite_manifest(composites_dir) if r["split"] in ("train", "val")]
@@ -364,6 +365,7 @@ def build_shards(
         summary["composites"] = {s: sum(r["split"] == s for r in records) for s in ("train", "val")}
         summary["sampling"] = sampling_settings(params)
         summary["data_version"] = shards_digest(tmp_dir)
+        summary["working_max_side"] = params.max_side  # the trained model's serving max_side (fusionnet.train.data)
         (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _replace_dir(tmp_dir, out_dir)
     except BaseException:

@@ -8,7 +8,8 @@
 A model's serving settings (SERVING_KEYS) are taken, per key, from the first of:
 1. the caller (a command-line option; None means "not given");
 2. the model file's own header: safetensors metadata "serving" (JSON), written by
-   `fusionnet.model.checkpoint.save(..., serving=...)`; for an ONNX file its `fusionnet.serving` metadata;
+   `fusionnet.model.checkpoint.save(..., serving=...)` (training writes max_side = its working scale,
+   crops.max_side); for an ONNX file its `fusionnet.serving` metadata (`fusionnet export` copies 2.-3.);
 3. the MLflow model the file was downloaded in (`settings.json` beside it in `artifacts/`, next to
    `MLmodel`: what a `models:/` URI resolves to; the registry keeps the file byte-identical to the trained one);
 4. SERVING_DEFAULTS.
@@ -68,9 +69,15 @@ def check_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
     return checked
 
 
-def stored_settings(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
-    """(serving settings stored with the model file at `path`, where they were found; None: nowhere)."""
+def stored_layers(path: str | os.PathLike) -> list[tuple[dict[str, Any], str]]:
+    """The settings stored with the model file at `path`, first wins per key: [(its header's, where),
+    (a downloaded MLflow model's settings.json, where)], each only where present.
+
+    Training writes max_side (its working scale) into the header; registration adds the guided filter
+    evaluate chose (radius, eps) in settings.json without touching the file: both apply, key by key.
+    """
     path = Path(path)
+    layers: list[tuple[dict[str, Any], str]] = []
     if is_onnx_model(path):
         raw = read_onnx_metadata(path).get(SERVING_KEY)
         header = f"{path} (ONNX metadata {META_PREFIX}{SERVING_KEY})"
@@ -79,7 +86,7 @@ def stored_settings(path: str | os.PathLike) -> tuple[dict[str, Any], str | None
         header = f"{path} (header {SERVING_KEY})"
     if raw is not None:
         try:
-            return check_settings(json.loads(raw), header), header
+            layers.append((check_settings(json.loads(raw), header), header))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{header}: not JSON ({exc})") from exc
     sidecar = path.parent / MLFLOW_SETTINGS_FILE
@@ -89,8 +96,18 @@ def stored_settings(path: str | os.PathLike) -> tuple[dict[str, Any], str | None
         except (OSError, ValueError) as exc:
             raise ValueError(f"{sidecar}: unreadable registered settings ({exc})") from exc
         if isinstance(found, dict):
-            return check_settings(found, str(sidecar)), str(sidecar)
-    return {}, None
+            layers.append((check_settings(found, str(sidecar)), str(sidecar)))
+    return [(settings, source) for settings, source in layers if settings]
+
+
+def stored_settings(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+    """(serving settings stored with the model file at `path`, merged key by key as `stored_layers`
+    says, where the first of them was found; None: nowhere)."""
+    layers = stored_layers(path)
+    merged: dict[str, Any] = {}
+    for settings, _ in reversed(layers):
+        merged.update(settings)
+    return merged, (layers[0][1] if layers else None)
 
 
 @dataclass
@@ -123,11 +140,11 @@ def open_model(spec: str | os.PathLike, *, device: str = "auto", threads: int | 
     if unknown:
         raise TypeError(f"open_model: unknown settings {sorted(unknown)}")
     path = resolve_model_path(spec)
-    stored, source = stored_settings(path)
     explicit = check_settings(given, "the command line")
     settings, origin = {}, {}
+    layers = [(explicit, "command line"), *stored_layers(path), (SERVING_DEFAULTS, "default")]
     for key in SERVING_KEYS:
-        for layer, name in ((explicit, "command line"), (stored, source), (SERVING_DEFAULTS, "default")):
+        for layer, name in layers:
             if key in layer:
                 settings[key], origin[key] = layer[key], name
                 break

@@ -56,6 +56,14 @@ def data_version(shards_dir: Path) -> str:
     return read_summary(shards_dir)["data_version"]
 
 
+def serving_settings(shards_dir: Path) -> dict[str, int]:
+    """The serving settings a model trained on these shards carries in its file (fusionnet.model.save
+    serving=...): max_side = the working scale its composites were shrunk to (crops.max_side), so a
+    model trained at 96 px is matted at 96 px by default, not at 800. {} for shards that do not say."""
+    working = read_summary(shards_dir).get("working_max_side")
+    return {"max_side": int(working)} if working else {}
+
+
 def sample_size(dataset: SampledCrops) -> tuple[int, int]:
     """(height, width) of the samples the trainer will batch."""
     image = dataset[(0, 0)]["image"]

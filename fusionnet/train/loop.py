@@ -384,7 +384,8 @@ class _Trainer:
                     row = selection.kept(self.state, "best")
                     self.logger.log_metrics({"kept/val_sad": row["val_sad"], "kept/iteration": float(row["iteration"])},
                                             step=self.state["iteration"])
-            fmodel.save(self.model, self.out_dir / MODEL_FILE, extra={"step": self.step, "iterations": self.state["iteration"]})
+            fmodel.save(self.model, self.out_dir / MODEL_FILE, extra={"step": self.step, "iterations": self.state["iteration"]},
+                        serving=tdata.serving_settings(self.shards_dir))
             self._write_history(finished=True)
             self.state["finished"] = True
             self._checkpoint()

@@ -69,7 +69,8 @@ def write_toy_shards(
     write_shards(val, out_dir / "val", shard_rows=shard_rows)
     summary = {"train": {"rows": n_train}, "val": {"rows": n_val},
                "sampling": {"sizes": [size], "out_size": size, "warmup_size": size,
-                            "rotation_deg": rotation_deg, "flip": True}}
+                            "rotation_deg": rotation_deg, "flip": True},
+               "working_max_side": side}
     summary["data_version"] = shards_digest(out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir
