@@ -44,14 +44,15 @@ test-fast: $(STAMP)
 
 # Every benchmark, then README's speed table regenerated from benchmarks/results/*.json (scripts/speed_table.py).
 # A benchmark that misses its target still lets the others run; the exit status says whether any failed.
-# QUICK=1: bench_inference with one timed round and two photos (~half the time). bench_server serves
+# QUICK=1: bench_inference with one timed round and two photos (~half the time). bench_server and bench_cli (seconds
+# per photo, `fusionnet matte` vs `fusionnet serve`) serve
 # make run's joint model when there is one (bench_video and bench_evaluate pick it up themselves).
 # Measured with their defaults on the 2-core AMX host: bench_int8 ~5 min, bench_train ~3 min, bench_evaluate ~1.2 min, the others < 1 min.
 BENCH_INFERENCE_ARGS ?= $(if $(QUICK),--quick,)
 bench: $(STAMP)
 	@failed=""; for b in benchmarks/bench_*.py; do echo "== $$b"; \
 	  args=""; [ "$$b" = benchmarks/bench_inference.py ] && args="$(BENCH_INFERENCE_ARGS)"; \
-	  [ "$$b" = benchmarks/bench_server.py ] && [ -f models/joint/model.safetensors ] && args="--model models/joint/model.safetensors"; \
+	  case "$$b" in benchmarks/bench_server.py|benchmarks/bench_cli.py) [ -f models/joint/model.safetensors ] && args="--model models/joint/model.safetensors";; esac; \
 	  $(BIN)/python $$b $$args || failed="$$failed $$b"; done; \
 	$(BIN)/python scripts/speed_table.py; \
 	if [ -n "$$failed" ]; then echo "benchmarks that missed a target or failed:$$failed"; exit 1; fi

@@ -142,3 +142,28 @@ def test_a_model_trained_at_96_px_is_matted_at_96_unless_told(tmp_path):
         assert httpd.health_info["max_side"] == 96
     finally:
         service.close()
+
+
+# --------------------------------------------------------------------------------------------- threads
+
+
+def test_matte_runs_on_a_worker_thread_with_the_process_thread_count():
+    """As the server does (issue 27: from the main thread, the same threads ran 1.4-1.7x slower on a
+    loaded CPU; benchmarks/bench_cli.py --busy): the work sees a worker thread and this process's
+    torch thread count, its value comes back and its exceptions reach the caller."""
+    import threading
+
+    import torch
+
+    from fusionnet.cli.matte import UsageError, _on_inference_thread
+
+    def work(a, b):
+        return threading.current_thread() is threading.main_thread(), torch.get_num_threads(), a + b
+
+    assert _on_inference_thread(work, 2, 3) == (False, torch.get_num_threads(), 5)
+
+    def fail():
+        raise UsageError("nope")
+
+    with pytest.raises(UsageError, match="nope"):
+        _on_inference_thread(fail)

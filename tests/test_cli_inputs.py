@@ -25,7 +25,7 @@ from fusionnet.inference.matter import Matter
 from fusionnet.io.images import image_suffixes, to_uint8
 from fusionnet.video import matte as video
 
-SUMMARY = re.compile(r"matted (\d+) of (\d+) images \((\d+) failed(?:, (\d+) skipped: outputs exist)?\)")
+SUMMARY = re.compile(r"matted (\d+) of (\d+) (?:images and videos|images|videos) \((\d+) failed(?:, (\d+) skipped: outputs exist)?\)")
 PNG_END = b"IEND\xaeB`\x82"
 # 40x56 images: the network sees them at their own size; fp32 pinned (auto times this CPU and may pick bf16/int8)
 FAST = ("--max-side", "64", "--device", "cpu", "--precision", "fp32")
@@ -107,7 +107,7 @@ def test_folders_and_files_mirror_the_layout_and_dispatch_videos(tiny_checkpoint
     assert f"note: {explicit}: output name 'Cat' is taken by {photos / 'cat.png'}; writing Cat-2_*.png" in stderr
     assert f"note: {photos / 'sub' / 'cat.JPG'}: output name 'cat' is taken by {photos / 'sub' / 'CAT.bmp'}" in stderr
     assert f"note: {photos / 'cat.png'}: same file as {photos / 'cat.png'}; matted once" in stderr
-    assert SUMMARY.search(stdout).groups()[:3] == ("6", "9", "3")
+    assert SUMMARY.search(stdout).groups()[:3] == ("6", "9", "3") and "of 9 images and videos" in stdout
     assert "device: cpu (precision fp32)\n" in stderr
 
     # Progress bar on stderr: a count, elapsed<remaining and a rate in images per second.

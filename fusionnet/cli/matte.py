@@ -178,8 +178,35 @@ def run(args: argparse.Namespace) -> int:
     for source, keys in by_source.items():  # the model's own settings (its header, a registry's settings.json)
         print(f"note: {', '.join(keys)} from {source}", file=sys.stderr)
     if collected is None:
-        return _matte_stdin(matter, args, background)
-    return _matte_batch(matter, args, background, collected, started)
+        return _on_inference_thread(_matte_stdin, matter, args, background)
+    return _on_inference_thread(_matte_batch, matter, args, background, collected, started)
+
+
+def _on_inference_thread(work, *args):
+    """`work(*args)` on one worker thread with this process's torch thread count, as the server runs
+    each request (issue 27: under a loaded CPU, the same model and threads ran 1.4-1.7x slower from
+    the main thread than from a worker thread; benchmarks/bench_cli.py --busy measures both ends)."""
+    import threading
+
+    import torch
+
+    threads = torch.get_num_threads()  # OMP_NUM_THREADS if set, else the cores
+    outcome: dict = {}
+
+    def target() -> None:
+        torch.set_num_threads(threads)
+        try:
+            outcome["value"] = work(*args)
+        except BaseException as exc:  # re-raised on the main thread (UsageError, KeyboardInterrupt...)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="fusionnet-matte", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # a timed join keeps Ctrl-C working on the main thread
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _open(args: argparse.Namespace) -> OpenedModel:
