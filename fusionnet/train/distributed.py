@@ -87,11 +87,7 @@ def barrier(ctx: DistContext) -> None:
 
 def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Mean over ranks of a small float tensor (identity when alone)."""
-    if not ctx.enabled:
-        return values
-    values = values.detach().clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / ctx.world_size
+    return all_reduce_sum(values, ctx) / ctx.world_size if ctx.enabled else values
 
 
 def broadcast_object(obj: object, ctx: DistContext) -> object:
