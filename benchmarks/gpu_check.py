@@ -11,7 +11,7 @@ taken away mid-run leaves what was measured:
 1. train_speed: samples/s of each training step (segmentation, fusion, joint: forward under autocast,
    the step's loss in float32, backward, gradient clip, optimizer step, as `fusionnet.train.loop.run_step`
    does, built from its parts: `accumulate_gradients` (step_module's forward, `step_loss`),
-   `set_trainable`, `set_train_mode`, `lr_groups`, `training_settings`) for
+   `set_trainable`, `set_train_mode`, `make_optimizer`, `training_settings`) for
    densenet201 (params-paper.yaml's widths) and efficientnet_lite0 (params-photos.yaml's), 512x512,
    batch sizes 2/4/8, bf16 and fp16 autocast, channels-last on and off; peak memory
    (torch.cuda.max_memory_allocated) per configuration; warm-up iterations excluded, data loading
@@ -65,7 +65,7 @@ from fusionnet.io.atomic import write_text_atomic  # noqa: E402
 from fusionnet.model import LateFusionNet  # noqa: E402
 from fusionnet.train.config import STEPS, StepConfig  # noqa: E402
 from fusionnet.train.forward import accumulate_gradients, step_module  # noqa: E402
-from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable  # noqa: E402
+from fusionnet.train.freezing import make_optimizer, set_train_mode, set_trainable  # noqa: E402
 from fusionnet.train.torchsettings import training_settings  # noqa: E402
 from fusionnet.train.toy import toy_sample, write_toy_shards  # noqa: E402
 
@@ -219,19 +219,15 @@ def time_train_config(model: LateFusionNet, initial: dict, c: dict, device: torc
                       warmup: int, iters: int, max_s: float) -> dict[str, Any]:
     """One configuration: run_step's iteration (autocast forward, float32 loss, backward, clip, step), built
     from its own parts (accumulate_gradients -> step_module's forward and step_loss; set_trainable,
-    set_train_mode, lr_groups; training_settings)."""
+    set_train_mode, make_optimizer; training_settings)."""
     step, precision, channels_last = c["step"], c["precision"], c["channels_last"]
     cfg = step_config(c["backbone"], step, batch_size=c["batch"], precision=precision, channels_last=channels_last,
                       device=device.type)
     model.load_state_dict(initial)  # every configuration starts from the same weights
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    trainable = set_trainable(model, step, cfg.freeze_encoder_bn)
-    set_train_mode(model, step, cfg.freeze_encoder_bn)
-    groups = lr_groups(model, trainable, cfg.encoder_lr_scale)
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainable = set_trainable(model, step, cfg.encoder_bn_frozen, train_encoder=cfg.encoder_trained)
+    set_train_mode(model, step, cfg.encoder_bn_frozen)
+    optimizer = make_optimizer(model, trainable, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     module = step_module(model, step)
     image, alpha = toy_batch(c["batch"], size)

@@ -75,7 +75,7 @@ def test_an_iteration_makes_no_host_sync_and_the_window_is_reduced_every_log_eve
     flush = LossWindow.flush
     monkeypatch.setattr(loop._Trainer, "_train_iteration", watched)
     monkeypatch.setattr(LossWindow, "flush", lambda self, *a: flushes.append(self.iterations) or flush(self, *a))
-    run_step("segmentation", _cfg(8, log_every=3), shards, tmp_path / "out")
+    run_step("segmentation", _cfg(8, log_every=3, ema_decay=0.9), shards, tmp_path / "out")  # the EMA's update too
     assert synced == []  # a GPU runs ahead: nothing in an iteration waits for its results
     assert flushes == [3, 3, 2]  # every log_every iterations, and at the epoch's end
     rows = LossLog(tmp_path / "out" / LOSS_LOG_FILE).read()

@@ -193,3 +193,22 @@ def test_encoder_learns_at_encoder_lr_scale_times_the_schedule(shards, tmp_path,
     groups = load_state(tmp_path / step / STATE_FILE)["optimizer"]["param_groups"]
     assert [g["lr_scale"] for g in groups] == scales  # the fusion step trains no encoder parameter
     assert [g["lr"] for g in groups] == pytest.approx([0.01 * s for s in scales])
+
+
+def test_encoder_lr_scale_zero_freezes_the_encoder_in_every_step(shards, tmp_path):
+    params = tiny_params(base_lr=0.01, max_lr=0.01)
+    params["train_common"]["encoder_lr_scale"] = 0.0
+    init = tmp_path / "init.safetensors"
+    fmodel.save(fmodel.LateFusionNet(**params["model"]), init)
+    before = load_file(str(init))
+    for step in ("segmentation", "joint"):
+        result = run_step(step, StepConfig.from_params(params, step), shards, tmp_path / step, init_checkpoint=init)
+        after = load_file(str(result.model_path))
+        encoder = [k for k in before if k.startswith("encoder.")]
+        assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)  # not even a tiny LR
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("fg_decoder."))
+        groups = load_state(tmp_path / step / STATE_FILE)["optimizer"]["param_groups"]
+        assert [g["lr_scale"] for g in groups] == [1.0]
+    params["train_common"]["encoder_lr_scale"] = -0.1
+    with pytest.raises(ValueError, match=r"encoder_lr_scale must be in \[0, 1\]"):
+        StepConfig.from_params(params, "segmentation")

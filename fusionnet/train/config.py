@@ -23,7 +23,7 @@ COMMON_KEYS = (
     "device", "precision", "channels_last", "threads", "deterministic", "batch_size", "global_batch_size",
     "val_batch_size", "num_workers",
     "optimizer", "encoder_lr_scale", "freeze_encoder_bn", "grad_clip", "momentum", "weight_decay", "checkpoint_every", "log_every",
-    "val_max_images", "val_band_radius", "visual_count", "val_every", "keep",
+    "val_max_images", "val_band_radius", "visual_count", "val_every", "keep", "ema_decay",
 )
 STEP_KEYS = (
     "epochs", "max_iters_per_epoch", "base_lr", "max_lr", "half_cycle_epochs", "warmup_epochs",
@@ -64,7 +64,7 @@ class StepConfig:
     val_batch_size: int | None = None  # validation batch (no gradients: can be larger); None: batch_size
     num_workers: int = 1
     optimizer: str = "sgd"  # sgd (paper, authors' code) | adam (a CPU-profile deviation: from scratch in minutes)
-    encoder_lr_scale: float = 1.0  # encoder LR = this x the schedule's (< 1: keep ImageNet features while decoders learn)
+    encoder_lr_scale: float = 1.0  # encoder LR = this x the schedule's (< 1: keep ImageNet features while decoders learn; 0: frozen)
     freeze_encoder_bn: bool = False  # encoder BNs in eval mode, affine fixed, in every step (a pretrained encoder, small batches)
     grad_clip: float = 5.0  # gradient-norm clip (authors' code)
     momentum: float = 0.9
@@ -76,6 +76,7 @@ class StepConfig:
     visual_count: int = 4  # val crops shown in the per-epoch PNG grid
     val_every: int | None = None  # also validate every this many iterations (None: at epoch ends only)
     keep: str = "last"  # the step's model: "last" weights (paper) | "best" validated (early stopping)
+    ema_decay: float | None = None  # validate and hand on an EMA of the weights (fusionnet.train.averaging); None: the weights
     # step section
     epochs: int = 1
     max_iters_per_epoch: int | None = None
@@ -100,6 +101,8 @@ class StepConfig:
             raise ValueError(f"params train_common.keep {self.keep!r}: choose one of {', '.join(KEEPS)}")
         if self.val_every is not None and int(self.val_every) < 1:
             raise ValueError(f"params train_common.val_every must be >= 1 or null, got {self.val_every}")
+        if self.ema_decay is not None and not 0.0 < float(self.ema_decay) < 1.0:
+            raise ValueError(f"params train_common.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.device not in DEVICES:
             raise ValueError(f"params train_common.device {self.device!r}: choose one of {', '.join(DEVICES)}")
         for name in ("global_batch_size", "val_batch_size"):
@@ -115,8 +118,8 @@ class StepConfig:
             raise ValueError(f"{where}.max_iters_per_epoch must be >= 1 or null, got {self.max_iters_per_epoch}")
         if not 0 < self.base_lr <= self.max_lr:
             raise ValueError(f"{where}: need 0 < base_lr <= max_lr, got {self.base_lr} and {self.max_lr}")
-        if not 0 < float(self.encoder_lr_scale) <= 1:
-            raise ValueError(f"params train_common.encoder_lr_scale must be in (0, 1], got {self.encoder_lr_scale}")
+        if not 0 <= float(self.encoder_lr_scale) <= 1:
+            raise ValueError(f"params train_common.encoder_lr_scale must be in [0, 1] (0: frozen), got {self.encoder_lr_scale}")
         if self.half_cycle_epochs <= 0:
             raise ValueError(f"{where}.half_cycle_epochs must be > 0, got {self.half_cycle_epochs}")
         if self.num_workers < 0 or self.warmup_epochs < 0 or self.visual_count < 0:
@@ -151,6 +154,16 @@ class StepConfig:
                              f"batch_size {self.batch_size} x {world_size} processes; choose a global batch that "
                              f"divides, or another process count")
         return self.global_batch_size // per_micro
+
+    @property
+    def encoder_trained(self) -> bool:
+        """False with encoder_lr_scale 0: the encoder is frozen in every step."""
+        return float(self.encoder_lr_scale) > 0
+
+    @property
+    def encoder_bn_frozen(self) -> bool:
+        """The encoder's BatchNorms keep their statistics: asked for, or the whole encoder is frozen."""
+        return self.freeze_encoder_bn or not self.encoder_trained
 
     def replace(self, **changes: Any) -> "StepConfig":
         """A copy with some fields changed (e.g. a CLI --device override)."""

@@ -30,13 +30,14 @@ from fusionnet import model as fmodel
 from fusionnet.io.hashing import file_sha256
 from fusionnet.model import LateFusionNet
 from fusionnet.train import data as tdata, selection
+from fusionnet.train.averaging import WeightAverage
 from fusionnet.train.config import StepConfig
 from fusionnet.train.distributed import (
     DistContext, barrier, broadcast_object, ddp_options, init_distributed, shutdown,
 )
 from fusionnet.io.atomic import write_atomic
 from fusionnet.train.forward import accumulate_gradients, step_module
-from fusionnet.train.freezing import lr_groups, set_train_mode, set_trainable
+from fusionnet.train.freezing import make_optimizer, set_train_mode, set_trainable
 from fusionnet.train.losslog import LOSS_LOG_FILE, LossLog, LossWindow
 from fusionnet.train.precision import resolve_precision
 from fusionnet.train.progress import StepProgress
@@ -164,12 +165,8 @@ class _Trainer:
         model = self._build_model().to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        trainable = set_trainable(model, self.step, cfg.freeze_encoder_bn)
-        groups = lr_groups(model, trainable, cfg.encoder_lr_scale)
-        if cfg.optimizer == "adam":  # betas (momentum, 0.999): train_common.momentum stays meaningful
-            optimizer = torch.optim.Adam(groups, lr=cfg.base_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        trainable = set_trainable(model, self.step, cfg.encoder_bn_frozen, train_encoder=cfg.encoder_trained)
+        optimizer = make_optimizer(model, trainable, cfg)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if state is None:
             state = self._fresh_state()
@@ -178,6 +175,9 @@ class _Trainer:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             restore_rng(state["rng"], self.device)
+        self.average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        if self.average is not None and state.get("ema") is not None:
+            self.average.load_state_dict(state.pop("ema"))
         self.model, self.optimizer, self.scaler, self.trainable, self.state = model, optimizer, scaler, trainable, state
 
         self.train_set = tdata.training_set(self.shards_dir, cfg.seed, warmup=False)
@@ -194,7 +194,7 @@ class _Trainer:
 
         module = step_module(model, self.step)
         if ctx.enabled:
-            set_train_mode(model, self.step, cfg.freeze_encoder_bn)  # which BatchNorms train decides broadcast_buffers
+            set_train_mode(model, self.step, cfg.encoder_bn_frozen)  # which BatchNorms train decides broadcast_buffers
             module = DistributedDataParallel(module, **ddp_options(module, self.device))
         self.module = module
         if ctx.is_main:
@@ -207,8 +207,7 @@ class _Trainer:
                                     "accumulation": self.accumulation, "global_batch": self.global_batch,
                                     "iters_per_epoch": self.iters_per_epoch, "half_cycle_iters": self.half_cycle})
         if state["initial_val"] is None:
-            state["initial_val"] = self._validate(epoch=0)
-            self._note_val(state["initial_val"], epoch=0.0)
+            state["initial_val"] = self._validate_and_note(epoch=0, at=0.0)
             self._checkpoint()
         while state["epoch"] < cfg.epochs:
             self._train_epoch(state["epoch"])
@@ -234,7 +233,7 @@ class _Trainer:
     # ------------------------------------------------------------------ epochs
     def _train_epoch(self, epoch: int) -> None:
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        set_train_mode(self.model, self.step, self.cfg.freeze_encoder_bn)
+        set_train_mode(self.model, self.step, self.cfg.encoder_bn_frozen)
         dataset = self.warmup_set if epoch < cfg.warmup_epochs and self.warmup_set is not None else self.train_set
         order = tdata.epoch_order(len(dataset), cfg.seed, epoch)
         n_steps = tdata.steps_in_epoch(len(order), self.global_batch, cfg.max_iters_per_epoch)
@@ -259,7 +258,7 @@ class _Trainer:
                 flush = it % cfg.log_every == 0 or it % cfg.checkpoint_every == 0 or b + 1 == n_steps
                 shown.update(self._flush_losses(epoch, lr) if flush else None, lr)
                 if cfg.val_every and it % cfg.val_every == 0 and b + 1 < n_steps:  # epoch ends validate anyway
-                    self._note_val(self._validate(epoch + 1, grid=False), epoch=epoch + (b + 1) / n_steps)
+                    self._validate_and_note(epoch + 1, at=epoch + (b + 1) / n_steps, grid=False)
                 if it % cfg.checkpoint_every == 0:
                     self._checkpoint()
         del batches, loader
@@ -278,6 +277,8 @@ class _Trainer:
         step_terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.model)
         self.window.add(step_terms, self.state["iteration"] + 1)
         return lr, wait_s
 
@@ -300,8 +301,7 @@ class _Trainer:
     def _end_epoch(self, epoch: int) -> None:
         state, ctx = self.state, self.ctx
         acc = state["epoch_acc"]
-        val = self._validate(epoch + 1)
-        self._note_val(val, epoch=float(epoch + 1))
+        val = self._validate_and_note(epoch + 1, at=float(epoch + 1))
         if ctx.is_main:
             row = {
                 "epoch": epoch + 1, **val,
@@ -328,8 +328,16 @@ class _Trainer:
         state["epoch_acc"] = _zero_epoch_acc()
         self._checkpoint()
 
-    def _note_val(self, val: dict[str, float], epoch: float) -> None:
-        selection.note_validation(self.state, val, epoch, self.cfg.keep, self.model, self.ctx.is_main)
+    def _validate_and_note(self, epoch: int, at: float, grid: bool = True) -> dict[str, float]:
+        """Validate the weights this step hands on (the EMA where train_common.ema_decay is set) and note
+        them for `keep: best`; the live weights go on training."""
+        with self._handed_on_weights():
+            val = self._validate(epoch, grid=grid)
+            selection.note_validation(self.state, val, at, self.cfg.keep, self.model, self.ctx.is_main)
+        return val
+
+    def _handed_on_weights(self):
+        return self.average.swapped_into(self.model) if self.average is not None else nullcontext()
 
     def _validate(self, epoch: int, grid: bool = True) -> dict[str, float]:
         """Every rank scores its share of the val split (`validate_shared`); returns {"val_sad",
@@ -355,9 +363,11 @@ class _Trainer:
             state["optimizer"] = self.optimizer.state_dict()
             state["scaler"] = self.scaler.state_dict()
             state["rng"] = capture_rng(self.device)
+            if self.average is not None:
+                state["ema"] = self.average.state_dict()
             save_state(self.state_path, state)
-            for key in ("model", "optimizer"):
-                del state[key]  # keep only the live copies in memory
+            for key in ("model", "optimizer", "ema"):
+                state.pop(key, None)  # keep only the live copies in memory
         barrier(self.ctx)
 
     def _write_history(self, finished: bool) -> Path:
@@ -384,6 +394,8 @@ class _Trainer:
                     row = selection.kept(self.state, "best")
                     self.logger.log_metrics({"kept/val_sad": row["val_sad"], "kept/iteration": float(row["iteration"])},
                                             step=self.state["iteration"])
+            elif self.average is not None:  # keep: last hands on the average, as validated
+                self.average.copy_to(self.model)
             fmodel.save(self.model, self.out_dir / MODEL_FILE, extra={"step": self.step, "iterations": self.state["iteration"]},
                         serving=tdata.serving_settings(self.shards_dir))
             self._write_history(finished=True)
