@@ -1,11 +1,12 @@
 """A picture of each held-out photo: input | predicted alpha | cut-out over a colour, one row each.
 
     .venv/bin/python scripts/held_out_pictures.py [--model models/joint/model.safetensors]
-        [--photos GT02 GT07 GT09 GT16] [--out docs/photos-held-out.png] [--max-side 320]
+        [--photos GT02 GT07 GT09 GT16] [--out docs/photos-held-out.png] [--max-side N]
 
 The photos come from ../shared/data/alphamatting-dev; the matte is what `fusionnet matte` gives
-(Matter: the network at --max-side, then the guided filter at full size with the radius/eps that
-evaluate chose, read from metrics/details.json when present).
+(opened as `fusionnet matte` opens it: the network at the model's own working scale unless --max-side,
+then the guided filter at full size with the radius/eps that evaluate chose, read from
+metrics/details.json when present; fp32, the evaluation's reference precision).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fusionnet.inference.loading import load_model
-from fusionnet.inference.matter import Matter
+from fusionnet.inference.opening import open_model
 from fusionnet.io.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +41,13 @@ def main() -> int:
     parser.add_argument("--model", default="models/joint/model.safetensors")
     parser.add_argument("--photos", nargs="+", default=["GT02", "GT07", "GT09", "GT16"])
     parser.add_argument("--out", default="docs/photos-held-out.png")
-    parser.add_argument("--max-side", type=int, default=320)
+    parser.add_argument("--max-side", type=int, default=None, help="network input's longer side (default: the model's)")
     args = parser.parse_args()
     if not PHOTOS.is_dir():
         raise SystemExit(f"{PHOTOS}: not there (the held-out photos live in ../shared/data)")
-    matter = Matter(load_model(args.model), device="cpu", precision="fp32", max_side=args.max_side, refine=True,
-                    **guided_filter_settings())
+    opened = open_model(args.model, device="cpu", max_side=args.max_side, precision="fp32", refine=True,
+                        **guided_filter_settings())
+    matter = opened.matter
     rows = []
     for name in args.photos:
         rgb = load_image(PHOTOS / "image" / f"{name}.png").rgb  # (H,W,3) float [0,1]
@@ -61,7 +62,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), cv2.cvtColor((grid * 255).round().astype(np.uint8), cv2.COLOR_RGB2BGR))
     print(f"{out}: {', '.join(args.photos)} (input | alpha | cut-out over green), model {args.model}, "
-          f"network at {args.max_side} px")
+          f"network at {opened.settings['max_side']} px")
     return 0
 
 
