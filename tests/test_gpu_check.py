@@ -112,7 +112,7 @@ def test_the_training_run_is_planned_to_fit_the_time_left():
     params = yaml.safe_load((ROOT / "params-photos.yaml").read_text())
     cfgs = {s: StepConfig.from_params(params, s) for s in STEPS}
     nominal = {s: gpu_check.nominal_iterations(c, 288) for s, c in cfgs.items()}
-    assert nominal == {"segmentation": 864, "fusion": 160, "joint": 100}
+    assert nominal == {"segmentation": 432, "fusion": 160, "joint": 100}
     plan = lambda left: gpu_check.plan_schedule(cfgs, nominal, 0.05, 0.02, 8.0, left)  # noqa: E731
     whole, info = plan(1000.0)
     assert info["scale"] == 1.0 and info["val_every_kept"] and whole == cfgs
